@@ -1,0 +1,206 @@
+"""fedemb command line: simulate, pretrain, evaluate, privacy."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedemb.errors import FedembError
+
+app = typer.Typer(
+    help="Train image-embedding models with user-level differential privacy (DP-FedEmb) on Flower.\n\n"
+         "Start with:  fedemb simulate --config simulations/configs/quickstart.toml",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML run config (see simulations/configs/).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable).")]
+
+
+def friendly_errors(fn):
+    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FedembError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from fedemb.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+@friendly_errors
+def simulate(config: ConfigOpt = None, set_: SetOpt = None,
+             run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where to write results (default runs/<name>-<time>).")] = None,
+             verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False):
+    """Run DP-FedEmb on Flower's simulation engine (Ray) and write a run directory:
+    config.toml, results.json, checkpoints/final.pt and TensorBoard logs."""
+    from fedemb.federated import prepare_run
+    from fedemb.run_dir import new_run_dir
+    from fedemb.simulation import run_simulation
+
+    cfg = _load(config, set_)
+    setup = prepare_run(cfg)  # fail on bad data or model before any process starts
+    out = new_run_dir(cfg, str(run_dir) if run_dir else None)
+    p = setup.privacy
+    err_console.print(f"fedemb: {setup.population} training users, q={cfg.sampling.rate}, k={cfg.sampling.users_per_client}, "
+                      f"M={setup.virtual_clients} virtual clients/round, z={p.noise_multiplier:.4g}, C={cfg.privacy.clip_norm}, "
+                      f"δ={p.delta:.3g}; run directory {out}", highlight=False)
+    results = run_simulation(cfg, out, setup.virtual_clients, verbose=verbose)
+    _print_summary(results, out)
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    init, final, priv = results["initial"], results["final"], results["privacy"]
+    table = Table(title=f"fedemb: {results['rounds_completed']}/{results['rounds_planned']} rounds ({results['stop_reason']})")
+    table.add_column("held-out users")
+    table.add_column("untrained", justify="right")
+    table.add_column("trained", justify="right")
+    for key, label in (("recall_at_1", "recall@1"), ("tar_at_far_1e-3", "TAR@FAR=1e-3"), ("tar_at_far_1e-1", "TAR@FAR=1e-1")):
+        table.add_row(label, f"{init[key]:.4f}", f"{final[key]:.4f}")
+    console.print(table)
+    eps = priv["epsilon"]
+    eps_text = "∞ (no noise)" if not math.isfinite(float(eps)) else f"{float(eps):.3f}"
+    console.print(f"privacy: ε = {eps_text} at δ = {priv['delta']:.3g} (user level, {priv['accountant']}, "
+                  f"q = {priv['sampling_rate']}, z = {priv['noise_multiplier']:.4g})", highlight=False)
+    console.print(f"results: {out / 'results.json'}", highlight=False)
+    console.print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def privacy(config: ConfigOpt = None, set_: SetOpt = None,
+            sampling_rate: Annotated[Optional[float], typer.Option(help="q: probability that a user takes part in a round.")] = None,
+            noise_multiplier: Annotated[Optional[float], typer.Option(help="z: noise std / clip norm.")] = None,
+            rounds: Annotated[Optional[int], typer.Option(help="Number of rounds.")] = None,
+            delta: Annotated[Optional[float], typer.Option(help="δ.")] = None,
+            target_epsilon: Annotated[Optional[float], typer.Option(help="Find z for this ε instead.")] = None,
+            users_per_client: Annotated[int, typer.Option(help="k: users per virtual client (k > 1 doubles the sensitivity).")] = 8,
+            accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+            as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False):
+    """User-level (ε, δ) without training: for a config, for explicit
+    --sampling-rate --noise-multiplier --rounds --delta, or z for --target-epsilon."""
+    from fedemb.privacy.accountant import calibrate_accounting_z, epsilon_for
+    from fedemb.privacy.sensitivity import (accounting_noise_multiplier, noise_multiplier_for,
+                                            sensitivity_in_clip_norms)
+
+    if config is not None or set_:
+        from fedemb.federated import prepare_run
+
+        cfg = _load(config, set_)
+        if target_epsilon is not None:
+            cfg.privacy.target_epsilon, cfg.privacy.calibrate_noise = target_epsilon, True
+        setup = prepare_run(cfg)
+        p = setup.privacy
+        n_rounds = cfg.run.rounds
+        report = {"epsilon": p.epsilon_after(n_rounds) if cfg.privacy.enabled else math.inf, "delta": p.delta,
+                  "noise_multiplier": p.noise_multiplier, "accounting_noise_multiplier": p.accounting_noise_multiplier,
+                  "sensitivity_in_clip_norms": p.sensitivity, "sampling_rate": p.sampling_rate, "rounds": n_rounds,
+                  "users_per_client": cfg.sampling.users_per_client, "population": setup.population,
+                  "accountant": p.accountant}
+    else:
+        missing = [name for name, v in (("--sampling-rate", sampling_rate), ("--rounds", rounds), ("--delta", delta))
+                   if v is None]
+        if noise_multiplier is None and target_epsilon is None:
+            missing.append("--noise-multiplier or --target-epsilon")
+        if missing:
+            raise FedembError(f"without --config, give {', '.join(missing)}")
+        if not 0 < sampling_rate <= 1:
+            raise FedembError(f"--sampling-rate must be in (0, 1], got {sampling_rate}")
+        if rounds < 1 or not 0 < delta < 1 or users_per_client < 1:
+            raise FedembError("--rounds must be >= 1, --delta in (0, 1), --users-per-client >= 1")
+        if accountant not in ("rdp", "prv"):
+            raise FedembError(f"--accountant must be rdp or prv, got {accountant!r}")
+        if target_epsilon is not None:
+            acc_z = calibrate_accounting_z(accountant, target_epsilon, delta, sampling_rate, rounds)
+            noise_multiplier = noise_multiplier_for(acc_z, users_per_client)
+        elif noise_multiplier < 0:
+            raise FedembError(f"--noise-multiplier must be >= 0, got {noise_multiplier}")
+        acc_z = accounting_noise_multiplier(noise_multiplier, users_per_client)
+        report = {"epsilon": epsilon_for(accountant, sampling_rate, acc_z, rounds, delta), "delta": delta,
+                  "noise_multiplier": noise_multiplier, "accounting_noise_multiplier": acc_z,
+                  "sensitivity_in_clip_norms": sensitivity_in_clip_norms(users_per_client),
+                  "sampling_rate": sampling_rate, "rounds": rounds, "users_per_client": users_per_client,
+                  "accountant": accountant}
+    if as_json:
+        print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in report.items()}))
+        return
+    table = Table(title="user-level privacy")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in report.items():
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def evaluate(run: Annotated[Optional[Path], typer.Argument(help="A run directory (uses its config.toml and final checkpoint).")] = None,
+             config: ConfigOpt = None, set_: SetOpt = None,
+             checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint of backbone + embedding.")] = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False):
+    """Evaluate a checkpoint on the config's held-out users: recall@1 and TAR@FAR (exact, all pairs)."""
+    from fedemb.data.splits import load_splits
+    from fedemb.evaluation.embed import embed
+    from fedemb.evaluation.metrics import embedding_metrics
+    from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
+
+    if run is not None:
+        config = config or run / "config.toml"
+        checkpoint = checkpoint or run / "checkpoints" / "final.pt"
+    if checkpoint is None:
+        raise FedembError("give a run directory or --checkpoint")
+    cfg = _load(config, set_)
+    splits = load_splits(cfg.data)
+    cfg.model.init_checkpoint = ""
+    net = build_embedding_net(cfg.model, splits.eval.image_shape, dp_enabled=False)
+    load_checkpoint(net, checkpoint)
+    metrics = embedding_metrics(embed(net, splits.eval), splits.eval.labels)
+    metrics["examples"] = len(splits.eval)
+    metrics["users"] = splits.eval.num_users
+    if as_json:
+        print(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            console.print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+@app.command()
+@friendly_errors
+def pretrain(config: ConfigOpt = None, set_: SetOpt = None,
+             out: Annotated[Path, typer.Option(help="Where to write the checkpoint (backbone + embedding state dict).")] = Path("pretrained.pt")):
+    """Train centrally, without privacy, on the users declared public (data.public_users) and write a
+    checkpoint that `model.init_checkpoint` can start a federated run from."""
+    from fedemb.pretrain import pretrain_public
+
+    cfg = _load(config, set_)
+    report = pretrain_public(cfg, out)
+    console.print(f"pretrained on {report['public_users']} public users ({report['examples']} examples); "
+                  f"held-out recall@1 {report['before']['recall_at_1']:.4f} -> {report['after']['recall_at_1']:.4f}; "
+                  f"checkpoint {out}", highlight=False)
+
+
+def main() -> None:
+    from fedemb.simulation import offline_flower_environment
+
+    offline_flower_environment()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Typed run configuration: TOML in, validated dataclasses out, fully resolved TOML back.
+
+Every field is checked once here, and every error names the field (``sampling.rate``) so that a user
+can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedemb.errors import ConfigError
+
+SAMPLING_METHODS = ("poisson", "fixed")
+FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
+ACCOUNTANTS = ("rdp", "prv")
+PARTITIONS = ("dirichlet", "shards", "iid")
+HEAD_KINDS = ("local", "global")
+NORM_KINDS = ("group", "keep")
+
+
+@dataclass
+class RunConfig:
+    name: str = "fedemb"
+    rounds: int = 10
+    seed: int = -1  # -1: draw from the OS's secure randomness
+    eval_every: int = 5
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | idx | npz
+    path: str = ""
+    writers: str = ""  # QMNIST extended labels for the train images (idx only)
+    test_writers: str = ""  # QMNIST extended labels for the t10k images (idx only)
+    use_test_split: bool = False  # idx: evaluate on the t10k files instead of held-out train users
+    partition: str = "dirichlet"  # used when the data has no user ids
+    num_users: int = 100
+    dirichlet_alpha: float = 1.0
+    shards_per_user: int = 2
+    eval_users: float = 0.2  # fraction of users held out for evaluation
+    public_users: float = 0.0  # fraction of users declared public (for `fedemb pretrain`)
+    held_out_classes: list[int] = field(default_factory=list)
+    max_eval_examples: int = 5000
+    split_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fedemb_lenet"
+    embedding_dim: int = 128
+    norm: str = "group"  # group: BatchNorm converted to GroupNorm; keep: the model's own layers
+    batchnorm_in_update: bool = False  # allow BatchNorm in DP mode; its buffers travel in the clipped update
+    init_checkpoint: str = ""  # state dict of backbone + embedding (e.g. from `fedemb pretrain`)
+    pretrained_file: str = ""  # backbone weights via timm's pretrained_cfg_overlay=dict(file=...)
+
+
+@dataclass
+class SamplingConfig:
+    method: str = "poisson"
+    rate: float = 0.1  # q: probability that a user takes part in a round
+    users_per_client: int = 8  # k: expected users per virtual client
+    virtual_clients: int = 0  # M: slots per round; 0 derives round(q * N / k)
+
+
+@dataclass
+class ClientConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    max_examples: int = 2048
+    lr: float = 0.005
+    momentum: float = 0.9
+    head_lr_scale: float = 100.0
+    head_warmup_steps: int = 0
+    head: str = "local"  # local: classes present in the virtual client; global: all classes
+
+
+@dataclass
+class ServerConfig:
+    lr: float = 1.0
+    momentum: float = 0.9
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True  # false: no clipping and no noise (non-private federated training)
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0  # z: noise std = z * clip_norm
+    target_epsilon: float = 0.0  # > 0: never run a round that would exceed it
+    calibrate_noise: bool = True  # with target_epsilon: choose z so that run.rounds spend it
+    delta: float = 0.0  # 0: 1 / N^1.1
+    accountant: str = "rdp"
+    fixed_size_accounting: str = "refuse"
+
+
+@dataclass
+class FaultConfig:
+    raise_rate: float = 0.0
+    nan_rate: float = 0.0
+
+
+@dataclass
+class SimulationConfig:
+    num_supernodes: int = 0  # 0: one per virtual-client slot
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    round_timeout_s: float = 600.0
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"malformed TOML in {p}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file is not UTF-8 text: {p}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``privacy.clip_norm=0.5``: the value is read as a TOML value, or as a bare string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override must look like section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {name!r} (known in {where or 'top level'}: {', '.join(sorted(known))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        name = f"{where}.{f.name}" if where else f.name
+        values[f.name] = _coerce(hints[f.name], raw[f.name], name)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(value: str, allowed: tuple[str, ...], name: str) -> None:
+    _check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no data. Checks against the data (k vs users) happen when it loads."""
+    r, d, m, s, c, sv, p, sim = (cfg.run, cfg.data, cfg.model, cfg.sampling, cfg.client, cfg.server,
+                                 cfg.privacy, cfg.simulation)
+    _check(r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}")
+    _check(r.seed >= -1, f"run.seed must be >= 0 (or -1 for OS randomness), got {r.seed}")
+    _check(r.eval_every >= 0, f"run.eval_every must be >= 0, got {r.eval_every}")
+    _check(r.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {r.checkpoint_every}")
+    from fedemb.data.loaders import DATASETS
+
+    _one_of(d.name, tuple(DATASETS), "data.name")
+    _one_of(d.partition, PARTITIONS, "data.partition")
+    _check(d.num_users >= 2, f"data.num_users must be >= 2, got {d.num_users}")
+    _check(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
+    _check(d.shards_per_user >= 1, f"data.shards_per_user must be >= 1, got {d.shards_per_user}")
+    _check(0 < d.eval_users < 1, f"data.eval_users must be in (0, 1), got {d.eval_users}")
+    _check(0 <= d.public_users < 1, f"data.public_users must be in [0, 1), got {d.public_users}")
+    _check(d.eval_users + d.public_users < 1,
+           "data.eval_users + data.public_users must leave users to train on")
+    _check(d.max_eval_examples >= 2, f"data.max_eval_examples must be >= 2, got {d.max_eval_examples}")
+    _check(m.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {m.embedding_dim}")
+    _one_of(m.norm, NORM_KINDS, "model.norm")
+    _one_of(s.method, SAMPLING_METHODS, "sampling.method")
+    _check(0 < s.rate <= 1, f"sampling.rate must be in (0, 1], got {s.rate}")
+    _check(s.users_per_client >= 1, f"sampling.users_per_client must be >= 1, got {s.users_per_client}")
+    _check(s.virtual_clients >= 0, f"sampling.virtual_clients must be >= 0, got {s.virtual_clients}")
+    _check(c.epochs >= 1, f"client.epochs must be >= 1, got {c.epochs}")
+    _check(c.batch_size >= 1, f"client.batch_size must be >= 1, got {c.batch_size}")
+    _check(c.max_examples >= 1, f"client.max_examples must be >= 1, got {c.max_examples}")
+    _check(c.lr > 0, f"client.lr must be > 0, got {c.lr}")
+    _check(0 <= c.momentum < 1, f"client.momentum must be in [0, 1), got {c.momentum}")
+    _check(c.head_lr_scale > 0, f"client.head_lr_scale must be > 0, got {c.head_lr_scale}")
+    _check(c.head_warmup_steps >= 0, f"client.head_warmup_steps must be >= 0, got {c.head_warmup_steps}")
+    _one_of(c.head, HEAD_KINDS, "client.head")
+    _check(sv.lr > 0, f"server.lr must be > 0, got {sv.lr}")
+    _check(0 <= sv.momentum < 1, f"server.momentum must be in [0, 1), got {sv.momentum}")
+    _check(p.clip_norm > 0, f"privacy.clip_norm must be > 0, got {p.clip_norm}")
+    _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
+    _check(p.target_epsilon >= 0, f"privacy.target_epsilon must be >= 0 (0: none), got {p.target_epsilon}")
+    _check(0 <= p.delta < 1, f"privacy.delta must be in [0, 1) (0: 1/N^1.1), got {p.delta}")
+    _one_of(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    _one_of(p.fixed_size_accounting, FIXED_SIZE_ACCOUNTING, "privacy.fixed_size_accounting")
+    if p.enabled and s.method == "fixed" and p.fixed_size_accounting == "refuse":
+        raise ConfigError(
+            "sampling.method = 'fixed' breaks the Poisson-sampling assumption of the accountant; "
+            "use Poisson sampling, or set privacy.fixed_size_accounting = 'no_amplification' "
+            "to account every round as if every user took part (no amplification by sampling)")
+    _check(sim.num_supernodes >= 0, f"simulation.num_supernodes must be >= 0, got {sim.num_supernodes}")
+    _check(sim.cpus_per_client > 0, f"simulation.cpus_per_client must be > 0, got {sim.cpus_per_client}")
+    _check(sim.gpus_per_client >= 0, f"simulation.gpus_per_client must be >= 0, got {sim.gpus_per_client}")
+    _check(sim.round_timeout_s > 0, f"simulation.round_timeout_s must be > 0, got {sim.round_timeout_s}")
+    for rate_name in ("raise_rate", "nan_rate"):
+        v = getattr(sim.faults, rate_name)
+        _check(0 <= v <= 1, f"simulation.faults.{rate_name} must be in [0, 1], got {v}")
+    pt = cfg.pretrain
+    _check(pt.epochs >= 1, f"pretrain.epochs must be >= 1, got {pt.epochs}")
+    _check(pt.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {pt.batch_size}")
+    _check(pt.lr > 0, f"pretrain.lr must be > 0, got {pt.lr}")

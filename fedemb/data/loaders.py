@@ -1,0 +1,108 @@
+"""Dataset loaders by name. Each returns train (and optionally test) arrays, users where known."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedemb.data.idx import find_idx, read_idx, read_qmnist_writers
+from fedemb.errors import DataError
+
+
+@dataclass
+class RawSplit:
+    images: np.ndarray  # (n, C, H, W)
+    labels: np.ndarray
+    users: np.ndarray | None  # None: synthetic users are made by partitioning
+    pixel_scale: float
+
+
+@dataclass
+class RawDataset:
+    train: RawSplit
+    test: RawSplit | None
+    num_classes: int
+
+
+def _as_nchw(x: np.ndarray, source: str) -> np.ndarray:
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4:
+        return x
+    raise DataError(f"{source}: images must be (n, H, W) or (n, C, H, W), got shape {x.shape}")
+
+
+def load_digits_dataset(cfg) -> RawDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = d.images.astype(np.uint8)[:, None]  # 8x8, values 0..16
+    return RawDataset(RawSplit(images, d.target.astype(np.int64), None, 1.0 / 16.0), None, 10)
+
+
+def load_idx_dataset(cfg) -> RawDataset:
+    root = Path(cfg.path)
+    if not cfg.path or not root.is_dir():
+        raise DataError(f"data.path must be a directory with IDX files, got {cfg.path!r}")
+    train_x = _as_nchw(read_idx(find_idx(root, "train", "images")), "train images")
+    train_y = read_idx(find_idx(root, "train", "labels")).astype(np.int64)
+    if len(train_x) != len(train_y):
+        raise DataError(f"{root}: {len(train_x)} train images but {len(train_y)} labels")
+    train_users = _writers(cfg.writers, train_y) if cfg.writers else None
+    test = None
+    if cfg.use_test_split:
+        test_x = _as_nchw(read_idx(find_idx(root, "t10k", "images")), "t10k images")
+        test_y = read_idx(find_idx(root, "t10k", "labels")).astype(np.int64)
+        if len(test_x) != len(test_y):
+            raise DataError(f"{root}: {len(test_x)} t10k images but {len(test_y)} labels")
+        test_users = _writers(cfg.test_writers, test_y) if cfg.test_writers else None
+        test = RawSplit(test_x, test_y, test_users, _scale(test_x))
+    num_classes = int(max(train_y.max(), test.labels.max() if test else 0)) + 1
+    return RawDataset(RawSplit(train_x, train_y, train_users, _scale(train_x)), test, num_classes)
+
+
+def _writers(path: str, labels: np.ndarray) -> np.ndarray:
+    writers, digit = read_qmnist_writers(path, len(labels))
+    if not np.array_equal(digit, labels):
+        raise DataError(f"{path}: its digit column does not match the image labels (wrong file for this split?)")
+    return writers
+
+
+def _scale(x: np.ndarray) -> float:
+    return 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
+
+
+def load_npz_dataset(cfg) -> RawDataset:
+    p = Path(cfg.path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:  # zipfile/npy errors come in many types
+        raise DataError(f"cannot read .npz file {p}: {exc}") from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(f"{p}: missing array {key!r} (need x, y and optionally user)")
+    x = _as_nchw(arrays["x"], str(p))
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise DataError(f"{p}: float images must lie in [0, 1]")
+    y = arrays["y"].astype(np.int64).reshape(-1)
+    users = arrays["user"].astype(np.int64).reshape(-1) if "user" in arrays else None
+    if len(y) != len(x) or (users is not None and len(users) != len(x)):
+        raise DataError(f"{p}: x, y and user must have the same length")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{p}: labels must be non-negative")
+    return RawDataset(RawSplit(x, y, users, _scale(x)), None, int(y.max()) + 1 if len(y) else 0)
+
+
+DATASETS: dict[str, Callable] = {
+    "digits": load_digits_dataset,
+    "idx": load_idx_dataset,
+    "npz": load_npz_dataset,
+}

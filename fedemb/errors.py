@@ -1,0 +1,13 @@
+"""The one exception type users see: a message that names the problem, no traceback."""
+
+
+class FedembError(Exception):
+    """Bad input or an impossible request. The CLI prints it as one line and exits non-zero."""
+
+
+class ConfigError(FedembError):
+    """A config value is missing, of the wrong type, or out of range."""
+
+
+class DataError(FedembError):
+    """A data file is missing, unreadable, or inconsistent."""

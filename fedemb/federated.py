@@ -1,0 +1,194 @@
+"""One federated DP-FedEmb run on a Flower Grid: set up, run the strategy, evaluate, write results.
+
+Called by the ServerApp, whether it runs inside `fedemb simulate`, `flwr run .` or a deployment.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedemb.config import Config
+from fedemb.data.splits import DataSplits, load_splits
+from fedemb.errors import ConfigError
+from fedemb.evaluation.embed import embed
+from fedemb.evaluation.metrics import embedding_metrics
+from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net, shared_state
+from fedemb.monitoring.callback import RoundCallback
+from fedemb.monitoring.progress import ProgressReporter
+from fedemb.monitoring.tensorboard import TensorBoardLogger
+from fedemb.privacy.accountant import PrivacyPlan, make_privacy_plan
+from fedemb.privacy.keyed_random import keyed_seed
+from fedemb.privacy.noise import GaussianNoise
+from fedemb.privacy.sampling import UserSampler, virtual_client_slots
+from fedemb.run_dir import save_checkpoint, write_json
+from fedemb.training.client_task import make_task
+
+STREAM_TRAINING_KEY = 21
+STREAM_MODEL_INIT = 22
+PROJECTOR_MAX_POINTS = 2000
+
+
+@dataclass
+class RunSetup:
+    cfg: Config
+    splits: DataSplits
+    net: EmbeddingNet
+    virtual_clients: int  # M: slots per round, fixed for the run; the aggregate's denominator
+    privacy: PrivacyPlan
+
+    @property
+    def population(self) -> int:
+        return self.splits.train.num_users
+
+
+def prepare_run(cfg: Config) -> RunSetup:
+    """Everything that can fail on bad input, checked before any process is started."""
+    splits = load_splits(cfg.data)
+    n_users = splits.train.num_users
+    k = cfg.sampling.users_per_client
+    if k > n_users:
+        raise ConfigError(f"sampling.users_per_client = {k} is larger than the {n_users} training users available")
+    expected = cfg.sampling.rate * n_users
+    if cfg.sampling.users_per_client > 1 and expected < k:
+        raise ConfigError(f"sampling.rate = {cfg.sampling.rate} samples {expected:.1f} of {n_users} users per round "
+                          f"on average, fewer than sampling.users_per_client = {k}")
+    slots = cfg.sampling.virtual_clients or virtual_client_slots(n_users, cfg.sampling.rate, k)
+    if cfg.run.seed >= 0:
+        torch.manual_seed(keyed_seed(cfg.run.seed, STREAM_MODEL_INIT))  # the initial model is data-independent
+    net = build_embedding_net(cfg.model, splits.train.image_shape, cfg.privacy.enabled)
+    return RunSetup(cfg, splits, net, slots, make_privacy_plan(cfg, n_users))
+
+
+class Evaluator:
+    def __init__(self, net: EmbeddingNet, splits: DataSplits):
+        self.net = copy.deepcopy(net)
+        self.pop = splits.eval
+        self.last_embeddings: np.ndarray | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.net.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        self.last_embeddings = embed(self.net, self.pop)
+        return MetricRecord(embedding_metrics(self.last_embeddings, self.pop.labels))
+
+
+class Checkpointer(RoundCallback):
+    def __init__(self, run_dir: Path, every: int):
+        self.run_dir, self.every = run_dir, every
+
+    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
+        if self.every and server_round % self.every == 0:
+            save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:05d}.pt",
+                            arrays.to_torch_state_dict())
+
+
+class History(RoundCallback):
+    def __init__(self):
+        self.rounds: list[dict] = []
+
+    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
+        self.rounds.append({"round": server_round, **train_metrics, **({"eval": eval_metrics} if eval_metrics else {})})
+
+
+def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True) -> dict:
+    started = time.monotonic()
+    setup = prepare_run(cfg)
+    seeded = cfg.run.seed >= 0
+    seed = cfg.run.seed if seeded else secrets.randbits(63)
+    if seeded and cfg.privacy.enabled:
+        warnings.warn("run.seed is set: the DP noise is predictable from it; use this for tests and "
+                      "reproduction only, never for a release", stacklevel=2)
+    privacy = setup.privacy
+    clip = cfg.privacy.clip_norm if cfg.privacy.enabled else 0.0
+    noise = GaussianNoise(privacy.noise_multiplier * clip, seed if seeded else None)
+    sampler = UserSampler(seed, cfg.sampling.rate, cfg.sampling.users_per_client, setup.virtual_clients,
+                          cfg.sampling.method)
+    task = make_task(cfg, setup.splits.train.num_classes, setup.splits.train.image_shape,
+                     keyed_seed(seed, STREAM_TRAINING_KEY))
+    from strategies.dp_fedemb import DPFedEmb
+    from strategies.server_optimizer import ServerOptimizer
+
+    initial_state = shared_state(setup.net)
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard")
+    history = History()
+    callbacks: list[RoundCallback] = [tensorboard, history, Checkpointer(run_dir, cfg.run.checkpoint_every)]
+    if show_progress:
+        callbacks.append(ProgressReporter())
+    strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, clip_norm=clip,
+                        noise=noise, server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
+                        privacy=privacy, eval_every=cfg.run.eval_every, callbacks=callbacks)
+    evaluator = Evaluator(setup.net, setup.splits)
+    initial_eval = dict(evaluator(0, ArrayRecord(initial_state)))
+    tensorboard.log_eval(0, initial_eval)
+    result = strategy.start(grid, ArrayRecord(initial_state), num_rounds=cfg.run.rounds,
+                            timeout=cfg.simulation.round_timeout_s, evaluate_fn=evaluator)
+    final_state = result.arrays.to_torch_state_dict()
+    last = max(result.evaluate_metrics_serverapp, default=0)
+    if last != strategy.rounds_completed or strategy.rounds_completed == 0:
+        result.evaluate_metrics_serverapp[strategy.rounds_completed] = evaluator(strategy.rounds_completed, result.arrays)
+    final_eval = dict(result.evaluate_metrics_serverapp[strategy.rounds_completed])
+    _write_projector(tensorboard, evaluator, strategy.rounds_completed)
+    tensorboard.close()
+    save_checkpoint(run_dir / "checkpoints" / "final.pt", final_state)
+
+    totals = {key: int(sum(r.get(key, 0) for r in history.rounds)) for key in
+              ("virtual-clients-planned", "virtual-clients-accepted", "virtual-clients-failed",
+               "virtual-clients-rejected", "virtual-clients-missing", "virtual-clients-nonfinite")}
+    results = {
+        "rounds_planned": cfg.run.rounds,
+        "rounds_completed": strategy.rounds_completed,
+        "stop_reason": strategy.stop_reason or "completed",
+        "initial": initial_eval,
+        "final": final_eval,
+        "privacy": {
+            "enabled": cfg.privacy.enabled,
+            "epsilon": privacy.epsilon_after(strategy.rounds_completed) if cfg.privacy.enabled else float("inf"),
+            "delta": privacy.delta,
+            "noise_multiplier": privacy.noise_multiplier,
+            "accounting_noise_multiplier": privacy.accounting_noise_multiplier,
+            "sensitivity_in_clip_norms": privacy.sensitivity,
+            "sampling_rate": privacy.sampling_rate,
+            "sampling_method": cfg.sampling.method,
+            "accountant": privacy.accountant,
+            "clip_norm": clip,
+            "noise_std": noise.std,
+            "target_epsilon": privacy.target_epsilon,
+            "users_per_client": cfg.sampling.users_per_client,
+            "virtual_clients_per_round": setup.virtual_clients,
+            "population": setup.population,
+            "unit": "user",
+            "noise_predictable_from_seed": noise.predictable,
+        },
+        "totals": totals,
+        "history": history.rounds,
+        "checkpoint": "checkpoints/final.pt",
+        "tensorboard": "tensorboard",
+        "wall_seconds": time.monotonic() - started,
+    }
+    write_json(run_dir / "results.json", results)
+    if totals["virtual-clients-failed"] or totals["virtual-clients-rejected"]:
+        log(WARNING, "%s virtual clients failed and %s were rejected over the run (see results.json)",
+            totals["virtual-clients-failed"], totals["virtual-clients-rejected"])
+    return results
+
+
+def _write_projector(tensorboard: TensorBoardLogger, evaluator: Evaluator, step: int) -> None:
+    emb = evaluator.last_embeddings
+    if emb is None:
+        return
+    n = min(len(emb), PROJECTOR_MAX_POINTS)
+    pop = evaluator.pop
+    images = torch.from_numpy(np.ascontiguousarray(pop.images[:n])).to(torch.float32) * pop.pixel_scale
+    emb = emb[:n] / np.maximum(np.linalg.norm(emb[:n], axis=1, keepdims=True), 1e-12)
+    tensorboard.add_projector(emb, pop.labels[:n], images, step)

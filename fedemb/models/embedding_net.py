@@ -1,0 +1,106 @@
+"""backbone -> embedding layer: the part of the model that is trained federatedly and shared.
+
+The classification head is not part of it: clients make a fresh one every round and keep it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+import fedemb.models.lenet  # noqa: F401  (registers fedemb_lenet in timm)
+from fedemb.errors import ConfigError
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.embedding = nn.Linear(feature_dim, embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.backbone(x).flatten(1))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BATCHNORM) for m in model.modules())
+
+
+def create_backbone(name: str, in_chans: int, norm: str, pretrained_file: str = "") -> nn.Module:
+    if not timm.is_model(name):
+        raise ConfigError(f"model.name {name!r} is not a timm model (see timm.list_models(); "
+                          "fedemb adds 'fedemb_lenet')")
+    kwargs = {"num_classes": 0, "in_chans": in_chans}
+    if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise ConfigError(f"model.pretrained_file not found: {pretrained_file}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file), "num_classes": 0}
+    try:
+        backbone = timm.create_model(name, pretrained=bool(pretrained_file), **kwargs)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot build model {name!r}: {exc}") from None
+    if norm == "group" and has_batchnorm(backbone):
+        backbone = ModuleValidator.fix(backbone)  # BatchNorm -> GroupNorm
+        _replace_batchnorm_subclasses(backbone)
+    return backbone
+
+
+def _replace_batchnorm_subclasses(module: nn.Module) -> None:
+    """Opacus converts the torch BatchNorm classes only; timm's BatchNormAct2d (BatchNorm followed by
+    its own dropout and activation) becomes GroupNorm followed by the same dropout and activation."""
+    for name, child in module.named_children():
+        if isinstance(child, _BATCHNORM):
+            groups = math.gcd(32, child.num_features)
+            norm = nn.GroupNorm(groups, child.num_features, affine=child.affine)
+            extra = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None]
+            setattr(module, name, nn.Sequential(norm, *extra) if extra else norm)
+        else:
+            _replace_batchnorm_subclasses(child)
+
+
+def build_embedding_net(model_cfg, image_shape: tuple[int, int, int], dp_enabled: bool) -> EmbeddingNet:
+    backbone = create_backbone(model_cfg.name, image_shape[0], model_cfg.norm, model_cfg.pretrained_file)
+    if dp_enabled and has_batchnorm(backbone) and not model_cfg.batchnorm_in_update:
+        raise ConfigError(
+            f"model {model_cfg.name!r} keeps BatchNorm, whose running statistics would leave clients "
+            "outside the clipped update; use model.norm = 'group', or set model.batchnorm_in_update = true "
+            "to send them inside it")
+    with torch.no_grad():
+        backbone.eval()
+        feature_dim = backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
+        backbone.train()
+    net = EmbeddingNet(backbone, feature_dim, model_cfg.embedding_dim)
+    if model_cfg.init_checkpoint:
+        load_checkpoint(net, model_cfg.init_checkpoint)
+    return net
+
+
+def shared_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything of the embedding net that leaves a client: all floating-point parameters and buffers.
+    Integer buffers (BatchNorm's step counter) carry no data and stay where they are."""
+    return {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+
+
+def load_checkpoint(net: nn.Module, path: str | Path) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"checkpoint not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot read checkpoint {p}: {exc}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ConfigError(f"checkpoint {p} does not fit the model: {str(exc).splitlines()[0]}") from None
+    missing = set(shared_state(net)) - set(state)
+    if missing:
+        raise ConfigError(f"checkpoint {p} lacks {len(missing)} tensors of the model, e.g. {sorted(missing)[0]}")

@@ -1,0 +1,1 @@
+"""Callbacks around the round loop: TensorBoard, progress bar, checkpoints."""

@@ -1,0 +1,31 @@
+"""A rich progress bar over rounds showing loss, recall@1 and ε."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedemb.monitoring.callback import RoundCallback
+
+
+class ProgressReporter(RoundCallback):
+    def __init__(self, console: Console | None = None):
+        self.progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TextColumn("recall@1 {task.fields[recall]}"),
+                                 TextColumn("ε {task.fields[eps]}"), TimeElapsedColumn(),
+                                 console=console or Console(stderr=True), transient=False)
+        self.task = None
+
+    def on_run_start(self, strategy, num_rounds):
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=num_rounds, loss="-", recall="-", eps="0")
+
+    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
+        fields = {"loss": f"{train_metrics.get('train-loss', float('nan')):.3f}",
+                  "eps": f"{train_metrics.get('epsilon', 0.0):.3g}"}
+        if eval_metrics:
+            fields["recall"] = f"{eval_metrics['recall_at_1']:.3f}"
+        self.progress.update(self.task, completed=server_round, **fields)
+
+    def on_run_end(self, result, strategy):
+        self.progress.stop()

@@ -1,0 +1,52 @@
+"""TensorBoard event files in the run directory: per-round training, privacy and evaluation scalars,
+and the final evaluation embeddings in the projector with image sprites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from fedemb.monitoring.callback import RoundCallback
+
+TRAIN_SCALARS = {
+    "train/loss": "train-loss",
+    "train/delta_norm_median": "delta-norm-median",
+    "train/delta_norm_max": "delta-norm-max",
+    "train/fraction_clipped": "fraction-clipped",
+    "train/virtual_clients_accepted": "virtual-clients-accepted",
+    "train/virtual_clients_failed": "virtual-clients-failed",
+    "train/virtual_clients_rejected": "virtual-clients-rejected",
+    "train/virtual_clients_nonfinite": "virtual-clients-nonfinite",
+    "privacy/noise_std": "noise-std",
+    "privacy/epsilon": "epsilon",
+    "time/round_seconds": "round-seconds",
+    "time/virtual_clients_per_second": "virtual-clients-per-second",
+}
+
+
+class TensorBoardLogger(RoundCallback):
+    def __init__(self, log_dir: Path):
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log_eval(self, step: int, eval_metrics: dict) -> None:
+        for key, value in eval_metrics.items():
+            self.writer.add_scalar(f"eval/{key}", float(value), step)
+
+    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
+        for tag, key in TRAIN_SCALARS.items():
+            value = train_metrics.get(key)
+            if value is not None and np.isfinite(value):
+                self.writer.add_scalar(tag, float(value), server_round)
+        if eval_metrics:
+            self.log_eval(server_round, eval_metrics)
+        self.writer.flush()
+
+    def add_projector(self, embeddings: np.ndarray, labels: np.ndarray, images: torch.Tensor, step: int) -> None:
+        self.writer.add_embedding(torch.from_numpy(embeddings), metadata=[int(y) for y in labels],
+                                  label_img=images, global_step=step, tag="eval_embeddings")
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,1 @@
+"""Sampling, grouping, clipping, noise and accounting for user-level DP."""

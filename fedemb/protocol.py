@@ -1,0 +1,75 @@
+"""What crosses the wire between the DP-FedEmb strategy and the ClientApp, in Flower records.
+
+Train message (server -> node), one per node per round:
+  "arrays"  ArrayRecord   the shared model (backbone + embedding), nothing else
+  "config"  ConfigRecord  round, clipping, the task (JSON), and the virtual clients to train, flattened:
+                          vc-index[i] trains users vc-users[vc-offsets[i]:vc-offsets[i+1]]
+Reply (node -> server):
+  "update"  ArrayRecord   the SUM of the clipped updates of the virtual clients it trained
+  "metrics" MetricRecord  how many virtual clients that sum covers, and training statistics
+Nothing else leaves a client: the classification head, the data and the per-client deltas stay there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+ARRAYS = "arrays"
+CONFIG = "config"
+UPDATE = "update"
+METRICS = "metrics"
+
+NUM_VIRTUAL_CLIENTS = "num-virtual-clients"
+NUM_USERS = "num-users"
+NUM_EXAMPLES = "num-examples"
+NUM_NONFINITE = "num-nonfinite"
+NUM_CLIPPED = "num-clipped"
+LOSS_SUM = "train-loss-sum"
+UPDATE_NORMS = "update-norms"
+
+
+@dataclass
+class TrainAssignment:
+    server_round: int
+    clip_norm: float  # 0: no clipping (non-private training)
+    task: dict  # data, model and local-training config; training key; fault injection
+    virtual_clients: list[tuple[int, tuple[int, ...]]]  # (slot index, user ids)
+
+    @property
+    def num_users(self) -> int:
+        return sum(len(users) for _, users in self.virtual_clients)
+
+
+def train_message(state: dict[str, torch.Tensor], assignment: TrainAssignment, dst_node_id: int) -> Message:
+    offsets = np.cumsum([0] + [len(u) for _, u in assignment.virtual_clients]).tolist()
+    config = ConfigRecord({
+        "server-round": assignment.server_round,
+        "clip-norm": float(assignment.clip_norm),
+        "task": json.dumps(assignment.task, sort_keys=True),
+        "vc-index": [int(i) for i, _ in assignment.virtual_clients],
+        "vc-offsets": [int(o) for o in offsets],
+        "vc-users": [int(u) for _, users in assignment.virtual_clients for u in users],
+    })
+    content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: config})
+    return Message(content=content, dst_node_id=dst_node_id, message_type=MessageType.TRAIN)
+
+
+def read_train_message(msg: Message) -> tuple[dict[str, torch.Tensor], TrainAssignment]:
+    config = msg.content[CONFIG]
+    offsets = list(config["vc-offsets"])
+    users = list(config["vc-users"])
+    vcs = [(int(i), tuple(int(u) for u in users[offsets[j]:offsets[j + 1]]))
+           for j, i in enumerate(config["vc-index"])]
+    assignment = TrainAssignment(int(config["server-round"]), float(config["clip-norm"]),
+                                 json.loads(str(config["task"])), vcs)
+    return msg.content[ARRAYS].to_torch_state_dict(), assignment
+
+
+def train_reply(msg: Message, update_sum: dict[str, torch.Tensor], metrics: dict) -> Message:
+    content = RecordDict({UPDATE: ArrayRecord(update_sum), METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,52 @@
+"""The run directory: config.toml (resolved), results.json, checkpoints/, tensorboard/."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fedemb.config import Config, to_toml
+
+
+def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
+    if run_dir:
+        path = Path(run_dir)
+    else:
+        path = Path("runs") / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        suffix = 1
+        while path.exists():
+            path = Path("runs") / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+            suffix += 1
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.toml").write_text(to_toml(cfg))
+    return path.resolve()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _finite(x):
+    """JSON has no inf/nan: write them as strings, which json readers can still parse as floats."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)

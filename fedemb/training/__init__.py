@@ -1,0 +1,1 @@
+"""Local training of virtual clients (runs on the node that holds the users' data)."""

@@ -1,0 +1,88 @@
+"""What a node does with a train message: train each named virtual client, clip each Δ, reply the sum.
+
+Each virtual client's Δ is clipped here, on the node that trained it, before anything is summed or
+sent. A non-finite Δ (diverged training) becomes zero and is counted; it still counts as one virtual
+client, so the server's norm bound (count x C) stays right.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from functools import lru_cache
+
+import torch
+
+from fedemb.config import ClientConfig, DataConfig, ModelConfig
+from fedemb.data.splits import load_splits
+from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
+from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
+from fedemb.privacy.keyed_random import STREAM_FAULTS, STREAM_TRAINING, keyed_seed, keyed_uniform
+from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE, NUM_USERS,
+                             NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment)
+from fedemb.training.local import LocalTrainingConfig, train_virtual_client
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by simulation fault injection (simulation.faults.raise_rate)."""
+
+
+def make_task(cfg, num_classes: int, image_shape, training_key: int) -> dict:
+    """The static part of every train message: enough for any node to rebuild data, model and training."""
+    model = asdict(cfg.model) | {"init_checkpoint": "", "pretrained_file": ""}  # weights come in the message
+    return {
+        "data": asdict(cfg.data),
+        "model": model,
+        "client": asdict(cfg.client),
+        "num_classes": int(num_classes),
+        "image_shape": [int(s) for s in image_shape],
+        "dp": bool(cfg.privacy.enabled),
+        "training_key": int(training_key),
+        "faults": asdict(cfg.simulation.faults),
+        "threads": max(1, int(cfg.simulation.cpus_per_client)),
+    }
+
+
+@lru_cache(maxsize=2)
+def _model_for(model_json: str, image_shape: tuple[int, ...], dp: bool) -> EmbeddingNet:
+    return build_embedding_net(ModelConfig(**json.loads(model_json)), image_shape, dp)
+
+
+def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssignment
+                         ) -> tuple[dict[str, torch.Tensor], dict]:
+    task = assignment.task
+    torch.set_num_threads(task["threads"])
+    pop = load_splits(DataConfig(**task["data"])).train
+    net = _model_for(json.dumps(task["model"], sort_keys=True), tuple(task["image_shape"]), task["dp"])
+    local_cfg = LocalTrainingConfig(**ClientConfig(**task["client"]).__dict__, num_classes=task["num_classes"])
+    faults = task["faults"]
+    key = task["training_key"]
+    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
+    norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
+    for vc_index, user_ids in assignment.virtual_clients:
+        draw = float(keyed_uniform(key, assignment.server_round, vc_index, STREAM_FAULTS))
+        if draw < faults["raise_rate"]:
+            raise InjectedFault(f"injected failure of virtual client {vc_index} in round {assignment.server_round}")
+        net.load_state_dict(state, strict=False)
+        result = train_virtual_client(net, pop, user_ids, local_cfg,
+                                      keyed_seed(key, assignment.server_round, vc_index, STREAM_TRAINING))
+        delta = result.delta
+        if not is_finite(delta):
+            delta = {k: torch.zeros_like(v) for k, v in delta.items()}
+            nonfinite += 1
+        if assignment.clip_norm > 0:
+            delta, norm = clip_to_norm(delta, assignment.clip_norm)
+            clipped += norm > assignment.clip_norm
+        else:
+            norm = global_norm(delta)
+        for k in total:
+            total[k] += delta[k].to(torch.float32)
+        if draw < faults["raise_rate"] + faults["nan_rate"]:  # injected: a broken client replies NaN
+            total = {k: torch.full_like(v, float("nan")) for k, v in total.items()}
+        norms.append(norm)
+        examples += result.num_examples
+        loss_sum += result.mean_loss
+    metrics = {NUM_VIRTUAL_CLIENTS: len(assignment.virtual_clients), NUM_USERS: assignment.num_users,
+               NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped),
+               LOSS_SUM: loss_sum, UPDATE_NORMS: [float(n) for n in norms]}
+    return total, metrics

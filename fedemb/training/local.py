@@ -1,0 +1,91 @@
+"""Train one virtual client: k users' examples, a fresh private head, and the shared embedding net.
+
+Returns Δ = initial − trained over the shared state (what the server treats as a gradient).
+The head is created here and dropped here: it is never part of what is returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedemb.data.population import Population
+from fedemb.models.embedding_net import EmbeddingNet, shared_state
+
+
+@dataclass
+class LocalTrainingConfig:
+    epochs: int
+    batch_size: int
+    max_examples: int
+    lr: float
+    momentum: float
+    head_lr_scale: float
+    head_warmup_steps: int
+    head: str  # "local" | "global"
+    num_classes: int
+
+
+@dataclass
+class LocalResult:
+    delta: dict[str, torch.Tensor]
+    num_examples: int
+    mean_loss: float
+
+
+def example_schedule(pop: Population, user_ids, epochs: int, max_examples: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """The k users' examples interleaved and shuffled, once per epoch, capped for the whole client."""
+    pool = np.concatenate([pop.examples_of(u) for u in user_ids]) if len(user_ids) else np.empty(0, np.int64)
+    if len(pool) == 0:
+        return pool
+    epochs_needed = min(epochs, -(-max_examples // len(pool)))
+    order = np.concatenate([rng.permutation(pool) for _ in range(epochs_needed)])
+    return order[:max_examples]
+
+
+def make_head(embedding_dim: int, labels: np.ndarray, cfg: LocalTrainingConfig) -> tuple[nn.Linear, np.ndarray]:
+    """A fresh linear head (no bias) and the labels as its targets.
+    local: one output per class present in this virtual client (labels remapped); global: all classes."""
+    if cfg.head == "global":
+        return nn.Linear(embedding_dim, cfg.num_classes, bias=False), labels
+    classes = np.unique(labels)
+    return nn.Linear(embedding_dim, len(classes), bias=False), np.searchsorted(classes, labels)
+
+
+def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: LocalTrainingConfig,
+                         seed: int) -> LocalResult:
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    schedule = example_schedule(pop, user_ids, cfg.epochs, cfg.max_examples, rng)
+    initial = {k: v.detach().clone() for k, v in shared_state(net).items()}
+    if len(schedule) == 0:
+        return LocalResult({k: torch.zeros_like(v) for k, v in initial.items()}, 0, 0.0)
+    head, targets = make_head(net.embedding.out_features, pop.labels[schedule], cfg)
+    targets = torch.from_numpy(targets)
+    body_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    head_opt = torch.optim.SGD(head.parameters(), lr=cfg.lr * cfg.head_lr_scale, momentum=cfg.momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    losses = []
+    for step, start in enumerate(range(0, len(schedule), cfg.batch_size)):
+        x = pop.tensor(schedule[start:start + cfg.batch_size])
+        y = targets[start:start + cfg.batch_size]
+        loss = loss_fn(head(net(x)), y)
+        body_opt.zero_grad(set_to_none=True)
+        head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.head_warmup_steps == 0:
+            body_opt.step()
+            head_opt.step()
+        elif step < cfg.head_warmup_steps:  # warm-up: the head only
+            head_opt.step()
+        else:  # after warm-up: the backbone and embedding only (as the reference does)
+            body_opt.step()
+        losses.append(float(loss.detach()))
+    trained = shared_state(net)
+    delta = {k: initial[k] - trained[k].detach() for k in initial}
+    return LocalResult(delta, len(schedule), float(np.mean(losses)))

@@ -1,0 +1,1 @@
+"""Flower ServerApp and ClientApp of fedemb, and run configs (configs/*.toml)."""

@@ -1,0 +1,17 @@
+"""The ClientApp: trains the virtual clients a train message names and replies their clipped sum.
+The same app runs in simulation (every node sees the whole population) and on devices."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedemb.protocol import read_train_message, train_reply
+from fedemb.training.client_task import run_train_assignment
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    state, assignment = read_train_message(msg)
+    update_sum, metrics = run_train_assignment(state, assignment)
+    return train_reply(msg, update_sum, metrics)

@@ -1,0 +1,5 @@
+"""Flower strategies of fedemb."""
+
+from strategies.dp_fedemb import DPFedEmb
+
+__all__ = ["DPFedEmb"]
