@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--qmnist-dir", default="", help="Directory with the QMNIST extended-label files "
+                     "(e.g. ../shared/data/qmnist); tests that need it are skipped without it.")
+
+
+@pytest.fixture
+def qmnist_dir(request):
+    path = request.config.getoption("--qmnist-dir")
+    if not path:
+        pytest.skip("needs --qmnist-dir")
+    return path
+
+
+@pytest.fixture
+def flower_identity():
+    """Messages need a run/task identity, which a ServerApp or ClientApp process has set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield

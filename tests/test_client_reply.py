@@ -1,0 +1,116 @@
+"""What leaves a client: exactly the clipped backbone + embedding update and counts. The local head,
+the data and per-virtual-client deltas must never appear in a reply."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from fedemb.federated import prepare_run
+from fedemb.models.embedding_net import shared_state
+from fedemb.privacy.clipping import global_norm
+from fedemb.protocol import METRICS, UPDATE, TrainAssignment, train_message
+from fedemb.training.client_task import InjectedFault, make_task, run_train_assignment
+from simulations.client_app import train as client_train
+from tests.helpers import tiny_config
+
+
+def setup_message(cfg, clip, users_per_vc=((0, 1, 2, 3), (4, 5, 6, 7))):
+    setup = prepare_run(cfg)
+    user_ids = setup.splits.train.user_ids
+    vcs = [(i, tuple(int(user_ids[j]) for j in group)) for i, group in enumerate(users_per_vc)]
+    task = make_task(cfg, setup.splits.train.num_classes, setup.splits.train.image_shape, training_key=5)
+    state = shared_state(setup.net)
+    return state, TrainAssignment(1, clip, task, vcs)
+
+
+def test_reply_holds_only_the_clipped_shared_update_and_counts(flower_identity):
+    cfg = tiny_config("client.lr=0.5", "client.head_lr_scale=100")
+    state, assignment = setup_message(cfg, clip=0.01)
+    msg = train_message(state, assignment, dst_node_id=3)
+    reply = client_train(msg, Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={}))
+    assert set(reply.content.keys()) == {UPDATE, METRICS}
+    update, metrics = reply.content[UPDATE], reply.content[METRICS]
+    assert isinstance(update, ArrayRecord) and isinstance(metrics, MetricRecord)
+    # the head is not there, and nothing but the shared state is
+    assert set(update.keys()) == set(state.keys())
+    assert not any("head" in k for k in update.keys())
+    for k, v in state.items():
+        assert tuple(update[k].shape) == tuple(v.shape)
+    assert metrics["num-virtual-clients"] == 2 and metrics["num-users"] == 8
+    # no per-example or per-client arrays hide in the metrics: only scalars and the list of norms
+    assert all(isinstance(v, (int, float)) for k, v in metrics.items() if k != "update-norms")
+    # each virtual client was clipped to C before summing: the sum is within 2 x C
+    total = {k: torch.from_numpy(update[k].numpy()) for k in update.keys()}
+    assert all(n > 0.01 for n in metrics["update-norms"])  # lr 0.5 moves far more than C
+    assert global_norm(total) <= 2 * 0.01 * (1 + 1e-5)
+
+
+def test_every_virtual_client_is_clipped_separately():
+    """Two virtual clients each clipped to C: even if they point the same way the sum stays <= 2C,
+    and a single one never contributes more than C."""
+    cfg = tiny_config("client.lr=0.5")
+    state, assignment = setup_message(cfg, clip=0.05, users_per_vc=((0, 1, 2, 3),))
+    total, metrics = run_train_assignment(state, assignment)
+    assert global_norm(total) == pytest.approx(0.05, rel=1e-4)
+    assert metrics["num-clipped"] == 1
+
+
+def test_without_clipping_the_raw_delta_is_returned():
+    cfg = tiny_config("privacy.enabled=false")
+    state, assignment = setup_message(cfg, clip=0.0, users_per_vc=((0, 1, 2, 3),))
+    total, metrics = run_train_assignment(state, assignment)
+    assert global_norm(total) == pytest.approx(metrics["update-norms"][0], rel=1e-5)
+
+
+def test_diverged_training_becomes_a_zero_update_and_is_counted():
+    cfg = tiny_config("client.lr=1e30")
+    state, assignment = setup_message(cfg, clip=1.0, users_per_vc=((0, 1, 2, 3),))
+    total, metrics = run_train_assignment(state, assignment)
+    assert metrics["num-nonfinite"] == 1 and metrics["num-virtual-clients"] == 1
+    assert all(torch.count_nonzero(v) == 0 for v in total.values())
+
+
+def test_local_training_is_deterministic_for_a_training_key():
+    cfg = tiny_config()
+    state, assignment = setup_message(cfg, clip=1.0)
+    a, _ = run_train_assignment(state, assignment)
+    b, _ = run_train_assignment(state, assignment)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fault_injection_raises_or_poisons_the_reply():
+    state, assignment = setup_message(tiny_config("simulation.faults.raise_rate=1.0"), clip=1.0)
+    with pytest.raises(InjectedFault):
+        run_train_assignment(state, assignment)
+    state, assignment = setup_message(tiny_config("simulation.faults.nan_rate=1.0"), clip=1.0)
+    total, _ = run_train_assignment(state, assignment)
+    assert all(torch.isnan(v).all() for v in total.values())
+
+
+def test_local_head_spans_only_the_classes_present():
+    from fedemb.training.local import LocalTrainingConfig, make_head
+
+    cfg = LocalTrainingConfig(1, 8, 100, 0.1, 0.9, 100.0, 0, "local", num_classes=10)
+    head, targets = make_head(16, np.array([7, 3, 7, 9]), cfg)
+    assert head.out_features == 3 and head.bias is None
+    assert targets.tolist() == [1, 0, 1, 2]
+    cfg.head = "global"
+    head, targets = make_head(16, np.array([7, 3]), cfg)
+    assert head.out_features == 10 and targets.tolist() == [7, 3]
+
+
+def test_head_warmup_trains_only_the_head_first():
+    from fedemb.data.splits import load_splits
+    from fedemb.training.local import LocalTrainingConfig, train_virtual_client
+
+    cfg = tiny_config()
+    setup = prepare_run(cfg)
+    pop = load_splits(cfg.data).train
+    users = pop.user_ids[:4]
+    local = LocalTrainingConfig(1, 4, 16, 0.1, 0.9, 10.0, head_warmup_steps=100, head="local", num_classes=10)
+    result = train_virtual_client(setup.net, pop, users, local, seed=1)
+    assert all(torch.count_nonzero(v) == 0 for v in result.delta.values())  # all steps were warm-up
+    local.head_warmup_steps = 1
+    result = train_virtual_client(setup.net, pop, users, local, seed=1)
+    assert any(torch.count_nonzero(v) > 0 for v in result.delta.values())

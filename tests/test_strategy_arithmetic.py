@@ -1,0 +1,146 @@
+"""The server's DP arithmetic on hand-computed updates: clip check, noise std, fixed denominator,
+momentum. Each failure here is a privacy or correctness bug, not a tuning issue."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message
+
+from fedemb.privacy.accountant import PrivacyPlan
+from fedemb.privacy.noise import GaussianNoise
+from fedemb.privacy.sampling import UserSampler
+from fedemb.protocol import TrainAssignment, train_message, train_reply
+from strategies.dp_fedemb import DPFedEmb
+from strategies.server_optimizer import ServerOptimizer
+
+STATE = {"a": torch.zeros(2, 2), "b": torch.zeros(3)}
+
+
+def make_strategy(noise_std=0.0, clip=1.0, slots=4, lr=1.0, momentum=0.0, seed=0):
+    plan = PrivacyPlan("rdp", 0.5, noise_std / clip if clip else 0.0, 0.0, 2.0, 1e-5, 0.0)
+    return DPFedEmb(sampler=UserSampler(0, 0.5, 2, slots), user_ids=np.arange(8), task={}, clip_norm=clip,
+                    noise=GaussianNoise(noise_std, seed), server_optimizer=ServerOptimizer(STATE, lr, momentum),
+                    privacy=plan)
+
+
+def assign(strategy, counts):
+    """Node n is assigned counts[n] virtual clients; returns the train messages."""
+    strategy.assignments = {n: TrainAssignment(1, strategy.clip_norm, {}, [(n * 10 + j, (j,)) for j in range(c)])
+                            for n, c in enumerate(counts)}
+    return {n: train_message(STATE, a, n) for n, a in strategy.assignments.items()}
+
+
+def reply(msg, a, b, count):
+    update = {"a": torch.full((2, 2), float(a)), "b": torch.full((3,), float(b))}
+    return train_reply(msg, update, {"num-virtual-clients": count, "num-users": count, "num-examples": 1,
+                                     "num-nonfinite": 0, "num-clipped": 0, "train-loss-sum": 0.0,
+                                     "update-norms": [0.0] * count})
+
+
+def new_state(arrays: ArrayRecord):
+    return {k: v for k, v in arrays.to_torch_state_dict().items()}
+
+
+def test_sum_is_divided_by_the_fixed_slot_count_not_by_the_replies(flower_identity):
+    s = make_strategy(slots=4)
+    msgs = assign(s, [1, 1])
+    arrays, metrics = s.aggregate_train(1, [reply(msgs[0], 0.1, 0.0, 1), reply(msgs[1], 0.3, 0.0, 1)])
+    # w_new = w - lr * sum / M = 0 - (0.1 + 0.3) / 4
+    assert torch.allclose(new_state(arrays)["a"], torch.full((2, 2), -0.1))
+    assert metrics["denominator"] == 4.0 and metrics["virtual-clients-accepted"] == 2
+
+
+def test_a_lost_reply_does_not_change_the_denominator(flower_identity):
+    s = make_strategy(slots=4)
+    msgs = assign(s, [1, 1])
+    arrays, metrics = s.aggregate_train(1, [reply(msgs[0], 0.1, 0.0, 1)])
+    assert torch.allclose(new_state(arrays)["a"], torch.full((2, 2), -0.025))
+    assert metrics["virtual-clients-missing"] == 1
+
+
+def test_an_update_above_count_times_clip_norm_is_rejected(flower_identity):
+    """A node that skipped clipping must not get its update into the aggregate."""
+    s = make_strategy(clip=1.0, slots=4)
+    msgs = assign(s, [1, 2])
+    # node 0: norm sqrt(4 * 0.6^2) = 1.2 > 1 x C: rejected. node 1: norm 1.2 <= 2 x C: accepted
+    arrays, metrics = s.aggregate_train(1, [reply(msgs[0], 0.6, 0.0, 1), reply(msgs[1], 0.6, 0.0, 2)])
+    assert metrics["virtual-clients-rejected"] == 1 and metrics["virtual-clients-accepted"] == 2
+    assert torch.allclose(new_state(arrays)["a"], torch.full((2, 2), -0.6 / 4))
+
+
+def test_a_reply_claiming_another_count_than_assigned_is_rejected(flower_identity):
+    s = make_strategy(clip=1.0)
+    msgs = assign(s, [1])
+    _, metrics = s.aggregate_train(1, [reply(msgs[0], 0.4, 0.0, 2)])  # claims 2 to pass a 2C norm check
+    assert metrics["virtual-clients-rejected"] == 1 and metrics["virtual-clients-accepted"] == 0
+
+
+def test_nan_error_and_malformed_replies_are_counted_and_skipped(flower_identity):
+    s = make_strategy(slots=4)
+    msgs = assign(s, [1, 1, 1, 1])
+    bad_shape = train_reply(msgs[2], {"a": torch.zeros(4), "b": torch.zeros(3)}, {"num-virtual-clients": 1})
+    extra_key = train_reply(msgs[3], {**STATE, "head.weight": torch.zeros(2)}, {"num-virtual-clients": 1})
+    replies = [reply(msgs[0], float("nan"), 0.0, 1), Message(Error(code=0, reason="boom"), reply_to=msgs[1]),
+               bad_shape, extra_key]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert metrics["virtual-clients-failed"] == 1 and metrics["virtual-clients-rejected"] == 3
+    assert torch.equal(new_state(arrays)["a"], torch.zeros(2, 2))
+
+
+def test_replies_from_unassigned_nodes_are_rejected(flower_identity):
+    s = make_strategy()
+    msgs = assign(s, [1])
+    stranger = train_message(STATE, TrainAssignment(1, 1.0, {}, [(0, (1,))]), 99)
+    _, metrics = s.aggregate_train(1, [reply(msgs[0], 0.1, 0, 1), reply(msgs[0], 0.1, 0, 1), reply(stranger, 0.1, 0, 1)])
+    assert metrics["virtual-clients-accepted"] == 1 and metrics["virtual-clients-rejected"] == 2
+
+
+def test_noise_has_std_z_times_c_before_the_division(flower_identity):
+    """N(0, (zC)^2) is added to the SUM; the mean therefore carries zC / M."""
+    big = {"w": torch.zeros(200_000)}
+    plan = PrivacyPlan("rdp", 0.5, 2.0, 1.0, 2.0, 1e-5, 0.0)
+    s = DPFedEmb(sampler=UserSampler(0, 0.5, 2, 5), user_ids=np.arange(4), task={}, clip_norm=0.5,
+                 noise=GaussianNoise(2.0 * 0.5, seed=123), server_optimizer=ServerOptimizer(big, 1.0, 0.0),
+                 privacy=plan)
+    s.shapes = {"w": (200_000,)}
+    s.assignments = {}
+    arrays, metrics = s.aggregate_train(1, [])
+    w = arrays.to_torch_state_dict()["w"]
+    assert metrics["noise-std"] == 1.0
+    assert float(w.std()) == pytest.approx(1.0 / 5, rel=0.01)
+    # seeded noise is reproducible: the same seed gives the same draw
+    expected = -GaussianNoise(1.0, seed=123).add({"w": torch.zeros(200_000)})["w"] / 5
+    assert torch.allclose(w, expected)
+
+
+def test_unseeded_noise_differs_between_runs():
+    a = GaussianNoise(1.0).add({"w": torch.zeros(100)})["w"]
+    b = GaussianNoise(1.0).add({"w": torch.zeros(100)})["w"]
+    assert not torch.equal(a, b)
+
+
+def test_server_momentum_follows_sgd_with_momentum(flower_identity):
+    s = make_strategy(slots=1, lr=0.5, momentum=0.9)
+    for round_number, value in ((1, 0.2), (2, 0.1)):
+        msgs = assign(s, [1])
+        arrays, _ = s.aggregate_train(round_number, [reply(msgs[0], value, 0.0, 1)])
+    # v1 = 0.2, w1 = -0.1; v2 = 0.9 * 0.2 + 0.1 = 0.28, w2 = -0.1 - 0.5 * 0.28 = -0.24
+    assert torch.allclose(new_state(arrays)["a"], torch.full((2, 2), -0.24))
+
+
+def test_configure_train_sends_one_message_per_node_with_all_its_virtual_clients(flower_identity):
+    class TwoNodes:
+        def get_node_ids(self):
+            return [7, 9]
+
+    s = make_strategy(slots=6)
+    s.user_ids = np.arange(100)
+    s.sampler = UserSampler(1, 0.5, 4, 12)
+    msgs = list(s.configure_train(1, ArrayRecord(STATE), None, TwoNodes()))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [7, 9]
+    planned = s.sampler.plan(1, s.user_ids)
+    sent = sorted(u for a in s.assignments.values() for _, users in a.virtual_clients for u in users)
+    assert sent == sorted(planned.sampled_users.tolist())
+    assert math.isclose(sum(len(a.virtual_clients) for a in s.assignments.values()), len(planned.virtual_clients))
