@@ -112,7 +112,8 @@ class DPFedEmb(Strategy):
             "virtual-clients-nonfinite": int(stats["nonfinite"]),
             "users": int(stats["users"]),
             "examples": int(stats["examples"]),
-            "train-loss": stats["loss_sum"] / accepted if accepted else float("nan"),
+            "train-loss": (stats["loss_sum"] / (accepted - stats["nonfinite"])
+                           if accepted > stats["nonfinite"] else float("nan")),
             "delta-norm-median": float(np.median(norms)) if norms else 0.0,
             "delta-norm-max": float(np.max(norms)) if norms else 0.0,
             "fraction-clipped": stats["clipped"] / accepted if accepted else 0.0,

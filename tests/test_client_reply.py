@@ -69,6 +69,7 @@ def test_diverged_training_becomes_a_zero_update_and_is_counted():
     total, metrics = run_train_assignment(state, assignment)
     assert metrics["num-nonfinite"] == 1 and metrics["num-virtual-clients"] == 1
     assert all(torch.count_nonzero(v) == 0 for v in total.values())
+    assert metrics["train-loss-sum"] == 0.0  # a diverged client's NaN loss does not poison the round's mean loss
 
 
 def test_local_training_is_deterministic_for_a_training_key():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LEFTOVER_PATTERNS = ("raylet", "gcs_server", "ray::", "flower-superlink", "flwr-serverapp", "flwr-simulation",
+LEFTOVER_PATTERNS = ("raylet", "gcs_server", "ray::", "flower-superlink", "flower-superexec", "flwr-serverapp",
+                     "flwr-clientapp", "flwr-simulation",
                      "default_worker.py", "dashboard/agent.py", "log_monitor.py")
 
 
@@ -58,14 +59,56 @@ def test_fedemb_simulate_on_ray_learns_survives_faults_and_cleans_up(tmp_path):
     for key in ("epsilon", "delta", "noise_multiplier", "sampling_rate"):
         assert key in results["privacy"]
     assert (run_dir / "config.toml").is_file() and (run_dir / "checkpoints" / "final.pt").is_file()
-    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
-    assert events and (run_dir / "tensorboard" / "projector_config.pbtxt").is_file()
+    check_tensorboard(run_dir / "tensorboard", results)
     assert "recall@1" in proc.stdout and "TensorBoard" in proc.stdout
 
     deadline = time.monotonic() + 15
     while (left := ray_like_processes() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left running: {left}"
+
+
+def check_tensorboard(tb_dir: Path, results: dict) -> None:
+    """Per-round scalars in the event file; the projector's embeddings, labels and image sprite match
+    the evaluation split, tile by tile."""
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedemb.config import load_config
+    from fedemb.data.splits import load_splits
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/delta_norm_median", "train/delta_norm_max", "train/fraction_clipped",
+                "privacy/noise_std", "time/round_seconds", "time/virtual_clients_per_second", "eval/recall_at_1",
+                "eval/tar_at_far_1e-3", "eval/tar_at_far_1e-1"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, results["rounds_completed"] + 1))
+    final_recall = acc.Scalars("eval/recall_at_1")[-1].value
+    assert abs(final_recall - results["final"]["recall_at_1"]) < 1e-6
+
+    projector = (tb_dir / "projector_config.pbtxt").read_text()
+    sub = tb_dir / f"{results['rounds_completed']:05d}" / "eval_embeddings"
+    assert f"{sub.relative_to(tb_dir)}/sprite.png" in projector
+    eval_pop = load_splits(load_config(tb_dir.parent / "config.toml").data).eval
+    n = len(eval_pop)
+    labels = (sub / "metadata.tsv").read_text().split()
+    assert labels == [str(int(y)) for y in eval_pop.labels[:n]]
+    vectors = np.loadtxt(sub / "tensors.tsv", delimiter="\t")
+    assert vectors.shape[0] == n
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+    h, w = eval_pop.image_shape[-2:]
+    sprite = np.asarray(Image.open(sub / "sprite.png").convert("L"), dtype=np.float32) / 255.0
+    per_row = int(np.ceil(np.sqrt(n)))
+    assert sprite.shape == (per_row * h, per_row * w)
+    for i in (0, 1, n - 1):
+        r, c = divmod(i, per_row)
+        tile = sprite[r * h:(r + 1) * h, c * w:(c + 1) * w]
+        expected = eval_pop.images[i, 0].astype(np.float32) * eval_pop.pixel_scale
+        np.testing.assert_allclose(tile, expected, atol=1.5 / 255)
 
 
 @pytest.mark.integration

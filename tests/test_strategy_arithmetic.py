@@ -32,10 +32,10 @@ def assign(strategy, counts):
     return {n: train_message(STATE, a, n) for n, a in strategy.assignments.items()}
 
 
-def reply(msg, a, b, count):
+def reply(msg, a, b, count, loss_sum=0.0, nonfinite=0):
     update = {"a": torch.full((2, 2), float(a)), "b": torch.full((3,), float(b))}
     return train_reply(msg, update, {"num-virtual-clients": count, "num-users": count, "num-examples": 1,
-                                     "num-nonfinite": 0, "num-clipped": 0, "train-loss-sum": 0.0,
+                                     "num-nonfinite": nonfinite, "num-clipped": 0, "train-loss-sum": loss_sum,
                                      "update-norms": [0.0] * count})
 
 
@@ -144,3 +144,13 @@ def test_configure_train_sends_one_message_per_node_with_all_its_virtual_clients
     sent = sorted(u for a in s.assignments.values() for _, users in a.virtual_clients for u in users)
     assert sent == sorted(planned.sampled_users.tolist())
     assert math.isclose(sum(len(a.virtual_clients) for a in s.assignments.values()), len(planned.virtual_clients))
+
+
+def test_train_loss_is_the_mean_over_virtual_clients_that_trained_normally(flower_identity):
+    s = make_strategy(slots=4)
+    msgs = assign(s, [2, 1])
+    # node 0: two virtual clients, one diverged (zero update, loss left out); node 1: one, loss 3
+    _, metrics = s.aggregate_train(1, [reply(msgs[0], 0.0, 0.0, 2, loss_sum=1.0, nonfinite=1),
+                                       reply(msgs[1], 0.0, 0.0, 1, loss_sum=3.0)])
+    assert metrics["train-loss"] == 2.0
+    assert metrics["virtual-clients-nonfinite"] == 1 and metrics["virtual-clients-accepted"] == 3

@@ -8,6 +8,7 @@ client, so the server's norm bound (count x C) stays right.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from functools import lru_cache
 
@@ -67,7 +68,8 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
         result = train_virtual_client(net, pop, user_ids, local_cfg,
                                       keyed_seed(key, assignment.server_round, vc_index, STREAM_TRAINING))
         delta = result.delta
-        if not is_finite(delta):
+        diverged = not (is_finite(delta) and math.isfinite(result.mean_loss))
+        if diverged:
             delta = {k: torch.zeros_like(v) for k, v in delta.items()}
             nonfinite += 1
         if assignment.clip_norm > 0:
@@ -81,7 +83,8 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
             total = {k: torch.full_like(v, float("nan")) for k, v in total.items()}
         norms.append(norm)
         examples += result.num_examples
-        loss_sum += result.mean_loss
+        if not diverged:  # the mean train loss is over the virtual clients that trained normally
+            loss_sum += result.mean_loss
     metrics = {NUM_VIRTUAL_CLIENTS: len(assignment.virtual_clients), NUM_USERS: assignment.num_users,
                NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped),
                LOSS_SUM: loss_sum, UPDATE_NORMS: [float(n) for n in norms]}

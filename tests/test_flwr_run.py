@@ -1,0 +1,56 @@
+"""`flwr run .` (Flower's own CLI, local SuperLink, simulation on Ray) runs the repository's ServerApp and
+ClientApp, learns, writes the run directory, and leaves no SuperLink, SuperExec or Ray process behind."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.test_simulation_integration import ray_like_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_flwr_run_completes_learns_and_stops_its_superlink(tmp_path):
+    before = ray_like_processes()
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    cmd = [sys.executable, str(ROOT / "scripts/flwr_run.py"), "--run-dir", str(run_dir),
+           "--flwr-home", str(tmp_path / "flwr-home"), "--timeout", "400", "--no-show-log"]
+    for item in ("run.rounds=3", "run.eval_every=3", "privacy.noise_multiplier=0", "simulation.round_timeout_s=90"):
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "recall@1" in proc.stdout
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds_completed"] == 3
+    assert results["final"]["recall_at_1"] > results["initial"]["recall_at_1"]
+    assert tomllib.loads((run_dir / "config.toml").read_text())["privacy"]["noise_multiplier"] == 0  # overrides arrived
+
+    deadline = time.monotonic() + 15
+    while (left := ray_like_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left running: {left}"
+
+
+def test_flwr_run_refuses_a_config_outside_the_app(tmp_path):
+    outside = tmp_path / "x.toml"
+    outside.write_text("[run]\nrounds = 1\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/flwr_run.py"), "-c", str(outside)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "inside" in proc.stderr and "Traceback" not in proc.stderr
