@@ -10,6 +10,14 @@ os.environ.pop("RAY_ADDRESS", None)
 def pytest_addoption(parser):
     parser.addoption("--qmnist-dir", default="", help="Directory with the QMNIST extended-label files "
                      "(e.g. ../shared/data/qmnist); tests that need it are skipped without it.")
+    parser.addoption("--flower-cli", action="store_true", help="Also run the test that drives Flower's own CLI "
+                     "(`flwr run .` on a local SuperLink, about a minute); see docs/flower.md for why it is opt-in.")
+
+
+@pytest.fixture
+def flower_cli(request):
+    if not request.config.getoption("--flower-cli"):
+        pytest.skip("needs --flower-cli")
 
 
 @pytest.fixture
