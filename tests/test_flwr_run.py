@@ -1,10 +1,10 @@
 """`flwr run .` (Flower's own CLI, local SuperLink, simulation on Ray) runs the repository's ServerApp and
 ClientApp, learns, writes the run directory, and leaves no SuperLink, SuperExec or Ray process behind.
 
-Opt-in (`pytest --flower-cli`): in 5 of 21 runs under pytest while it was written (none of 6 by hand
-or from the launcher alone), Flower's simulation process stalled before the first round finished (ClientApp actors
-up and idle, never given a task) and the run never ended; the launcher then timed out, said so and still
-stopped everything. Until that is understood it must not decide the default suite (docs/flower.md)."""
+Opt-in (`pytest --flower-cli`): in 5 of 21 runs under pytest while it was written, the run stalled. py-spy
+showed the ServerApp thread spinning in NumPy's multi-threaded OpenBLAS during evaluation. The evaluation
+now runs BLAS single-threaded. The test joins the default suite once enough runs show that fix holds
+(docs/flower.md)."""
 
 import json
 import os

@@ -9,6 +9,7 @@ false-accept rate never exceeds FAR; TAR is the fraction of genuine pairs accept
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 BLOCK = 2048
 
@@ -57,9 +58,13 @@ def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
 
 
 def embedding_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    genuine, impostor = pair_scores(embeddings, labels)
-    return {
-        "recall_at_1": recall_at_1(embeddings, labels),
-        "tar_at_far_1e-3": tar_at_far(genuine, impostor, 1e-3),
-        "tar_at_far_1e-1": tar_at_far(genuine, impostor, 1e-1),
-    }
+    # Single-threaded BLAS: under `flwr run` the ServerApp is a thread of the simulation process, and
+    # NumPy's multi-threaded OpenBLAS there was seen spinning in exec_blas for minutes on a loaded
+    # 2-core machine (py-spy). The matrices are small; one thread costs nothing.
+    with threadpool_limits(limits=1, user_api="blas"):
+        genuine, impostor = pair_scores(embeddings, labels)
+        return {
+            "recall_at_1": recall_at_1(embeddings, labels),
+            "tar_at_far_1e-3": tar_at_far(genuine, impostor, 1e-3),
+            "tar_at_far_1e-1": tar_at_far(genuine, impostor, 1e-1),
+        }
