@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from fedemb.errors import FedembError
+from fedemb.simulation import offline_flower_environment
 
 DEFAULT_PORT = "39091"
 STATUS_POLL_S = 10.0
@@ -27,8 +28,6 @@ STATUS_POLL_S = 10.0
 
 class FlowerRunError(FedembError):
     """`flwr run` could not be started, or the run did not complete."""
-
-    log: str = ""  # the run's log from Flower, when there is a run
 
 
 @dataclass
@@ -40,10 +39,8 @@ class FlowerRunOutcome:
 
 
 def flower_environment(app_dir: Path, flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_HOME=str(flwr_home), RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
+    env = dict(os.environ, FLWR_HOME=str(flwr_home))
+    offline_flower_environment(env)
     venv_bin = app_dir / ".venv" / "bin"
     if venv_bin.is_dir():  # flwr starts `flower-superlink` by bare name
         env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
@@ -129,12 +126,7 @@ def run_flower_app(app_dir: Path, run_config: dict[str, str], num_supernodes: in
             detail = (reply.get("error-message") or submitted.stderr or submitted.stdout).strip().splitlines()
             raise FlowerRunError(f"`flwr run` did not start the run: {detail[-1] if detail else 'no output'}")
         run_id = str(reply["run-id"])
-        try:
-            status = _wait_for_final_status(run_id, env, app_dir, timeout_s, poll_s,
-                                            run_dir / "results.json")
-        except FlowerRunError as exc:
-            exc.log = _flwr(["flwr", "log", run_id, "--show"], env, app_dir, timeout_s=60).stdout
-            raise
+        status = _wait_for_final_status(run_id, env, app_dir, timeout_s, poll_s, run_dir / "results.json")
         log = _flwr(["flwr", "log", run_id, "--show"], env, app_dir, timeout_s=60).stdout
     finally:
         stop_local_superlink(flwr_home)
@@ -143,8 +135,9 @@ def run_flower_app(app_dir: Path, run_config: dict[str, str], num_supernodes: in
 
 def _wait_for_final_status(run_id: str, env: dict, cwd: Path, timeout_s: float, poll_s: float,
                            results_file: Path | None = None) -> str:
-    """Each `flwr ls` is a new Python process (seconds of CPU on a small machine): ask every `poll_s`
-    seconds once the run has written its results, and at most every STATUS_POLL_S seconds before."""
+    """`finished:<details>`, or a description of the timeout. Each `flwr ls` is a new Python process
+    (seconds of CPU on a small machine): ask every `poll_s` seconds once the run has written its results,
+    and at most every STATUS_POLL_S seconds before."""
     deadline = time.monotonic() + timeout_s
     next_ask = time.monotonic()
     while time.monotonic() < deadline:
@@ -155,7 +148,7 @@ def _wait_for_final_status(run_id: str, env: dict, cwd: Path, timeout_s: float, 
                 return status
             next_ask = time.monotonic() + STATUS_POLL_S
         time.sleep(poll_s)
-    raise FlowerRunError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+    return f"did not finish within {timeout_s:.0f} s"
 
 
 def _run_status(run_id: str, env: dict, cwd: Path) -> str:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from fedemb.config import Config
 
 
-def offline_flower_environment() -> None:
-    """No telemetry, no runtime dependency installation, and no silent attachment to a Ray cluster."""
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    os.environ.pop("RAY_ADDRESS", None)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+def offline_flower_environment(env: MutableMapping[str, str] = os.environ) -> None:
+    """No telemetry, no runtime dependency installation, and no silent attachment to a Ray cluster
+    (in this process's environment, or in `env` for a process about to be started)."""
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.pop("RAY_ADDRESS", None)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def num_supernodes(cfg: Config, virtual_clients: int) -> int:

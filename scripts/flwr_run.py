@@ -20,7 +20,7 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedemb.cli import err_console, friendly_errors  # noqa: E402
+from fedemb.cli import friendly_errors  # noqa: E402
 from fedemb.config import load_config  # noqa: E402
 from fedemb.federated import prepare_run  # noqa: E402
 from fedemb.flower_cli_run import FlowerRunError, run_flower_app  # noqa: E402
@@ -46,18 +46,14 @@ def main(config: Annotated[Path, typer.Option("--config", "-c", help="A fedemb T
     out = (run_dir or ROOT / "runs" / f"{cfg.run.name}-flwr-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_config = {"config-file": str(config_path.relative_to(ROOT)), "overrides": " ".join(overrides),
                   "run-dir": str(out)}
-    try:
-        outcome = run_flower_app(ROOT, run_config, num_supernodes(cfg, setup.virtual_clients),
-                                 cfg.simulation.cpus_per_client, flwr_home, timeout)
-    except FlowerRunError as exc:
-        if exc.log:
-            print(exc.log, file=sys.stderr)
-        raise
-    if show_log:
-        print(outcome.log)
+    outcome = run_flower_app(ROOT, run_config, num_supernodes(cfg, setup.virtual_clients),
+                             cfg.simulation.cpus_per_client, flwr_home, timeout)
+    completed = outcome.status.startswith("finished:completed")
+    if show_log or not completed:
+        print(outcome.log, file=sys.stdout if completed else sys.stderr)
     results_file = outcome.run_dir / "results.json"
-    if not outcome.status.startswith("finished:completed"):
-        raise FlowerRunError(f"Flower run {outcome.run_id} ended as {outcome.status} (log above; `flwr log` keeps it)")
+    if not completed:
+        raise FlowerRunError(f"Flower run {outcome.run_id}: {outcome.status} (its log is above)")
     if not results_file.is_file():
         raise FlowerRunError(f"Flower run {outcome.run_id} completed but wrote no {results_file}")
     results = json.loads(results_file.read_text())
@@ -68,8 +64,4 @@ def main(config: Annotated[Path, typer.Option("--config", "-c", help="A fedemb T
 
 
 if __name__ == "__main__":
-    try:
-        app()
-    except FlowerRunError as exc:  # raised outside friendly_errors' reach (none expected), kept one line
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
+    app()

@@ -28,8 +28,7 @@ def run_once(config: Path, overrides: list[str], run_dir: Path) -> dict:
     cmd = [str(fedemb), "simulate", "-c", str(config), "--run-dir", str(run_dir)]
     for item in overrides:
         cmd += ["--set", item]
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # `fedemb` sets the offline environment
     if done.returncode != 0:
         raise SystemExit(f"run failed ({' '.join(overrides)}): {done.stderr.strip().splitlines()[-1:]}")
     return json.loads((run_dir / "results.json").read_text())
