@@ -20,6 +20,7 @@ FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("dirichlet", "shards", "iid")
 HEAD_KINDS = ("local", "global")
+HEAD_INITS = ("random", "anchors")
 NORM_KINDS = ("group", "keep")
 
 
@@ -78,6 +79,7 @@ class ClientConfig:
     head_lr_scale: float = 100.0
     head_warmup_steps: int = 0
     head: str = "local"  # local: classes present in the virtual client; global: all classes
+    head_init: str = "random"  # random: each virtual client draws its own; anchors: the run's fixed class anchors
 
 
 @dataclass
@@ -277,6 +279,7 @@ def validate(cfg: Config) -> None:
     _check(c.head_lr_scale > 0, f"client.head_lr_scale must be > 0, got {c.head_lr_scale}")
     _check(c.head_warmup_steps >= 0, f"client.head_warmup_steps must be >= 0, got {c.head_warmup_steps}")
     _one_of(c.head, HEAD_KINDS, "client.head")
+    _one_of(c.head_init, HEAD_INITS, "client.head_init")
     _check(sv.lr > 0, f"server.lr must be > 0, got {sv.lr}")
     _check(0 <= sv.momentum < 1, f"server.momentum must be in [0, 1), got {sv.momentum}")
     _check(p.clip_norm > 0, f"privacy.clip_norm must be > 0, got {p.clip_norm}")

@@ -1,9 +1,11 @@
 """DP against noise off, same config, several seeds, side by side; writes docs/noise-ablation.md.
 
     .venv/bin/python scripts/noise_ablation.py [-c simulations/configs/quickstart.toml] [--seeds 0 1 2]
+        [--variant 'k=4: sampling.users_per_client=4 privacy.noise_multiplier=1.6' ...]
 
 Each run is a real `fedemb simulate` (Flower on Ray). The seed changes the split, the initial model,
 the sampling and the noise draws, so the spread over seeds is the figure to compare differences with.
+A variant is the config with more overrides; every variant runs both arms on every seed.
 """
 
 from __future__ import annotations
@@ -34,8 +36,47 @@ def run_once(config: Path, overrides: list[str], run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition(":")
+    if not sep or not name.strip():
+        raise SystemExit(f"--variant must look like 'name: section.key=value ...', got {text!r}")
+    return name.strip(), overrides.split()
+
+
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def report(config_name: str, args, variants: dict[str, list[str]], rows: dict, seconds: float) -> str:
+    lines = [f"# DP against noise off: {config_name}", "",
+             f"Written by `scripts/noise_ablation.py` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+             f"{seconds:.0f} s). Overrides for all runs: {' '.join(args.overrides) or 'none'}. "
+             f"Mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; the seed changes the "
+             "split, the initial model, sampling and noise.", ""]
+    if len(variants) > 1:
+        lines += ["Variants:", ""] + [f"- **{v}**: {' '.join(o) or 'the config as it is'}" for v, o in variants.items()] + [""]
+    lines += ["| variant | model | ε | " + " | ".join(METRICS) + " | seconds |",
+              "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+    for variant in variants:
+        untrained = rows[variant]["DP"].values()  # both arms start from the same model for a given seed
+        lines.append(f"| {variant} | untrained | – | "
+                     + " | ".join(mean_std([r["initial"][m] for r in untrained]) for m in METRICS) + " | |")
+        for arm in ARMS:
+            by_seed = rows[variant][arm]
+            eps = {float(r["privacy"]["epsilon"]) for r in by_seed.values()}
+            lines.append(f"| {variant} | {arm} | {', '.join(f'{e:.3g}' for e in sorted(eps))} | "
+                         + " | ".join(mean_std([r["final"][m] for r in by_seed.values()]) for m in METRICS)
+                         + f" | {statistics.mean(r['wall_seconds'] for r in by_seed.values()):.0f} |")
+    lines += ["", "Per seed (final metrics; DP − untrained, and noise off − DP):", "",
+              "| variant | seed | comparison | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
+    for variant in variants:
+        for seed in args.seeds:
+            dp, off = rows[variant]["DP"][seed], rows[variant]["noise off"][seed]
+            lines.append(f"| {variant} | {seed} | DP − untrained | "
+                         + " | ".join(f"{dp['final'][m] - dp['initial'][m]:+.3f}" for m in METRICS) + " |")
+            lines.append(f"| {variant} | {seed} | noise off − DP | "
+                         + " | ".join(f"{off['final'][m] - dp['final'][m]:+.3f}" for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -43,43 +84,28 @@ def main() -> None:
     parser.add_argument("-c", "--config", type=Path, default=ROOT / "simulations/configs/quickstart.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--variant", action="append", default=[], help="'name: section.key=value ...'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/noise-ablation.md")
     args = parser.parse_args()
+    variants = {"config": []} | dict(parse_variant(v) for v in args.variant)
 
-    rows: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    rows = {v: {arm: {} for arm in ARMS} for v in variants}
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for arm, extra in ARMS.items():
-                run_dir = Path(tmp) / f"{arm.replace(' ', '-')}-{seed}"
-                res = run_once(args.config, [*args.overrides, f"run.seed={seed}", *extra], run_dir)
-                rows[arm][seed] = res
-                print(f"seed {seed} {arm:9s} initial recall@1 {res['initial']['recall_at_1']:.3f} -> "
-                      + "  ".join(f"{m} {res['final'][m]:.3f}" for m in METRICS)
-                      + f"  epsilon {float(res['privacy']['epsilon']):.3g}  ({res['wall_seconds']:.0f} s)", flush=True)
+        for variant, extra_variant in variants.items():
+            for seed in args.seeds:
+                for arm, extra_arm in ARMS.items():
+                    run_dir = Path(tmp) / f"{len(os.listdir(tmp))}"
+                    res = run_once(args.config, [*args.overrides, *extra_variant, f"run.seed={seed}", *extra_arm], run_dir)
+                    rows[variant][arm][seed] = res
+                    print(f"{variant}: seed {seed} {arm:9s} initial recall@1 {res['initial']['recall_at_1']:.3f} -> "
+                          + "  ".join(f"{m} {res['final'][m]:.3f}" for m in METRICS)
+                          + f"  epsilon {float(res['privacy']['epsilon']):.3g}  ({res['wall_seconds']:.0f} s)", flush=True)
 
-    lines = [f"# DP against noise off: {args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}",
-             "", f"Written by `scripts/noise_ablation.py` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-             f"{time.monotonic() - started:.0f} s). Overrides: {' '.join(args.overrides) or 'none'}. "
-             "Mean ± standard deviation over seeds "
-             f"{', '.join(map(str, args.seeds))}; the seed changes the split, the initial model, sampling and noise.", "",
-             "| model | ε | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    untrained = rows["DP"].values()  # both arms start from the same model for a given seed
-    lines.append("| untrained | – | " + " | ".join(mean_std([r["initial"][m] for r in untrained]) for m in METRICS) + " |")
-    for arm, by_seed in rows.items():
-        eps = {float(r["privacy"]["epsilon"]) for r in by_seed.values()}
-        lines.append(f"| {arm} | {', '.join(f'{e:.3g}' for e in sorted(eps))} | "
-                     + " | ".join(mean_std([r["final"][m] for r in by_seed.values()]) for m in METRICS) + " |")
-    lines += ["", "Per seed (final metrics; DP − untrained, and noise off − DP):", "",
-              "| seed | comparison | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    for seed in args.seeds:
-        dp, off = rows["DP"][seed], rows["noise off"][seed]
-        lines.append(f"| {seed} | DP − untrained | "
-                     + " | ".join(f"{dp['final'][m] - dp['initial'][m]:+.3f}" for m in METRICS) + " |")
-        lines.append(f"| {seed} | noise off − DP | "
-                     + " | ".join(f"{off['final'][m] - dp['final'][m]:+.3f}" for m in METRICS) + " |")
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    name = args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
+    text = report(str(name), args, variants, rows, time.monotonic() - started)
+    args.out.write_text(text)
+    print(text)
     print(f"written to {args.out}")
 
 

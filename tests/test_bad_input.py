@@ -31,6 +31,7 @@ def run_cli(*args):
     ('data.name="npz"', "data file not found"),
     ("sampling.bogus=1", "unknown config key 'sampling.bogus'"),
     ('run.rounds="ten"', "run.rounds must be an integer"),
+    ('client.head_init="zeros"', "client.head_init must be one of random, anchors"),
 ])
 def test_bad_config_values_give_one_line_naming_the_field(override, needle, tmp_path):
     code, out = run_cli("simulate", "--config", str(QUICKSTART), "--set", override, "--run-dir", str(tmp_path / "r"))

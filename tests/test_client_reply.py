@@ -24,8 +24,9 @@ def setup_message(cfg, clip, users_per_vc=((0, 1, 2, 3), (4, 5, 6, 7))):
     return state, TrainAssignment(1, clip, task, vcs)
 
 
-def test_reply_holds_only_the_clipped_shared_update_and_counts(flower_identity):
-    cfg = tiny_config("client.lr=0.5", "client.head_lr_scale=100")
+@pytest.mark.parametrize("head", ["client.head_init=random", "client.head_init=anchors"])
+def test_reply_holds_only_the_clipped_shared_update_and_counts(flower_identity, head):
+    cfg = tiny_config("client.lr=0.5", "client.head_lr_scale=100", head)
     state, assignment = setup_message(cfg, clip=0.01)
     msg = train_message(state, assignment, dst_node_id=3)
     reply = client_train(msg, Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={}))
@@ -115,3 +116,45 @@ def test_head_warmup_trains_only_the_head_first():
     local.head_warmup_steps = 1
     result = train_virtual_client(setup.net, pop, users, local, seed=1)
     assert any(torch.count_nonzero(v) > 0 for v in result.delta.values())
+
+
+def test_class_anchors_are_unit_rows_fixed_by_the_seed():
+    from fedemb.training.local import class_anchors
+
+    a = class_anchors(10, 16, seed=7)
+    assert a.shape == (10, 16)
+    assert torch.allclose(a.norm(dim=1), torch.ones(10))
+    assert torch.equal(a, class_anchors(10, 16, seed=7))
+    assert not torch.allclose(a, class_anchors(10, 16, seed=8))
+
+
+def test_anchor_heads_start_from_the_rows_of_their_classes():
+    from fedemb.training.local import LocalTrainingConfig, class_anchors, make_head
+
+    anchors = class_anchors(10, 16, seed=1)
+    cfg = LocalTrainingConfig(1, 8, 100, 0.1, 0.9, 100.0, 0, "local", num_classes=10, head_init="anchors")
+    head, targets = make_head(16, np.array([7, 3, 7, 9]), cfg, anchors)
+    assert torch.equal(head.weight.detach(), anchors[[3, 7, 9]]) and targets.tolist() == [1, 0, 1, 2]
+    cfg.head = "global"
+    head, _ = make_head(16, np.array([7, 3]), cfg, anchors)
+    assert torch.equal(head.weight.detach(), anchors)
+
+
+def test_anchor_heads_are_the_same_for_every_virtual_client_and_round(monkeypatch):
+    """Anchors come from the run's training key alone: two virtual clients in different rounds start
+    from the same head, and changing the key changes it."""
+    import fedemb.training.client_task as client_task
+
+    seen = []
+    real = client_task.train_virtual_client
+    monkeypatch.setattr(client_task, "train_virtual_client",
+                        lambda *args: seen.append(args[-1].clone()) or real(*args))
+    cfg = tiny_config("client.head=global", "client.head_init=anchors")
+    state, assignment = setup_message(cfg, clip=1.0)
+    run_train_assignment(state, assignment)
+    assignment.server_round = 2
+    run_train_assignment(state, assignment)
+    assert len(seen) == 4 and all(torch.equal(seen[0], a) for a in seen)
+    assignment.task = {**assignment.task, "training_key": 6}
+    run_train_assignment(state, assignment)
+    assert not torch.equal(seen[0], seen[-1])

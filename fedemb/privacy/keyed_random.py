@@ -17,6 +17,7 @@ STREAM_SAMPLING = 1
 STREAM_GROUPING = 2
 STREAM_FAULTS = 3
 STREAM_TRAINING = 4
+STREAM_HEAD_ANCHORS = 5
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -18,10 +18,11 @@ from fedemb.config import ClientConfig, DataConfig, ModelConfig
 from fedemb.data.splits import load_splits
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
-from fedemb.privacy.keyed_random import STREAM_FAULTS, STREAM_TRAINING, keyed_seed, keyed_uniform
+from fedemb.privacy.keyed_random import (STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_TRAINING, keyed_seed,
+                                         keyed_uniform)
 from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment)
-from fedemb.training.local import LocalTrainingConfig, train_virtual_client
+from fedemb.training.local import LocalTrainingConfig, class_anchors, train_virtual_client
 
 
 class InjectedFault(RuntimeError):
@@ -58,6 +59,8 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     local_cfg = LocalTrainingConfig(**ClientConfig(**task["client"]).__dict__, num_classes=task["num_classes"])
     faults = task["faults"]
     key = task["training_key"]
+    anchors = (class_anchors(local_cfg.num_classes, net.embedding.out_features, keyed_seed(key, STREAM_HEAD_ANCHORS))
+               if local_cfg.head_init == "anchors" else None)
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
     norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
     for vc_index, user_ids in assignment.virtual_clients:
@@ -66,7 +69,7 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
             raise InjectedFault(f"injected failure of virtual client {vc_index} in round {assignment.server_round}")
         net.load_state_dict(state, strict=False)
         result = train_virtual_client(net, pop, user_ids, local_cfg,
-                                      keyed_seed(key, assignment.server_round, vc_index, STREAM_TRAINING))
+                                      keyed_seed(key, assignment.server_round, vc_index, STREAM_TRAINING), anchors)
         delta = result.delta
         diverged = not (is_finite(delta) and math.isfinite(result.mean_loss))
         if diverged:

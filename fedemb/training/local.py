@@ -2,6 +2,12 @@
 
 Returns Δ = initial − trained over the shared state (what the server treats as a gradient).
 The head is created here and dropped here: it is never part of what is returned.
+
+The head starts either from its own random draw (the reference) or from the run's class anchors: one
+random unit vector per class, drawn once from the run's training key, identical on every virtual
+client and in every round. Anchors depend on no data, so they carry no privacy cost; they give every
+virtual client the same target direction for each class, so the clipped updates of different virtual
+clients point the same way and add up instead of cancelling (docs/noise-ablation.md measures it).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class LocalTrainingConfig:
     head_warmup_steps: int
     head: str  # "local" | "global"
     num_classes: int
+    head_init: str = "random"  # "random" | "anchors"
 
 
 @dataclass
@@ -47,24 +54,35 @@ def example_schedule(pop: Population, user_ids, epochs: int, max_examples: int,
     return order[:max_examples]
 
 
-def make_head(embedding_dim: int, labels: np.ndarray, cfg: LocalTrainingConfig) -> tuple[nn.Linear, np.ndarray]:
+def class_anchors(num_classes: int, embedding_dim: int, seed: int) -> torch.Tensor:
+    """One random unit vector per class (rows), a pure function of the seed."""
+    rows = torch.randn(num_classes, embedding_dim, generator=torch.Generator().manual_seed(seed))
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def make_head(embedding_dim: int, labels: np.ndarray, cfg: LocalTrainingConfig,
+              anchors: torch.Tensor | None = None) -> tuple[nn.Linear, np.ndarray]:
     """A fresh linear head (no bias) and the labels as its targets.
-    local: one output per class present in this virtual client (labels remapped); global: all classes."""
-    if cfg.head == "global":
-        return nn.Linear(embedding_dim, cfg.num_classes, bias=False), labels
-    classes = np.unique(labels)
-    return nn.Linear(embedding_dim, len(classes), bias=False), np.searchsorted(classes, labels)
+    local: one output per class present in this virtual client (labels remapped); global: all classes.
+    With anchors (num_classes x embedding_dim), the head starts from the rows of its classes."""
+    classes = np.arange(cfg.num_classes) if cfg.head == "global" else np.unique(labels)
+    head = nn.Linear(embedding_dim, len(classes), bias=False)
+    if anchors is not None:
+        with torch.no_grad():
+            head.weight.copy_(anchors[torch.from_numpy(classes)])
+    targets = labels if cfg.head == "global" else np.searchsorted(classes, labels)
+    return head, targets
 
 
 def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: LocalTrainingConfig,
-                         seed: int) -> LocalResult:
+                         seed: int, anchors: torch.Tensor | None = None) -> LocalResult:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     schedule = example_schedule(pop, user_ids, cfg.epochs, cfg.max_examples, rng)
     initial = {k: v.detach().clone() for k, v in shared_state(net).items()}
     if len(schedule) == 0:
         return LocalResult({k: torch.zeros_like(v) for k, v in initial.items()}, 0, 0.0)
-    head, targets = make_head(net.embedding.out_features, pop.labels[schedule], cfg)
+    head, targets = make_head(net.embedding.out_features, pop.labels[schedule], cfg, anchors)
     targets = torch.from_numpy(targets)
     body_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     head_opt = torch.optim.SGD(head.parameters(), lr=cfg.lr * cfg.head_lr_scale, momentum=cfg.momentum)
