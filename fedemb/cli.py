@@ -47,21 +47,32 @@ def _load(config: Path | None, overrides: list[str] | None):
 @friendly_errors
 def simulate(config: ConfigOpt = None, set_: SetOpt = None,
              run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where to write results (default runs/<name>-<time>).")] = None,
+             resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its last checkpoint (its own config.toml and privacy ledger).")] = None,
              verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False):
     """Run DP-FedEmb on Flower's simulation engine (Ray) and write a run directory:
-    config.toml, results.json, checkpoints/final.pt and TensorBoard logs."""
+    config.toml, results.json, privacy.json (the privacy ledger), checkpoints/ and TensorBoard logs."""
     from fedemb.federated import prepare_run
-    from fedemb.run_dir import new_run_dir
+    from fedemb.run_dir import LEDGER_FILE, new_run_dir
     from fedemb.simulation import run_simulation
 
-    cfg = _load(config, set_)
-    setup = prepare_run(cfg)  # fail on bad data or model before any process starts
-    out = new_run_dir(cfg, str(run_dir) if run_dir else None)
+    if resume is not None:
+        if config is not None or set_ or run_dir is not None:
+            raise FedembError("--resume continues a run with its own config: drop --config, --set and --run-dir")
+        if not (resume / "config.toml").is_file():
+            raise FedembError(f"{resume} is not a run directory (no config.toml)")
+        cfg = _load(resume / "config.toml", [])
+    else:
+        if run_dir is not None and (run_dir / LEDGER_FILE).exists():
+            raise FedembError(f"{run_dir} already holds a run ({LEDGER_FILE}): resume it with --resume {run_dir} "
+                              "or choose another --run-dir")
+        cfg = _load(config, set_)
+    setup = prepare_run(cfg)  # fail on bad data or model before anything is written or started
+    out = resume.resolve() if resume is not None else new_run_dir(cfg, str(run_dir) if run_dir else None)
     p = setup.privacy
     err_console.print(f"fedemb: {setup.population} training users, q={cfg.sampling.rate}, k={cfg.sampling.users_per_client}, "
                       f"M={setup.virtual_clients} virtual clients/round, z={p.noise_multiplier:.4g}, C={cfg.privacy.clip_norm}, "
-                      f"δ={p.delta:.3g}; run directory {out}", highlight=False)
-    results = run_simulation(cfg, out, setup.virtual_clients, verbose=verbose)
+                      f"δ={p.delta:.3g}; run directory {out}{' (resumed)' if resume else ''}", highlight=False)
+    results = run_simulation(cfg, out, setup.virtual_clients, verbose=verbose, resume=resume is not None)
     _print_summary(results, out)
 
 
@@ -82,9 +93,14 @@ def _print_summary(results: dict, out: Path) -> None:
     console.print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}", highlight=False)
 
 
-@app.command()
+privacy_app = typer.Typer(help="User-level privacy: ε of a config or of explicit parameters, or a run's ledger.",
+                          pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.callback(invoke_without_command=True)
 @friendly_errors
-def privacy(config: ConfigOpt = None, set_: SetOpt = None,
+def privacy(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None,
             sampling_rate: Annotated[Optional[float], typer.Option(help="q: probability that a user takes part in a round.")] = None,
             noise_multiplier: Annotated[Optional[float], typer.Option(help="z: noise std / clip norm.")] = None,
             rounds: Annotated[Optional[int], typer.Option(help="Number of rounds.")] = None,
@@ -94,7 +110,10 @@ def privacy(config: ConfigOpt = None, set_: SetOpt = None,
             accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False):
     """User-level (ε, δ) without training: for a config, for explicit
-    --sampling-rate --noise-multiplier --rounds --delta, or z for --target-epsilon."""
+    --sampling-rate --noise-multiplier --rounds --delta, or z for --target-epsilon.
+    `fedemb privacy report RUN_DIR` prints a run's privacy ledger."""
+    if ctx.invoked_subcommand is not None:
+        return
     from fedemb.privacy.accountant import calibrate_accounting_z, epsilon_for
     from fedemb.privacy.sensitivity import (accounting_noise_multiplier, noise_multiplier_for,
                                             sensitivity_in_clip_norms)
@@ -148,6 +167,28 @@ def privacy(config: ConfigOpt = None, set_: SetOpt = None,
     console.print(table)
 
 
+@privacy_app.command("report")
+@friendly_errors
+def privacy_report(run: Annotated[Path, typer.Argument(help="A run directory (reads its privacy.json).")],
+                   as_json: Annotated[bool, typer.Option("--json", help="Print the ledger as JSON.")] = False):
+    """Every DP release of a run, as a table, and the whole run's (ε, δ) in one line."""
+    from fedemb.privacy.report import ledger_rows, load_ledger
+
+    ledger = load_ledger(run)
+    if as_json:
+        print(json.dumps(ledger.to_json(), default=str))
+        return
+    table = Table(title=f"privacy ledger: {run}")
+    for col in ("stage", "releases", "mechanism", "q", "z", "sensitivity", "ε after"):
+        table.add_column(col, justify="left" if col in ("stage", "releases", "mechanism") else "right")
+    for row in ledger_rows(ledger):
+        table.add_row(*row)
+    console.print(table)
+    eps = ledger.epsilon
+    console.print(f"(ε, δ) = ({'∞' if math.isinf(eps) else f'{eps:.4g}'}, {ledger.delta:.3g}) for the whole run: "
+                  f"{len(ledger.entries)} releases, {ledger.unit}-level, {ledger.accountant} accountant", highlight=False)
+
+
 @app.command()
 @friendly_errors
 def evaluate(run: Annotated[Optional[Path], typer.Argument(help="A run directory (uses its config.toml and final checkpoint).")] = None,
@@ -193,6 +234,53 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None,
     console.print(f"pretrained on {report['public_users']} public users ({report['examples']} examples); "
                   f"held-out recall@1 {report['before']['recall_at_1']:.4f} -> {report['after']['recall_at_1']:.4f}; "
                   f"checkpoint {out}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def audit(config: ConfigOpt = None, set_: SetOpt = None,
+          trials: Annotated[int, typer.Option(help="Short runs per world (with and without the canary).")] = 200,
+          rounds: Annotated[int, typer.Option(help="Rounds per short run; the claim is the ε of that many rounds.")] = 1,
+          confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = 0.95,
+          canary_norm: Annotated[float, typer.Option(help="The canary's update norm, in clip norms (clipping brings it to C).")] = 100.0,
+          seed: Annotated[int, typer.Option(help="Seed of the canary direction and the trials' sampling (the noise is fresh unless run.seed is set).")] = 0,
+          out: Annotated[Optional[Path], typer.Option(help="Write the audit (with all scores) as JSON here.")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (without the scores).")] = False):
+    """Empirical privacy audit: insert a canary user into many short runs of the config's real
+    mechanism, with and without it, and turn the separation of their scores into an ε lower bound
+    (Clopper–Pearson, at --confidence). A lower bound above the claimed ε means the mechanism leaks
+    more than it accounts for."""
+    from rich.progress import Progress
+
+    from fedemb.audit.canary_runs import run_audit
+
+    if trials < 4 or rounds < 1 or not 0 < confidence < 1 or canary_norm <= 0:
+        raise FedembError("--trials must be >= 4, --rounds >= 1, --confidence in (0, 1), --canary-norm > 0")
+    cfg = _load(config, set_)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("audit runs", total=2 * trials)
+        result = run_audit(cfg, trials=trials, rounds=rounds, confidence=confidence, canary_norm=canary_norm,
+                           seed=seed, progress=lambda done, total: bar.update(task, completed=done))
+    report = result.to_json()
+    if out is not None:
+        from fedemb.run_dir import write_json
+
+        write_json(out, report)
+    summary = {k: v for k, v in report.items() if not k.endswith("_scores")}
+    if as_json:
+        print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in summary.items()}))
+    else:
+        table = Table(title="empirical privacy audit")
+        table.add_column("quantity")
+        table.add_column("value", justify="right")
+        for k, v in summary.items():
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        console.print(table)
+        verdict = "consistent with" if result.consistent else "EXCEEDS"
+        console.print(f"ε lower bound {result.bound.epsilon:.3g} (confidence {confidence:g}) {verdict} the claimed "
+                      f"ε {result.claimed_epsilon:.3g} at δ = {result.delta:.3g}", highlight=False)
+    if not result.consistent:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -15,7 +15,9 @@ from typing import Any
 
 from fedemb.errors import ConfigError
 
-SAMPLING_METHODS = ("poisson", "fixed")
+SAMPLING_METHODS = ("poisson", "fixed", "limited")
+MECHANISMS = ("gaussian", "tree")
+CLIPPING = ("fixed", "adaptive")
 FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("dirichlet", "shards", "iid")
@@ -30,7 +32,7 @@ class RunConfig:
     rounds: int = 10
     seed: int = -1  # -1: draw from the OS's secure randomness
     eval_every: int = 5
-    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoint_every: int = 10  # resumable state every n rounds (0: only the final model)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class SamplingConfig:
     rate: float = 0.1  # q: probability that a user takes part in a round
     users_per_client: int = 8  # k: expected users per virtual client
     virtual_clients: int = 0  # M: slots per round; 0 derives round(q * N / k)
+    min_separation: int = 1  # limited: rounds between two participations of one user
+    max_participations: int = 0  # limited: participations per user over the run (0: no cap)
 
 
 @dataclass
@@ -89,8 +93,22 @@ class ServerConfig:
 
 
 @dataclass
+class AdaptiveClippingConfig:
+    target_quantile: float = 0.5  # fraction of virtual clients whose update should be unclipped
+    learning_rate: float = 0.2  # geometric step of C per round
+    count_noise_std: float = 0.0  # std of the noise on the clipped count; 0: M / 20
+
+
+@dataclass
+class TreeConfig:
+    restart_every: int = 0  # start a new tree every n rounds (0: one tree for the run)
+
+
+@dataclass
 class PrivacyConfig:
     enabled: bool = True  # false: no clipping and no noise (non-private federated training)
+    mechanism: str = "gaussian"  # gaussian: sampled Gaussian (needs Poisson sampling); tree: DP-FTRL
+    clipping: str = "fixed"  # fixed: clip_norm throughout; adaptive: clip_norm is where C starts
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0  # z: noise std = z * clip_norm
     target_epsilon: float = 0.0  # > 0: never run a round that would exceed it
@@ -98,12 +116,16 @@ class PrivacyConfig:
     delta: float = 0.0  # 0: 1 / N^1.1
     accountant: str = "rdp"
     fixed_size_accounting: str = "refuse"
+    adaptive: AdaptiveClippingConfig = field(default_factory=AdaptiveClippingConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
 
 
 @dataclass
 class FaultConfig:
-    raise_rate: float = 0.0
-    nan_rate: float = 0.0
+    raise_rate: float = 0.0  # the ClientApp raises
+    nan_rate: float = 0.0  # the node replies NaN
+    timeout_rate: float = 0.0  # the node trains but replies after the round's deadline
+    drop_rate: float = 0.0  # the node goes silent for the round: no reply before the deadline
 
 
 @dataclass
@@ -288,7 +310,22 @@ def validate(cfg: Config) -> None:
     _check(0 <= p.delta < 1, f"privacy.delta must be in [0, 1) (0: 1/N^1.1), got {p.delta}")
     _one_of(p.accountant, ACCOUNTANTS, "privacy.accountant")
     _one_of(p.fixed_size_accounting, FIXED_SIZE_ACCOUNTING, "privacy.fixed_size_accounting")
-    if p.enabled and s.method == "fixed" and p.fixed_size_accounting == "refuse":
+    _one_of(p.mechanism, MECHANISMS, "privacy.mechanism")
+    _one_of(p.clipping, CLIPPING, "privacy.clipping")
+    _check(s.min_separation >= 1, f"sampling.min_separation must be >= 1, got {s.min_separation}")
+    _check(s.max_participations >= 0, f"sampling.max_participations must be >= 0 (0: no cap), got {s.max_participations}")
+    a = p.adaptive
+    _check(0 < a.target_quantile < 1, f"privacy.adaptive.target_quantile must be in (0, 1), got {a.target_quantile}")
+    _check(a.learning_rate > 0, f"privacy.adaptive.learning_rate must be > 0, got {a.learning_rate}")
+    _check(a.count_noise_std >= 0, f"privacy.adaptive.count_noise_std must be >= 0 (0: M / 20), got {a.count_noise_std}")
+    _check(p.tree.restart_every >= 0, f"privacy.tree.restart_every must be >= 0, got {p.tree.restart_every}")
+    if p.enabled and p.mechanism == "tree" and p.clipping == "adaptive":
+        raise ConfigError("privacy.clipping = 'adaptive' works with privacy.mechanism = 'gaussian' only "
+                          "(its clipped-count query is accounted as a sampled Gaussian)")
+    if p.enabled and p.mechanism == "gaussian" and s.method == "limited":
+        raise ConfigError("sampling.method = 'limited' gives no amplification by sampling, which the sampled "
+                          "Gaussian accountant assumes; use privacy.mechanism = 'tree' (DP-FTRL) with it")
+    if p.enabled and p.mechanism == "gaussian" and s.method == "fixed" and p.fixed_size_accounting == "refuse":
         raise ConfigError(
             "sampling.method = 'fixed' breaks the Poisson-sampling assumption of the accountant; "
             "use Poisson sampling, or set privacy.fixed_size_accounting = 'no_amplification' "
@@ -297,9 +334,12 @@ def validate(cfg: Config) -> None:
     _check(sim.cpus_per_client > 0, f"simulation.cpus_per_client must be > 0, got {sim.cpus_per_client}")
     _check(sim.gpus_per_client >= 0, f"simulation.gpus_per_client must be >= 0, got {sim.gpus_per_client}")
     _check(sim.round_timeout_s > 0, f"simulation.round_timeout_s must be > 0, got {sim.round_timeout_s}")
-    for rate_name in ("raise_rate", "nan_rate"):
+    for rate_name in ("raise_rate", "nan_rate", "timeout_rate", "drop_rate"):
         v = getattr(sim.faults, rate_name)
         _check(0 <= v <= 1, f"simulation.faults.{rate_name} must be in [0, 1], got {v}")
+    f = sim.faults
+    _check(f.raise_rate + f.nan_rate + f.timeout_rate + f.drop_rate <= 1,
+           "simulation.faults rates must add up to at most 1")
     pt = cfg.pretrain
     _check(pt.epochs >= 1, f"pretrain.epochs must be >= 1, got {pt.epochs}")
     _check(pt.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {pt.batch_size}")

@@ -1,6 +1,8 @@
 """One federated DP-FedEmb run on a Flower Grid: set up, run the strategy, evaluate, write results.
 
 Called by the ServerApp, whether it runs inside `fedemb simulate`, `flwr run .` or a deployment.
+A run can be resumed from its run directory (`resume=True`): the latest checkpoints/state.pt and the
+privacy ledger continue where they were.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from fedemb.monitoring.progress import ProgressReporter
 from fedemb.monitoring.tensorboard import TensorBoardLogger
 from fedemb.privacy.accountant import PrivacyPlan, make_privacy_plan
 from fedemb.privacy.keyed_random import keyed_seed
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.mechanisms import make_mechanism
 from fedemb.privacy.noise import GaussianNoise
-from fedemb.privacy.sampling import UserSampler, virtual_client_slots
-from fedemb.run_dir import save_checkpoint, write_json
+from fedemb.privacy.sampling import make_sampler, virtual_client_slots
+from fedemb.run_dir import LEDGER_FILE, STATE_FILE, save_checkpoint, save_state, write_json
 from fedemb.training.client_task import make_task
 
 STREAM_TRAINING_KEY = 21
@@ -68,7 +72,9 @@ def prepare_run(cfg: Config) -> RunSetup:
     if cfg.run.seed >= 0:
         torch.manual_seed(keyed_seed(cfg.run.seed, STREAM_MODEL_INIT))  # the initial model is data-independent
     net = build_embedding_net(cfg.model, splits.train.image_shape, cfg.privacy.enabled)
-    return RunSetup(cfg, splits, net, slots, make_privacy_plan(cfg, n_users))
+    plan = make_privacy_plan(cfg, n_users)
+    make_mechanism(cfg, plan, GaussianNoise(0.0, 0), slots)  # refuses impossible mechanism settings now
+    return RunSetup(cfg, splits, net, slots, plan)
 
 
 class Evaluator:
@@ -83,62 +89,103 @@ class Evaluator:
         return MetricRecord(embedding_metrics(self.last_embeddings, self.pop.labels))
 
 
-class Checkpointer(RoundCallback):
-    def __init__(self, run_dir: Path, every: int):
-        self.run_dir, self.every = run_dir, every
-
-    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
-        if self.every and server_round % self.every == 0:
-            save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:05d}.pt",
-                            arrays.to_torch_state_dict())
-
-
 class History(RoundCallback):
-    def __init__(self):
-        self.rounds: list[dict] = []
+    def __init__(self, rounds: list[dict] | None = None):
+        self.rounds: list[dict] = list(rounds or [])
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         self.rounds.append({"round": server_round, **train_metrics, **({"eval": eval_metrics} if eval_metrics else {})})
 
 
-def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True) -> dict:
+class Checkpointer(RoundCallback):
+    """Every n rounds: the model (checkpoints/round-NNNNN.pt) and what a resumed run needs
+    (checkpoints/state.pt: server optimizer, mechanism, sampler, seed, history). state.pt is
+    server-private: it holds the sampling key (and for DP-FTRL the tree's noise); publish models only.
+    Must come after History among the callbacks, so the state holds the round's figures."""
+
+    def __init__(self, run_dir: Path, every: int, history: History, run_facts: dict):
+        self.run_dir, self.every, self.history, self.run_facts = run_dir, every, history, run_facts
+        self.strategy = None
+
+    def on_run_start(self, strategy, num_rounds):
+        self.strategy = strategy
+
+    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
+        if self.every and server_round % self.every == 0:
+            save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:05d}.pt", arrays.to_torch_state_dict())
+            save_state(self.run_dir / STATE_FILE, {"version": 1, "strategy": self.strategy.state_dict(),
+                                                   "history": self.history.rounds, **self.run_facts})
+
+
+def load_run_state(run_dir: Path) -> dict | None:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ConfigError(f"cannot read the run state {path}: {exc}") from None
+
+
+def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
     started = time.monotonic()
     setup = prepare_run(cfg)
+    state = load_run_state(run_dir) if resume else None
+    ledger_path = run_dir / LEDGER_FILE
+    if resume and ledger_path.is_file():
+        ledger = PrivacyLedger.load(ledger_path)
+    elif ledger_path.exists():
+        raise ConfigError(f"{run_dir} already holds a run ({LEDGER_FILE}); resume it or choose another run directory")
+    else:
+        ledger = PrivacyLedger(ledger_path, setup.privacy.delta, setup.privacy.accountant)
+
     seeded = cfg.run.seed >= 0
-    seed = cfg.run.seed if seeded else secrets.randbits(63)
+    seed = cfg.run.seed if seeded else (state["seed"] if state else secrets.randbits(63))
+    done_round = int(state["strategy"]["round"]) if state else 0
+    # a seeded run replays its releases exactly; otherwise rounds re-run after a crash are new releases
+    recorded_after = any((e.round or 0) > done_round for e in ledger.entries)
+    attempt = max((e.attempt for e in ledger.entries), default=0) + (0 if seeded or not recorded_after else 1)
     if seeded and cfg.privacy.enabled:
         warnings.warn("run.seed is set: the DP noise is predictable from it; use this for tests and "
                       "reproduction only, never for a release", stacklevel=2)
     privacy = setup.privacy
-    clip = cfg.privacy.clip_norm if cfg.privacy.enabled else 0.0
-    noise = GaussianNoise(privacy.noise_multiplier * clip, seed if seeded else None)
-    sampler = UserSampler(seed, cfg.sampling.rate, cfg.sampling.users_per_client, setup.virtual_clients,
-                          cfg.sampling.method)
+    noise = GaussianNoise(privacy.noise_multiplier * cfg.privacy.clip_norm, seed if seeded else None)
+    mechanism = make_mechanism(cfg, privacy, noise, setup.virtual_clients)
+    sampler = make_sampler(seed, cfg.sampling, setup.virtual_clients)
     task = make_task(cfg, setup.splits.train.num_classes, setup.splits.train.image_shape,
                      keyed_seed(seed, STREAM_TRAINING_KEY))
     from strategies.dp_fedemb import DPFedEmb
     from strategies.server_optimizer import ServerOptimizer
 
     initial_state = shared_state(setup.net)
-    tensorboard = TensorBoardLogger(run_dir / "tensorboard")
-    history = History()
-    callbacks: list[RoundCallback] = [tensorboard, history, Checkpointer(run_dir, cfg.run.checkpoint_every)]
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard", purge_step=done_round + 1 if state else None)
+    history = History(state["history"] if state else None)
+    evaluator = Evaluator(setup.net, setup.splits)
+    initial_eval = state["initial_eval"] if state else dict(evaluator(0, ArrayRecord(initial_state)))
+    run_facts = {"seed": seed, "initial_eval": initial_eval}
+    callbacks: list[RoundCallback] = [tensorboard, history, Checkpointer(run_dir, cfg.run.checkpoint_every, history, run_facts)]
     if show_progress:
         callbacks.append(ProgressReporter())
-    strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, clip_norm=clip,
-                        noise=noise, server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
-                        privacy=privacy, eval_every=cfg.run.eval_every, callbacks=callbacks)
-    evaluator = Evaluator(setup.net, setup.splits)
-    initial_eval = dict(evaluator(0, ArrayRecord(initial_state)))
-    tensorboard.log_eval(0, initial_eval)
-    result = strategy.start(grid, ArrayRecord(initial_state), num_rounds=cfg.run.rounds,
+    strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, mechanism=mechanism,
+                        server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
+                        ledger=ledger, target_epsilon=privacy.target_epsilon, attempt=attempt,
+                        eval_every=cfg.run.eval_every, round_timeout_s=cfg.simulation.round_timeout_s,
+                        callbacks=callbacks)
+    if state:
+        strategy.load_state_dict(state["strategy"])
+        start_arrays = ArrayRecord(strategy.server_optimizer.state())
+        log(WARNING, "resuming %s after round %s (attempt %s)", run_dir, done_round, attempt)
+    else:
+        start_arrays = ArrayRecord(initial_state)
+        tensorboard.log_eval(0, initial_eval)
+    result = strategy.start(grid, start_arrays, num_rounds=cfg.run.rounds,
                             timeout=cfg.simulation.round_timeout_s, evaluate_fn=evaluator)
     final_state = result.arrays.to_torch_state_dict()
-    last = max(result.evaluate_metrics_serverapp, default=0)
-    if last != strategy.rounds_completed or strategy.rounds_completed == 0:
-        result.evaluate_metrics_serverapp[strategy.rounds_completed] = evaluator(strategy.rounds_completed, result.arrays)
-    final_eval = dict(result.evaluate_metrics_serverapp[strategy.rounds_completed])
-    _write_projector(tensorboard, evaluator, strategy.rounds_completed)
+    final = strategy.rounds_completed
+    if final not in result.evaluate_metrics_serverapp:
+        result.evaluate_metrics_serverapp[final] = evaluator(final, result.arrays)
+    final_eval = dict(result.evaluate_metrics_serverapp[final])
+    _write_projector(tensorboard, evaluator, final)
     tensorboard.close()
     save_checkpoint(run_dir / "checkpoints" / "final.pt", final_state)
 
@@ -147,22 +194,25 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
                "virtual-clients-rejected", "virtual-clients-missing", "virtual-clients-nonfinite")}
     results = {
         "rounds_planned": cfg.run.rounds,
-        "rounds_completed": strategy.rounds_completed,
+        "rounds_completed": final,
         "stop_reason": strategy.stop_reason or "completed",
         "initial": initial_eval,
         "final": final_eval,
         "privacy": {
             "enabled": cfg.privacy.enabled,
-            "epsilon": privacy.epsilon_after(strategy.rounds_completed) if cfg.privacy.enabled else float("inf"),
-            "delta": privacy.delta,
+            "mechanism": mechanism.name,
+            "epsilon": ledger.epsilon,
+            "delta": ledger.delta,
+            "ledger": LEDGER_FILE,
+            "releases": len(ledger.entries),
             "noise_multiplier": privacy.noise_multiplier,
             "accounting_noise_multiplier": privacy.accounting_noise_multiplier,
             "sensitivity_in_clip_norms": privacy.sensitivity,
             "sampling_rate": privacy.sampling_rate,
             "sampling_method": cfg.sampling.method,
             "accountant": privacy.accountant,
-            "clip_norm": clip,
-            "noise_std": noise.std,
+            "clip_norm": cfg.privacy.clip_norm if cfg.privacy.enabled else 0.0,
+            "final_clip_norm": mechanism.clip_norm,
             "target_epsilon": privacy.target_epsilon,
             "users_per_client": cfg.sampling.users_per_client,
             "virtual_clients_per_round": setup.virtual_clients,
@@ -174,12 +224,13 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         "history": history.rounds,
         "checkpoint": "checkpoints/final.pt",
         "tensorboard": "tensorboard",
+        "resumed": bool(resume),
         "wall_seconds": time.monotonic() - started,
     }
     write_json(run_dir / "results.json", results)
-    if totals["virtual-clients-failed"] or totals["virtual-clients-rejected"]:
-        log(WARNING, "%s virtual clients failed and %s were rejected over the run (see results.json)",
-            totals["virtual-clients-failed"], totals["virtual-clients-rejected"])
+    if totals["virtual-clients-failed"] or totals["virtual-clients-rejected"] or totals["virtual-clients-missing"]:
+        log(WARNING, "%s virtual clients failed, %s were rejected and %s missing over the run (see results.json)",
+            totals["virtual-clients-failed"], totals["virtual-clients-rejected"], totals["virtual-clients-missing"])
     return results
 
 

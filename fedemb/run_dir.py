@@ -12,6 +12,9 @@ import torch
 
 from fedemb.config import Config, to_toml
 
+LEDGER_FILE = "privacy.json"
+STATE_FILE = "checkpoints/state.pt"
+
 
 def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
     if run_dir:
@@ -28,9 +31,12 @@ def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic: a reader never sees half a file."""
+    """Atomic and durable: a reader never sees half a file, and a crash right after leaves the new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, sort_keys=True) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(_finite(data), indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -46,7 +52,15 @@ def _finite(x):
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    save_state(path, {k: v.detach().cpu() for k, v in state.items()})
+
+
+def save_state(path: Path, state: dict) -> None:
+    """torch.save, atomically: a kill during the write leaves the previous file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

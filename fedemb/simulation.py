@@ -25,7 +25,7 @@ def num_supernodes(cfg: Config, virtual_clients: int) -> int:
 
 
 def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bool = False,
-                   show_progress: bool = True) -> dict:
+                   show_progress: bool = True, resume: bool = False) -> dict:
     offline_flower_environment()
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -39,7 +39,7 @@ def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bo
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        outcome["results"] = run_federated(grid, cfg, run_dir, show_progress=show_progress)
+        outcome["results"] = run_federated(grid, cfg, run_dir, show_progress=show_progress, resume=resume)
 
     flwr_logger = logging.getLogger("flwr")
     previous = flwr_logger.level

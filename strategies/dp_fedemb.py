@@ -1,9 +1,10 @@
 """DP-FedEmb as a Flower strategy.
 
-Each round: sample users (Poisson, keyed), group them into virtual clients, send each node the
-virtual clients it trains plus the shared model; receive per node the sum of its clipped updates and
-their count; check every reply; sum; add N(0, (zC)^2); divide by the fixed number of virtual-client
-slots M (never by what arrived); take a server SGD-with-momentum step; account the round.
+Each round: account the round's release in the privacy ledger (on disk before anything is computed);
+sample users and group them into virtual clients; send each node the virtual clients it trains plus
+the shared model; receive per node the sum of its clipped updates and their count; check every reply;
+sum; let the round's DP mechanism add its noise; divide by the fixed number of virtual-client slots M
+(never by what arrived); take a server SGD-with-momentum step.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedemb.privacy.accountant import PrivacyPlan
-from fedemb.privacy.noise import GaussianNoise
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.mechanisms import RoundMechanism
 from fedemb.privacy.sampling import UserSampler
 from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
@@ -31,23 +32,30 @@ from strategies.server_optimizer import ServerOptimizer
 
 
 class DPFedEmb(Strategy):
-    def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: dict, clip_norm: float,
-                 noise: GaussianNoise, server_optimizer: ServerOptimizer, privacy: PrivacyPlan,
-                 eval_every: int = 1, callbacks: Iterable = ()):
+    def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: dict, mechanism: RoundMechanism,
+                 server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
+                 attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = ()):
         self.sampler = sampler
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
         self.task = task
-        self.clip_norm = clip_norm  # 0: no clipping (non-private training)
-        self.noise = noise
+        self.mechanism = mechanism
         self.denominator = sampler.virtual_clients
         self.server_optimizer = server_optimizer
-        self.privacy = privacy
+        self.ledger = ledger
+        self.target_epsilon = target_epsilon
+        self.attempt = attempt  # > 0: a resumed run whose re-run rounds count again (fresh noise)
         self.eval_every = eval_every
+        self.round_timeout_s = round_timeout_s
         self.callbacks = list(callbacks)
         self.shapes = {k: tuple(v.shape) for k, v in server_optimizer.state().items()}
         self.assignments: dict[int, TrainAssignment] = {}
+        self.last_release: dict[str, torch.Tensor] | None = None  # the round's noisy mean update
         self.rounds_completed = 0
         self.stop_reason = ""
+
+    @property
+    def clip_norm(self) -> float:
+        return self.mechanism.clip_norm
 
     # ---------------------------------------------------------------- Flower contract
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -59,7 +67,8 @@ class DPFedEmb(Strategy):
         per_node: dict[int, list] = defaultdict(list)
         for j, vc in enumerate(plan.virtual_clients):
             per_node[node_ids[j % len(node_ids)]].append((vc.index, vc.user_ids))
-        self.assignments = {node: TrainAssignment(server_round, self.clip_norm, self.task, vcs)
+        task = self.task | {"round_timeout_s": self.round_timeout_s}
+        self.assignments = {node: TrainAssignment(server_round, self.clip_norm, task, vcs)
                             for node, vcs in per_node.items()}
         state = arrays.to_torch_state_dict()
         return [train_message(state, a, node) for node, a in self.assignments.items()]
@@ -68,6 +77,9 @@ class DPFedEmb(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         total = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
         pending = dict(self.assignments)
+        position = {node: i for i, node in enumerate(sorted(self.assignments))}
+        # summing in a fixed order keeps seeded runs bit-identical whatever order the replies arrive in
+        replies = sorted(replies, key=lambda m: position.get(m.metadata.src_node_id, len(position)))
         stats = defaultdict(float)
         norms: list[float] = []
         for reply in replies:
@@ -78,7 +90,7 @@ class DPFedEmb(Strategy):
                 log(WARNING, "round %s: reply from node %s that was not assigned (or twice): rejected",
                     server_round, node)
                 continue
-            checked = check_reply(reply, self.shapes, len(assignment.virtual_clients), self.clip_norm)
+            checked = check_reply(reply, self.shapes, assignment, self.clip_norm)
             if checked.rejected:
                 stats["failed" if reply.has_error() else "rejected"] += len(assignment.virtual_clients)
                 log(WARNING, "round %s: node %s: %s", server_round, node, checked.rejected)
@@ -97,12 +109,14 @@ class DPFedEmb(Strategy):
         for node in pending:
             log(WARNING, "round %s: node %s did not reply in time", server_round, node)
 
-        noisy = self.noise.add(total)
+        accepted = stats["accepted"]
+        centred_unclipped = (accepted - stats["clipped"]) - accepted / 2
+        noisy = self.mechanism.privatize(total, centred_unclipped)
         mean_delta = {k: v / self.denominator for k, v in noisy.items()}
+        self.last_release = mean_delta
         new_state = self.server_optimizer.step(mean_delta)
 
         planned = sum(len(a.virtual_clients) for a in self.assignments.values())
-        accepted = stats["accepted"]
         metrics = {
             "virtual-clients-planned": planned,
             "virtual-clients-accepted": int(accepted),
@@ -117,8 +131,8 @@ class DPFedEmb(Strategy):
             "delta-norm-median": float(np.median(norms)) if norms else 0.0,
             "delta-norm-max": float(np.max(norms)) if norms else 0.0,
             "fraction-clipped": stats["clipped"] / accepted if accepted else 0.0,
-            "noise-std": float(self.noise.std),
             "denominator": float(self.denominator),
+            **self.mechanism.round_metrics(),
         }
         return ArrayRecord(new_state), MetricRecord(metrics)
 
@@ -130,39 +144,52 @@ class DPFedEmb(Strategy):
         return None
 
     def summary(self) -> None:
-        log(INFO, "DP-FedEmb: q=%s k=%s M=%s C=%s z=%s (std %s), denominator %s",
+        log(INFO, "DP-FedEmb: q=%s k=%s M=%s C=%s mechanism %s, denominator %s",
             self.sampler.rate, self.sampler.users_per_client, self.sampler.virtual_clients, self.clip_norm,
-            self.privacy.noise_multiplier, self.noise.std, self.denominator)
+            self.mechanism.name, self.denominator)
+
+    # ---------------------------------------------------------------- resumable state
+    def state_dict(self) -> dict:
+        return {"round": self.rounds_completed, "server_optimizer": self.server_optimizer.state_dict(),
+                "mechanism": self.mechanism.state_dict(), "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds_completed = int(state["round"])
+        self.server_optimizer.load_state_dict(state["server_optimizer"])
+        self.mechanism.load_state_dict(state["mechanism"])
+        self.sampler.load_state_dict(state["sampler"])
 
     # ---------------------------------------------------------------- the round loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
-        """Flower's loop plus what DP needs: a round that would exceed the target ε is not run (and the
-        run says so), every run round is accounted, and callbacks see each round's figures."""
+        """Flower's loop plus what DP needs: each round's release is in the ledger before it is
+        computed, a round that would exceed the target ε is not run (and the run says so), and
+        callbacks see each round's figures. A resumed strategy continues after its last round."""
         self.summary()
         train_config = train_config or ConfigRecord()
         result = Result()
         result.arrays = arrays = initial_arrays
         for cb in self.callbacks:
             cb.on_run_start(self, num_rounds)
-        if evaluate_fn:
+        if evaluate_fn and self.rounds_completed == 0:
             result.evaluate_metrics_serverapp[0] = evaluate_fn(0, arrays)
-        for server_round in range(1, num_rounds + 1):
-            if not self.privacy.allows(server_round):
-                self.stop_reason = (
-                    f"round {server_round} not run: it would raise epsilon to "
-                    f"{self.privacy.epsilon_after(server_round):.3f}, past the target "
-                    f"{self.privacy.target_epsilon}")
+        for server_round in range(self.rounds_completed + 1, num_rounds + 1):
+            entry = self.mechanism.ledger_entry(server_round, self.attempt)
+            epsilon = self.ledger.epsilon_with(entry)
+            if self.target_epsilon > 0 and epsilon > self.target_epsilon * (1 + 1e-9):
+                self.stop_reason = (f"round {server_round} not run: it would raise epsilon to {epsilon:.3f}, "
+                                    f"past the target {self.target_epsilon}")
                 log(WARNING, self.stop_reason)
                 break
+            self.ledger.record(entry)
             started = time.monotonic()
             replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid),
                                             timeout=timeout)
             arrays, train_metrics = self.aggregate_train(server_round, replies)
             self.rounds_completed = server_round
             seconds = time.monotonic() - started
-            train_metrics["epsilon"] = self.privacy.epsilon_after(server_round)
+            train_metrics["epsilon"] = self.ledger.epsilon
             train_metrics["round-seconds"] = seconds
             train_metrics["virtual-clients-per-second"] = train_metrics["virtual-clients-accepted"] / max(seconds, 1e-9)
             result.arrays = arrays

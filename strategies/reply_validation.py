@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedemb.privacy.clipping import global_norm
-from fedemb.protocol import METRICS, NUM_VIRTUAL_CLIENTS, UPDATE
+from fedemb.protocol import METRICS, NUM_CLIPPED, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE, TrainAssignment
 
 NORM_SLACK = 1e-4  # float32 summation rounding; far below any meaningful leak
 
@@ -23,8 +23,9 @@ class CheckedReply:
     rejected: str | None  # the reason, or None when accepted
 
 
-def check_reply(reply: Message, shapes: dict[str, tuple[int, ...]], expected_count: int,
+def check_reply(reply: Message, shapes: dict[str, tuple[int, ...]], assignment: TrainAssignment,
                 clip_norm: float) -> CheckedReply:
+    expected_count = len(assignment.virtual_clients)
     if reply.has_error():
         return CheckedReply(None, {}, f"client error {reply.error.code}: {reply.error.reason}")
     content = reply.content
@@ -46,6 +47,12 @@ def check_reply(reply: Message, shapes: dict[str, tuple[int, ...]], expected_cou
     if metrics.get(NUM_VIRTUAL_CLIENTS) != expected_count:
         return CheckedReply(None, metrics, f"reply claims {metrics.get(NUM_VIRTUAL_CLIENTS)} virtual clients, "
                                            f"{expected_count} were assigned")
+    if metrics.get(NUM_USERS) != assignment.num_users:
+        return CheckedReply(None, metrics, f"reply claims {metrics.get(NUM_USERS)} users, "
+                                           f"{assignment.num_users} were assigned")
+    clipped = metrics.get(NUM_CLIPPED)
+    if not isinstance(clipped, int) or not 0 <= clipped <= expected_count:
+        return CheckedReply(None, metrics, f"reply claims {clipped!r} clipped of {expected_count} virtual clients")
     norm = global_norm(update)
     if not math.isfinite(norm):
         return CheckedReply(None, metrics, "update holds NaN or Inf")

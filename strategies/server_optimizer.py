@@ -19,3 +19,12 @@ class ServerOptimizer:
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def state_dict(self) -> dict:
+        return {"params": self.state(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["params"][k])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -9,6 +9,8 @@ import torch
 from flwr.app import ArrayRecord, Error, Message
 
 from fedemb.privacy.accountant import PrivacyPlan
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.mechanisms import NoPrivacy, SampledGaussian
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.sampling import UserSampler
 from fedemb.protocol import TrainAssignment, train_message, train_reply
@@ -18,11 +20,18 @@ from strategies.server_optimizer import ServerOptimizer
 STATE = {"a": torch.zeros(2, 2), "b": torch.zeros(3)}
 
 
-def make_strategy(noise_std=0.0, clip=1.0, slots=4, lr=1.0, momentum=0.0, seed=0):
-    plan = PrivacyPlan("rdp", 0.5, noise_std / clip if clip else 0.0, 0.0, 2.0, 1e-5, 0.0)
-    return DPFedEmb(sampler=UserSampler(0, 0.5, 2, slots), user_ids=np.arange(8), task={}, clip_norm=clip,
-                    noise=GaussianNoise(noise_std, seed), server_optimizer=ServerOptimizer(STATE, lr, momentum),
-                    privacy=plan)
+def gaussian(noise_std, clip, slots, seed=0):
+    """The sampled Gaussian mechanism with noise std `noise_std` on the sum (k > 1: sensitivity 2C)."""
+    if not clip:
+        return NoPrivacy()
+    z = noise_std / clip
+    return SampledGaussian(PrivacyPlan("rdp", 0.5, z, z / 2, 2.0, 1e-5, 0.0), clip, GaussianNoise(noise_std, seed), slots)
+
+
+def make_strategy(noise_std=0.0, clip=1.0, slots=4, lr=1.0, momentum=0.0, seed=0, state=STATE):
+    return DPFedEmb(sampler=UserSampler(0, 0.5, 2, slots), user_ids=np.arange(8), task={},
+                    mechanism=gaussian(noise_std, clip, slots, seed),
+                    server_optimizer=ServerOptimizer(state, lr, momentum), ledger=PrivacyLedger(None, 1e-5))
 
 
 def assign(strategy, counts):
@@ -100,11 +109,7 @@ def test_replies_from_unassigned_nodes_are_rejected(flower_identity):
 def test_noise_has_std_z_times_c_before_the_division(flower_identity):
     """N(0, (zC)^2) is added to the SUM; the mean therefore carries zC / M."""
     big = {"w": torch.zeros(200_000)}
-    plan = PrivacyPlan("rdp", 0.5, 2.0, 1.0, 2.0, 1e-5, 0.0)
-    s = DPFedEmb(sampler=UserSampler(0, 0.5, 2, 5), user_ids=np.arange(4), task={}, clip_norm=0.5,
-                 noise=GaussianNoise(2.0 * 0.5, seed=123), server_optimizer=ServerOptimizer(big, 1.0, 0.0),
-                 privacy=plan)
-    s.shapes = {"w": (200_000,)}
+    s = make_strategy(noise_std=2.0 * 0.5, clip=0.5, slots=5, seed=123, state=big)
     s.assignments = {}
     arrays, metrics = s.aggregate_train(1, [])
     w = arrays.to_torch_state_dict()["w"]

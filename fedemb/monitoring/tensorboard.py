@@ -20,7 +20,11 @@ TRAIN_SCALARS = {
     "train/virtual_clients_failed": "virtual-clients-failed",
     "train/virtual_clients_rejected": "virtual-clients-rejected",
     "train/virtual_clients_nonfinite": "virtual-clients-nonfinite",
+    "train/virtual_clients_missing": "virtual-clients-missing",
     "privacy/noise_std": "noise-std",
+    "privacy/clip_norm": "clip-norm",
+    "privacy/effective_noise_multiplier": "effective-noise-multiplier",
+    "privacy/unclipped_fraction_estimate": "unclipped-fraction-estimate",
     "privacy/epsilon": "epsilon",
     "time/round_seconds": "round-seconds",
     "time/virtual_clients_per_second": "virtual-clients-per-second",
@@ -28,8 +32,9 @@ TRAIN_SCALARS = {
 
 
 class TensorBoardLogger(RoundCallback):
-    def __init__(self, log_dir: Path):
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        # a resumed run hides what the crashed attempt logged after its checkpoint
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log_eval(self, step: int, eval_metrics: dict) -> None:
         for key, value in eval_metrics.items():

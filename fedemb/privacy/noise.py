@@ -1,4 +1,9 @@
-"""Gaussian noise for the aggregate, from a generator seeded by the OS's secure randomness by default."""
+"""Gaussian noise for the aggregate, from a generator seeded by the OS's secure randomness by default.
+
+A seeded generator (run.seed) makes runs reproducible and its noise predictable; only then is its
+state saved in checkpoints. An unseeded generator is never saved or restored: a resumed run draws
+fresh noise, because reusing noise on a re-computed aggregate would reveal the difference.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,23 @@ class GaussianNoise:
         self._generator = torch.Generator()
         self._generator.manual_seed(keyed_seed(seed, STREAM_NOISE) if seed is not None else secrets.randbits(63))
 
-    def add(self, total: Update) -> Update:
-        if self.std == 0:
+    def sample(self, shapes: dict[str, torch.Size], std: float) -> Update:
+        return {k: std * torch.randn(shape, generator=self._generator, dtype=torch.float32)
+                for k, shape in shapes.items()}
+
+    def add(self, total: Update, std: float | None = None) -> Update:
+        std = self.std if std is None else std
+        if std == 0:
             return {k: v.clone() for k, v in total.items()}
-        return {k: v + self.std * torch.randn(v.shape, generator=self._generator, dtype=v.dtype)
-                for k, v in total.items()}
+        noise = self.sample({k: v.shape for k, v in total.items()}, std)
+        return {k: v + noise[k].to(v.dtype) for k, v in total.items()}
+
+    def draw_scalar(self, std: float) -> float:
+        return float(std * torch.randn((), generator=self._generator, dtype=torch.float64))
+
+    def state_dict(self) -> dict:
+        return {"generator": self._generator.get_state()} if self.predictable else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.predictable and "generator" in state:
+            self._generator.set_state(state["generator"])

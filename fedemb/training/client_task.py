@@ -3,12 +3,18 @@
 Each virtual client's Δ is clipped here, on the node that trained it, before anything is summed or
 sent. A non-finite Δ (diverged training) becomes zero and is counted; it still counts as one virtual
 client, so the server's norm bound (count x C) stays right.
+
+Fault injection (simulation.faults, drawn per virtual client from the training key): the node raises,
+replies NaN, replies after the round's deadline (timeout), or goes silent for the round (drop: it
+waits past the deadline without training and its late error reply is discarded).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
 
@@ -22,7 +28,7 @@ from fedemb.privacy.keyed_random import (STREAM_FAULTS, STREAM_HEAD_ANCHORS, STR
                                          keyed_uniform)
 from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment)
-from fedemb.training.local import LocalTrainingConfig, class_anchors, train_virtual_client
+from fedemb.training.local import LocalResult, LocalTrainingConfig, class_anchors, train_virtual_client
 
 
 class InjectedFault(RuntimeError):
@@ -50,8 +56,13 @@ def _model_for(model_json: str, image_shape: tuple[int, ...], dp: bool) -> Embed
     return build_embedding_net(ModelConfig(**json.loads(model_json)), image_shape, dp)
 
 
-def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssignment
-                         ) -> tuple[dict[str, torch.Tensor], dict]:
+CraftedUpdate = Callable[[tuple[int, ...]], "dict[str, torch.Tensor] | None"]
+
+
+def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssignment,
+                         crafted: CraftedUpdate | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """`crafted(user_ids)` may return the update a virtual client sends instead of training (the
+    privacy audit's canary users); it is clipped and summed like any other."""
     task = assignment.task
     torch.set_num_threads(task["threads"])
     pop = load_splits(DataConfig(**task["data"])).train
@@ -63,13 +74,22 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
                if local_cfg.head_init == "anchors" else None)
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
     norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
+    late = False
     for vc_index, user_ids in assignment.virtual_clients:
-        draw = float(keyed_uniform(key, assignment.server_round, vc_index, STREAM_FAULTS))
-        if draw < faults["raise_rate"]:
+        fault = _fault(faults, float(keyed_uniform(key, assignment.server_round, vc_index, STREAM_FAULTS)))
+        if fault == "raise":
             raise InjectedFault(f"injected failure of virtual client {vc_index} in round {assignment.server_round}")
-        net.load_state_dict(state, strict=False)
-        result = train_virtual_client(net, pop, user_ids, local_cfg,
-                                      keyed_seed(key, assignment.server_round, vc_index, STREAM_TRAINING), anchors)
+        if fault == "drop":
+            _wait_past_deadline(task)
+            raise InjectedFault(f"injected drop of virtual client {vc_index} in round {assignment.server_round}")
+        late |= fault == "timeout"
+        override = crafted(user_ids) if crafted else None
+        if override is not None:
+            result = LocalResult(override, 0, 0.0)
+        else:
+            net.load_state_dict(state, strict=False)
+            result = train_virtual_client(net, pop, user_ids, local_cfg,
+                                          keyed_seed(key, assignment.server_round, vc_index, STREAM_TRAINING), anchors)
         delta = result.delta
         diverged = not (is_finite(delta) and math.isfinite(result.mean_loss))
         if diverged:
@@ -82,7 +102,7 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
             norm = global_norm(delta)
         for k in total:
             total[k] += delta[k].to(torch.float32)
-        if draw < faults["raise_rate"] + faults["nan_rate"]:  # injected: a broken client replies NaN
+        if fault == "nan":  # injected: a broken client replies NaN
             total = {k: torch.full_like(v, float("nan")) for k, v in total.items()}
         norms.append(norm)
         examples += result.num_examples
@@ -91,4 +111,19 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     metrics = {NUM_VIRTUAL_CLIENTS: len(assignment.virtual_clients), NUM_USERS: assignment.num_users,
                NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped),
                LOSS_SUM: loss_sum, UPDATE_NORMS: [float(n) for n in norms]}
+    if late:
+        _wait_past_deadline(task)
     return total, metrics
+
+
+def _fault(faults: dict, draw: float) -> str | None:
+    edge = 0.0
+    for name in ("raise", "nan", "timeout", "drop"):
+        edge += faults.get(f"{name}_rate", 0.0)
+        if draw < edge:
+            return name
+    return None
+
+
+def _wait_past_deadline(task: dict) -> None:
+    time.sleep(float(task.get("round_timeout_s", 0.0)) + 1.0)
