@@ -180,7 +180,7 @@ def privacy_report(run: Annotated[Path, typer.Argument(help="A run directory (re
         return
     table = Table(title=f"privacy ledger: {run}")
     for col in ("stage", "releases", "mechanism", "q", "z", "sensitivity", "ε after"):
-        table.add_column(col, justify="left" if col in ("stage", "releases", "mechanism") else "right")
+        table.add_column(col, justify="left" if col in ("stage", "releases", "mechanism") else "right", overflow="fold")
     for row in ledger_rows(ledger):
         table.add_row(*row)
     console.print(table)

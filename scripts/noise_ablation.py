@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def mean_std(values: list[float]) -> str:
 def report(config_name: str, args, variants: dict[str, list[str]], rows: dict, seconds: float) -> str:
     lines = [f"# DP against noise off: {config_name}", "",
              f"Written by `scripts/noise_ablation.py` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-             f"{seconds:.0f} s). Overrides for all runs: {' '.join(args.overrides) or 'none'}. "
+             f"{seconds:.0f} s; `{args.command}`). Overrides for all runs: {' '.join(args.overrides) or 'none'}. "
              f"Mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; the seed changes the "
              "split, the initial model, sampling and noise.", ""]
     if len(variants) > 1:
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="'name: section.key=value ...'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/noise-ablation.md")
     args = parser.parse_args()
+    args.command = " ".join(["python scripts/noise_ablation.py", *(shlex.quote(a) for a in sys.argv[1:])])
     variants = {"config": []} | dict(parse_variant(v) for v in args.variant)
 
     rows = {v: {arm: {} for arm in ARMS} for v in variants}

@@ -159,3 +159,59 @@ def test_train_loss_is_the_mean_over_virtual_clients_that_trained_normally(flowe
                                        reply(msgs[1], 0.0, 0.0, 1, loss_sum=3.0)])
     assert metrics["train-loss"] == 2.0
     assert metrics["virtual-clients-nonfinite"] == 1 and metrics["virtual-clients-accepted"] == 3
+
+
+def test_a_reply_claiming_other_users_than_assigned_is_rejected(flower_identity):
+    s = make_strategy(clip=1.0)
+    msgs = assign(s, [2])  # two virtual clients of one user each
+    lying = train_reply(msgs[0], {"a": torch.zeros(2, 2), "b": torch.zeros(3)},
+                        {"num-virtual-clients": 2, "num-users": 5, "num-examples": 1, "num-nonfinite": 0,
+                         "num-clipped": 0, "train-loss-sum": 0.0, "update-norms": [0.0, 0.0]})
+    _, metrics = s.aggregate_train(1, [lying])
+    assert metrics["virtual-clients-rejected"] == 2 and metrics["virtual-clients-accepted"] == 0
+
+
+@pytest.mark.parametrize("clipped", [-1, 3, 1.5])
+def test_a_reply_with_an_impossible_clipped_count_is_rejected(flower_identity, clipped):
+    """The clipped count feeds adaptive clipping's DP query: a value outside 0..count would move it
+    by more than its sensitivity."""
+    s = make_strategy(clip=1.0)
+    msgs = assign(s, [2])
+    bad = train_reply(msgs[0], {"a": torch.zeros(2, 2), "b": torch.zeros(3)},
+                      {"num-virtual-clients": 2, "num-users": 2, "num-examples": 1, "num-nonfinite": 0,
+                       "num-clipped": clipped, "train-loss-sum": 0.0, "update-norms": [0.0, 0.0]})
+    _, metrics = s.aggregate_train(1, [bad])
+    assert metrics["virtual-clients-rejected"] == 2
+
+
+def test_replies_are_summed_in_node_order_whatever_order_they_arrive_in(flower_identity):
+    """Float addition is not associative: a fixed order keeps seeded (and resumed) runs bit-identical."""
+    values = [0.1, 1e-8, 0.3, 7e-9]
+    results = []
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        s = make_strategy(slots=4)
+        msgs = assign(s, [1, 1, 1, 1])
+        replies = [reply(msgs[n], values[n], values[n], 1) for n in order]
+        arrays, _ = s.aggregate_train(1, replies)
+        results.append(new_state(arrays)["a"])
+    assert all(torch.equal(results[0], r) for r in results)
+
+
+def test_the_round_is_in_the_ledger_before_any_message_is_sent(tmp_path, flower_identity):
+    """A crash between sending and aggregating must leave the ledger counting the round."""
+    import json
+
+    from fedemb.inprocess import InProcessGrid
+    from tests.test_budget_properties import zero_update_client
+
+    seen = []
+
+    def client(msg, context):
+        ledger = json.loads((tmp_path / "privacy.json").read_text())
+        seen.append((msg.content["config"]["server-round"], ledger["releases"]))
+        return zero_update_client(msg, context)
+
+    s = make_strategy(noise_std=1.0, clip=1.0, state={"w": torch.zeros(4)})
+    s.ledger = PrivacyLedger(tmp_path / "privacy.json", 1e-5)
+    s.start(InProcessGrid(client, 1), ArrayRecord({"w": torch.zeros(4)}), num_rounds=3)
+    assert seen and all(releases == server_round for server_round, releases in seen)
