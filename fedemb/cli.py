@@ -76,6 +76,19 @@ def simulate(config: ConfigOpt = None, set_: SetOpt = None,
     _print_summary(results, out)
 
 
+def _print_report(report: dict, title: str, as_json: bool) -> None:
+    """A flat report as one JSON object (inf as a string) or as a quantity/value table."""
+    if as_json:
+        print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in report.items()}))
+        return
+    table = Table(title=title)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in report.items():
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
 def _print_summary(results: dict, out: Path) -> None:
     init, final, priv = results["initial"], results["final"], results["privacy"]
     table = Table(title=f"fedemb: {results['rounds_completed']}/{results['rounds_planned']} rounds ({results['stop_reason']})")
@@ -156,15 +169,7 @@ def privacy(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None,
                   "sensitivity_in_clip_norms": sensitivity_in_clip_norms(users_per_client),
                   "sampling_rate": sampling_rate, "rounds": rounds, "users_per_client": users_per_client,
                   "accountant": accountant}
-    if as_json:
-        print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in report.items()}))
-        return
-    table = Table(title="user-level privacy")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    for k, v in report.items():
-        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
-    console.print(table)
+    _print_report(report, "user-level privacy", as_json)
 
 
 @privacy_app.command("report")
@@ -266,16 +271,8 @@ def audit(config: ConfigOpt = None, set_: SetOpt = None,
         from fedemb.run_dir import write_json
 
         write_json(out, report)
-    summary = {k: v for k, v in report.items() if not k.endswith("_scores")}
-    if as_json:
-        print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in summary.items()}))
-    else:
-        table = Table(title="empirical privacy audit")
-        table.add_column("quantity")
-        table.add_column("value", justify="right")
-        for k, v in summary.items():
-            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-        console.print(table)
+    _print_report({k: v for k, v in report.items() if not k.endswith("_scores")}, "empirical privacy audit", as_json)
+    if not as_json:
         verdict = "consistent with" if result.consistent else "EXCEEDS"
         console.print(f"ε lower bound {result.bound.epsilon:.3g} (confidence {confidence:g}) {verdict} the claimed "
                       f"ε {result.claimed_epsilon:.3g} at δ = {result.delta:.3g}", highlight=False)

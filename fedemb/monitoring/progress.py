@@ -18,7 +18,8 @@ class ProgressReporter(RoundCallback):
 
     def on_run_start(self, strategy, num_rounds):
         self.progress.start()
-        self.task = self.progress.add_task("train", total=num_rounds, loss="-", recall="-", eps="0")
+        self.task = self.progress.add_task("train", total=num_rounds, completed=strategy.rounds_completed,
+                                           loss="-", recall="-", eps="0")
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         fields = {"loss": f"{train_metrics.get('train-loss', float('nan')):.3f}",

@@ -120,7 +120,6 @@ class TreeAggregation(RoundMechanism):
         self.clip_norm = clip_norm
         self.tree = TreeNoise(plan.noise_multiplier * clip_norm, noise, plan.restart_every)
         self.noise = noise
-        self.rounds_released = 0
 
     def ledger_entry(self, server_round, attempt):
         z_eq = equivalent_noise_multiplier(self.plan.accounting_noise_multiplier, server_round, self.plan.limits,
