@@ -215,3 +215,13 @@ def test_the_round_is_in_the_ledger_before_any_message_is_sent(tmp_path, flower_
     s.ledger = PrivacyLedger(tmp_path / "privacy.json", 1e-5)
     s.start(InProcessGrid(client, 1), ArrayRecord({"w": torch.zeros(4)}), num_rounds=3)
     assert seen and all(releases == server_round for server_round, releases in seen)
+
+
+def test_wrong_dtype_and_missing_tensors_are_rejected(flower_identity):
+    s = make_strategy(slots=4)
+    msgs = assign(s, [1, 1])
+    float64 = train_reply(msgs[0], {"a": torch.zeros(2, 2, dtype=torch.float64), "b": torch.zeros(3)},
+                          {"num-virtual-clients": 1, "num-users": 1})
+    missing = train_reply(msgs[1], {"a": torch.zeros(2, 2)}, {"num-virtual-clients": 1, "num-users": 1})
+    _, metrics = s.aggregate_train(1, [float64, missing])
+    assert metrics["virtual-clients-rejected"] == 2 and metrics["virtual-clients-accepted"] == 0
