@@ -48,6 +48,7 @@ def _load(config: Path | None, overrides: list[str] | None):
 def simulate(config: ConfigOpt = None, set_: SetOpt = None,
              run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where to write results (default runs/<name>-<time>).")] = None,
              resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its last checkpoint (its own config.toml and privacy ledger).")] = None,
+             ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Run on this existing Ray cluster (e.g. 10.0.0.5:6379, see docs/cluster.md) instead of a local Ray.")] = None,
              verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False):
     """Run DP-FedEmb on Flower's simulation engine (Ray) and write a run directory:
     config.toml, results.json, privacy.json (the privacy ledger), checkpoints/ and TensorBoard logs."""
@@ -72,7 +73,8 @@ def simulate(config: ConfigOpt = None, set_: SetOpt = None,
     err_console.print(f"fedemb: {setup.population} training users, q={cfg.sampling.rate}, k={cfg.sampling.users_per_client}, "
                       f"M={setup.virtual_clients} virtual clients/round, z={p.noise_multiplier:.4g}, C={cfg.privacy.clip_norm}, "
                       f"δ={p.delta:.3g}; run directory {out}{' (resumed)' if resume else ''}", highlight=False)
-    results = run_simulation(cfg, out, setup.virtual_clients, verbose=verbose, resume=resume is not None)
+    results = run_simulation(cfg, out, setup.virtual_clients, verbose=verbose, resume=resume is not None,
+                             ray_address=ray_address or "")
     _print_summary(results, out)
 
 

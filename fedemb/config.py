@@ -16,6 +16,7 @@ from typing import Any
 from fedemb.errors import ConfigError
 
 SAMPLING_METHODS = ("poisson", "fixed", "limited")
+SIMULATION_MODES = ("workers", "devices")
 MECHANISMS = ("gaussian", "tree")
 CLIPPING = ("fixed", "adaptive")
 FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
@@ -37,7 +38,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | idx | npz
+    name: str = "digits"  # digits | idx | npz | npy
     path: str = ""
     writers: str = ""  # QMNIST extended labels for the train images (idx only)
     test_writers: str = ""  # QMNIST extended labels for the t10k images (idx only)
@@ -51,6 +52,7 @@ class DataConfig:
     held_out_classes: list[int] = field(default_factory=list)
     max_eval_examples: int = 5000
     split_seed: int = 0
+    cache_dir: str = ""  # where each machine keeps the memory-mapped splits; "": $FEDEMB_CACHE_DIR or ~/.cache/fedemb
 
 
 @dataclass
@@ -84,6 +86,7 @@ class ClientConfig:
     head_warmup_steps: int = 0
     head: str = "local"  # local: classes present in the virtual client; global: all classes
     head_init: str = "random"  # random: each virtual client draws its own; anchors: the run's fixed class anchors
+    vectorize: int = 0  # >= 2: a node trains up to this many virtual clients at once (torch.func.vmap)
 
 
 @dataclass
@@ -130,7 +133,9 @@ class FaultConfig:
 
 @dataclass
 class SimulationConfig:
-    num_supernodes: int = 0  # 0: one per virtual-client slot
+    mode: str = "workers"  # workers: a few nodes train many virtual clients each; devices: one node per slot
+    num_supernodes: int = 0  # 0: workers: one per parallel ClientApp the resources allow; devices: M
+    ray_address: str = ""  # an existing Ray cluster (also --ray-address); "": a local Ray for this run
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     round_timeout_s: float = 600.0
@@ -302,6 +307,7 @@ def validate(cfg: Config) -> None:
     _check(c.head_warmup_steps >= 0, f"client.head_warmup_steps must be >= 0, got {c.head_warmup_steps}")
     _one_of(c.head, HEAD_KINDS, "client.head")
     _one_of(c.head_init, HEAD_INITS, "client.head_init")
+    _check(c.vectorize >= 0, f"client.vectorize must be >= 0 (0 or 1: one virtual client at a time), got {c.vectorize}")
     _check(sv.lr > 0, f"server.lr must be > 0, got {sv.lr}")
     _check(0 <= sv.momentum < 1, f"server.momentum must be in [0, 1), got {sv.momentum}")
     _check(p.clip_norm > 0, f"privacy.clip_norm must be > 0, got {p.clip_norm}")
@@ -331,6 +337,7 @@ def validate(cfg: Config) -> None:
             "use Poisson sampling, or set privacy.fixed_size_accounting = 'no_amplification' "
             "to account every round as if every user took part (no amplification by sampling)")
     _check(sim.num_supernodes >= 0, f"simulation.num_supernodes must be >= 0, got {sim.num_supernodes}")
+    _one_of(sim.mode, SIMULATION_MODES, "simulation.mode")
     _check(sim.cpus_per_client > 0, f"simulation.cpus_per_client must be > 0, got {sim.cpus_per_client}")
     _check(sim.gpus_per_client >= 0, f"simulation.gpus_per_client must be >= 0, got {sim.gpus_per_client}")
     _check(sim.round_timeout_s > 0, f"simulation.round_timeout_s must be > 0, got {sim.round_timeout_s}")

@@ -170,7 +170,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
                         server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
                         ledger=ledger, target_epsilon=privacy.target_epsilon, attempt=attempt,
                         eval_every=cfg.run.eval_every, round_timeout_s=cfg.simulation.round_timeout_s,
-                        callbacks=callbacks)
+                        callbacks=callbacks, placement="by_slot" if cfg.simulation.mode == "devices" else "balanced",
+                        user_examples=setup.splits.train.examples_per_user())
     if state:
         strategy.load_state_dict(state["strategy"])
         start_arrays = ArrayRecord(strategy.server_optimizer.state())
@@ -221,6 +222,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
             "noise_predictable_from_seed": noise.predictable,
         },
         "totals": totals,
+        "nodes": len(list(grid.get_node_ids())),
+        "simulation_mode": cfg.simulation.mode,
         "history": history.rounds,
         "checkpoint": "checkpoints/final.pt",
         "tensorboard": "tensorboard",
@@ -240,6 +243,6 @@ def _write_projector(tensorboard: TensorBoardLogger, evaluator: Evaluator, step:
         return
     n = min(len(emb), PROJECTOR_MAX_POINTS)
     pop = evaluator.pop
-    images = torch.from_numpy(np.ascontiguousarray(pop.images[:n])).to(torch.float32) * pop.pixel_scale
+    images = torch.from_numpy(np.array(pop.images[:n])).to(torch.float32) * pop.pixel_scale  # a copy: the store is read-only
     emb = emb[:n] / np.maximum(np.linalg.norm(emb[:n], axis=1, keepdims=True), 1e-12)
     tensorboard.add_projector(emb, pop.labels[:n], images, step)

@@ -33,7 +33,7 @@ def pretrain_public(cfg, out: Path) -> dict:
     head = nn.Linear(cfg.model.embedding_dim, public.num_classes, bias=False)
     pt = cfg.pretrain
     opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=pt.lr, momentum=pt.momentum)
-    labels = torch.from_numpy(public.labels)
+    labels = torch.from_numpy(np.array(public.labels))
     loss_fn = nn.CrossEntropyLoss()
     net.train()
     for _ in range(pt.epochs):

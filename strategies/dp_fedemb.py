@@ -29,14 +29,19 @@ from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
 from strategies.reply_validation import check_reply
 from strategies.server_optimizer import ServerOptimizer
+from strategies.worker_assignment import assign_balanced, assign_by_slot
 
 
 class DPFedEmb(Strategy):
     def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: dict, mechanism: RoundMechanism,
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
-                 attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = ()):
+                 attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = (),
+                 placement: str = "balanced", user_examples: np.ndarray | None = None):
         self.sampler = sampler
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
+        self.placement = placement  # balanced: worker mode; by_slot: one node per virtual-client slot
+        self.user_examples = (np.asarray(user_examples, dtype=np.int64) if user_examples is not None
+                              else np.ones(len(self.user_ids), dtype=np.int64))
         self.task = task
         self.mechanism = mechanism
         self.denominator = sampler.virtual_clients
@@ -50,6 +55,7 @@ class DPFedEmb(Strategy):
         self.shapes = {k: tuple(v.shape) for k, v in server_optimizer.state().items()}
         self.assignments: dict[int, TrainAssignment] = {}
         self.last_release: dict[str, torch.Tensor] | None = None  # the round's noisy mean update
+        self.last_clipped_sum: dict[str, torch.Tensor] | None = None
         self.rounds_completed = 0
         self.stop_reason = ""
 
@@ -64,14 +70,23 @@ class DPFedEmb(Strategy):
         if not node_ids:
             raise RuntimeError("no nodes connected: cannot train")
         plan = self.sampler.plan(server_round, self.user_ids)
-        per_node: dict[int, list] = defaultdict(list)
-        for j, vc in enumerate(plan.virtual_clients):
-            per_node[node_ids[j % len(node_ids)]].append((vc.index, vc.user_ids))
+        if self.placement == "by_slot":
+            per_node = assign_by_slot(plan.virtual_clients, node_ids)
+        else:
+            per_node = assign_balanced(plan.virtual_clients, [self._cost(vc) for vc in plan.virtual_clients], node_ids)
         task = self.task | {"round_timeout_s": self.round_timeout_s}
-        self.assignments = {node: TrainAssignment(server_round, self.clip_norm, task, vcs)
+        self.assignments = {node: TrainAssignment(server_round, self.clip_norm, task,
+                                                  [(vc.index, vc.user_ids) for vc in vcs])
                             for node, vcs in per_node.items()}
         state = arrays.to_torch_state_dict()
         return [train_message(state, a, node) for node, a in self.assignments.items()]
+
+    def _cost(self, vc) -> float:
+        """Examples a virtual client will process: what balancing the workers is about."""
+        client = self.task.get("client", {})
+        rows = np.searchsorted(self.user_ids, np.asarray(vc.user_ids, dtype=np.int64))
+        examples = int(self.user_examples[rows].sum()) * int(client.get("epochs", 1))
+        return float(min(examples, int(client.get("max_examples", examples))))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -109,6 +124,7 @@ class DPFedEmb(Strategy):
         for node in pending:
             log(WARNING, "round %s: node %s did not reply in time", server_round, node)
 
+        self.last_clipped_sum = total  # server-side only: what the mechanism is about to noise
         accepted = stats["accepted"]
         centred_unclipped = (accepted - stats["clipped"]) - accepted / 2
         noisy = self.mechanism.privatize(total, centred_unclipped)
@@ -191,6 +207,7 @@ class DPFedEmb(Strategy):
             seconds = time.monotonic() - started
             train_metrics["epsilon"] = self.ledger.epsilon
             train_metrics["round-seconds"] = seconds
+            train_metrics["finished-at"] = time.time()  # the run's timeline (benchmarks, monitoring)
             train_metrics["virtual-clients-per-second"] = train_metrics["virtual-clients-accepted"] / max(seconds, 1e-9)
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = train_metrics

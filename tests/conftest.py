@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+# the tests' memory-mapped data stores (and their Ray workers') go to a fresh directory, not the user's cache
+os.environ["FEDEMB_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedemb-test-store-")
 os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 os.environ.pop("RAY_ADDRESS", None)
 

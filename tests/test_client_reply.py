@@ -143,11 +143,11 @@ def test_anchor_heads_start_from_the_rows_of_their_classes():
 def test_anchor_heads_are_the_same_for_every_virtual_client_and_round(monkeypatch):
     """Anchors come from the run's training key alone: two virtual clients in different rounds start
     from the same head, and changing the key changes it."""
-    import fedemb.training.client_task as client_task
+    import fedemb.training.vectorized as vectorized
 
     seen = []
-    real = client_task.train_virtual_client
-    monkeypatch.setattr(client_task, "train_virtual_client",
+    real = vectorized.train_virtual_client
+    monkeypatch.setattr(vectorized, "train_virtual_client",
                         lambda *args: seen.append(args[-1].clone()) or real(*args))
     cfg = tiny_config("client.head=global", "client.head_init=anchors")
     state, assignment = setup_message(cfg, clip=1.0)

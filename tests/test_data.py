@@ -116,3 +116,24 @@ def test_real_qmnist_writers_align_with_labels(qmnist_dir):
     test = read(Path(qmnist_dir) / "qmnist-test-labels-idx2-int.gz")[:10000]
     assert len(set(train[:, 2])) == 539 and len(set(test[:, 2])) == 297
     assert not set(train[:, 2]) & set(test[:, 2])
+
+
+def test_npy_directory_is_read_memory_mapped_and_split_by_user(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, size=(300, 12, 12), dtype=np.uint8))
+    np.save(tmp_path / "y.npy", rng.integers(0, 5, size=300))
+    np.save(tmp_path / "user.npy", np.repeat(np.arange(30), 10))
+    cfg = load_config(None, ['data.name="npy"', f'data.path="{tmp_path}"'])
+    s = load_splits(cfg.data)
+    assert s.train.num_users + s.eval.num_users == 30
+    assert set(s.train.user_ids).isdisjoint(set(np.unique(s.eval.users)))
+    assert isinstance(s.train.images, np.memmap) and s.train.image_shape == (1, 12, 12)
+    assert all(len(s.train.examples_of(u)) == 10 for u in s.train.user_ids)
+
+
+def test_npy_directory_without_labels_is_one_line(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8), dtype=np.uint8))
+    from fedemb.errors import DataError
+
+    with pytest.raises(DataError, match="missing y.npy"):
+        load_splits(load_config(None, ['data.name="npy"', f'data.path="{tmp_path}"']).data)

@@ -101,8 +101,38 @@ def load_npz_dataset(cfg) -> RawDataset:
     return RawDataset(RawSplit(x, y, users, _scale(x)), None, int(y.max()) + 1 if len(y) else 0)
 
 
+def load_npy_dataset(cfg) -> RawDataset:
+    """A directory with x.npy, y.npy and optionally user.npy, memory-mapped: populations larger than
+    memory go into the store without ever being loaded whole."""
+    root = Path(cfg.path)
+    if not cfg.path or not root.is_dir():
+        raise DataError(f"data.path must be a directory with x.npy, y.npy (and user.npy), got {cfg.path!r}")
+    arrays = {}
+    for name in ("x", "y", "user"):
+        f = root / f"{name}.npy"
+        if not f.is_file():
+            if name == "user":
+                continue
+            raise DataError(f"{root}: missing {name}.npy (need x.npy, y.npy and optionally user.npy)")
+        try:
+            arrays[name] = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"cannot read {f}: {exc}") from None
+    x = _as_nchw(arrays["x"], str(root / "x.npy"))
+    if x.dtype != np.uint8:
+        raise DataError(f"{root}/x.npy: images must be uint8 (got {x.dtype})")
+    y = np.asarray(arrays["y"]).astype(np.int64).reshape(-1)
+    users = np.asarray(arrays["user"]).astype(np.int64).reshape(-1) if "user" in arrays else None
+    if len(y) != len(x) or (users is not None and len(users) != len(x)):
+        raise DataError(f"{root}: x, y and user must have the same length")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{root}: labels must be non-negative")
+    return RawDataset(RawSplit(x, y, users, 1.0 / 255.0), None, int(y.max()) + 1 if len(y) else 0)
+
+
 DATASETS: dict[str, Callable] = {
     "digits": load_digits_dataset,
     "idx": load_idx_dataset,
     "npz": load_npz_dataset,
+    "npy": load_npy_dataset,
 }

@@ -15,14 +15,19 @@ class Population:
     users: np.ndarray  # (n,) int64 user id of each example
     pixel_scale: float  # images * pixel_scale lies in [0, 1]
     num_classes: int
+    # rows sorted by user: (sorted user ids, first row of each); lets a memory-mapped population answer
+    # examples_of without building an index of all its rows in every process
+    sorted_index: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
     _index: dict[int, np.ndarray] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         n = len(self.images)
         if self.images.ndim != 4 or len(self.labels) != n or len(self.users) != n:
             raise ValueError("images must be (n, C, H, W) with one label and one user per image")
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        self.users = np.asarray(self.users, dtype=np.int64)
+        if not isinstance(self.labels, np.memmap):
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not isinstance(self.users, np.memmap):
+            self.users = np.asarray(self.users, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -33,17 +38,30 @@ class Population:
 
     @property
     def user_ids(self) -> np.ndarray:
+        if self.sorted_index is not None:
+            return np.asarray(self.sorted_index[0], dtype=np.int64)
         return np.asarray(sorted(self._user_index()), dtype=np.int64)
 
     @property
     def num_users(self) -> int:
-        return len(self._user_index())
+        return len(self.user_ids) if self.sorted_index is not None else len(self._user_index())
 
     def examples_of(self, user_id: int) -> np.ndarray:
+        if self.sorted_index is not None:
+            ids, starts = self.sorted_index
+            i = int(np.searchsorted(ids, user_id))
+            if i == len(ids) or ids[i] != user_id:
+                return np.empty(0, dtype=np.int64)
+            end = int(starts[i + 1]) if i + 1 < len(ids) else len(self)
+            return np.arange(int(starts[i]), end, dtype=np.int64)
         return self._user_index().get(int(user_id), np.empty(0, dtype=np.int64))
 
-    def examples_per_user(self) -> dict[int, int]:
-        return {u: len(ix) for u, ix in self._user_index().items()}
+    def examples_per_user(self) -> np.ndarray:
+        """Example counts, aligned with user_ids."""
+        if self.sorted_index is not None:
+            return np.diff(np.append(np.asarray(self.sorted_index[1]), len(self))).astype(np.int64)
+        index = self._user_index()
+        return np.array([len(index[int(u)]) for u in self.user_ids], dtype=np.int64)
 
     def _user_index(self) -> dict[int, np.ndarray]:
         if self._index is None:

@@ -1,4 +1,9 @@
-"""Train / evaluation / public populations, split by users (and optionally by classes)."""
+"""Train / evaluation / public populations, split by users (and optionally by classes).
+
+The split is computed on row indices only (labels and user ids), so a dataset of millions of images is
+never copied in memory: fedemb.data.store writes each split once per machine as memory-mapped files,
+and every process opens those.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedemb.data.loaders import DATASETS, RawSplit
+from fedemb.data.loaders import DATASETS, RawDataset
 from fedemb.data.partition import synthetic_users
 from fedemb.data.population import Population
 from fedemb.errors import DataError
@@ -21,62 +26,80 @@ class DataSplits:
     public: Population | None  # users declared public, for central pretraining
 
 
+@dataclass
+class SplitPlan:
+    """Which rows of the raw arrays go where, and the user of every raw row."""
+
+    raw: RawDataset
+    train_users: np.ndarray  # user id of every row of raw.train
+    test_users: np.ndarray | None  # ... of raw.test, when evaluation uses it
+    train_rows: np.ndarray  # rows of raw.train
+    public_rows: np.ndarray | None  # rows of raw.train
+    eval_rows: np.ndarray  # rows of raw.test if there is one, else of raw.train; in their original order
+
+
 def load_splits(data_cfg) -> DataSplits:
-    """Deterministic in the data config: every process that loads it gets the same split."""
+    """Deterministic in the data config: every process that loads it gets the same split, memory-mapped
+    from the machine's store (built by the first process that asks)."""
     return _load_splits_cached(json.dumps(asdict(data_cfg), sort_keys=True))
 
 
 @lru_cache(maxsize=4)
 def _load_splits_cached(key: str) -> DataSplits:
     from fedemb.config import DataConfig
+    from fedemb.data.store import materialize, open_store
 
-    return _load_splits(DataConfig(**json.loads(key)))
-
-
-def _population(split: RawSplit, cfg, num_classes: int, seed_offset: int) -> Population:
-    users = split.users
-    if users is None:
-        if cfg.num_users > len(split.labels):
-            raise DataError(f"data.num_users = {cfg.num_users} exceeds the {len(split.labels)} examples")
-        users = synthetic_users(split.labels, cfg.partition, cfg.num_users, cfg.dirichlet_alpha,
-                                cfg.shards_per_user, cfg.split_seed + seed_offset)
-    return Population(split.images, split.labels, users, split.pixel_scale, num_classes)
+    return open_store(materialize(DataConfig(**json.loads(key))))
 
 
-def _load_splits(cfg) -> DataSplits:
+def _users(split, cfg, seed_offset: int) -> np.ndarray:
+    if split.users is not None:
+        return np.asarray(split.users, dtype=np.int64)
+    if cfg.num_users > len(split.labels):
+        raise DataError(f"data.num_users = {cfg.num_users} exceeds the {len(split.labels)} examples")
+    return synthetic_users(np.asarray(split.labels), cfg.partition, cfg.num_users, cfg.dirichlet_alpha,
+                           cfg.shards_per_user, cfg.split_seed + seed_offset)
+
+
+def plan_splits(cfg) -> SplitPlan:
     raw = DATASETS[cfg.name](cfg)
-    pool = _population(raw.train, cfg, raw.num_classes, 0)
+    users = _users(raw.train, cfg, 0)
+    labels = np.asarray(raw.train.labels)
     rng = np.random.default_rng(cfg.split_seed)
-    user_ids = rng.permutation(pool.user_ids)
+    user_ids = rng.permutation(np.unique(users))
     n_public = int(round(cfg.public_users * len(user_ids)))
+    test_users = None
     if raw.test is not None:
-        eval_pop = _population(raw.test, cfg, raw.num_classes, 1)
+        test_users = _users(raw.test, cfg, 1)
+        eval_labels = np.asarray(raw.test.labels)
+        eval_rows = np.arange(len(eval_labels))
         n_eval = 0
     else:
         n_eval = max(1, int(round(cfg.eval_users * len(user_ids))))
-        eval_pop = pool.of_users(user_ids[:n_eval])
+        eval_labels = labels
+        eval_rows = np.flatnonzero(np.isin(users, user_ids[:n_eval]))
     public_ids = user_ids[n_eval:n_eval + n_public]
     train_ids = user_ids[n_eval + n_public:]
     if len(train_ids) == 0:
         raise DataError("no training users left after holding out evaluation and public users")
-    train, public = pool.of_users(train_ids), pool.of_users(public_ids) if n_public else None
+    train_rows = np.flatnonzero(np.isin(users, train_ids))
+    public_rows = np.flatnonzero(np.isin(users, public_ids)) if n_public else None
 
     held_out = np.asarray(cfg.held_out_classes, dtype=np.int64)
     if len(held_out):
         bad = [int(c) for c in held_out if c < 0 or c >= raw.num_classes]
         if bad:
             raise DataError(f"data.held_out_classes {bad} are not classes of this dataset (0..{raw.num_classes - 1})")
-        train = train.select(~np.isin(train.labels, held_out))
-        public = public.select(~np.isin(public.labels, held_out)) if public is not None else None
-        eval_pop = eval_pop.select(np.isin(eval_pop.labels, held_out))
-    if len(eval_pop) > cfg.max_eval_examples:
-        keep = np.sort(np.random.default_rng(cfg.split_seed + 2).choice(len(eval_pop), cfg.max_eval_examples,
+        train_rows = train_rows[~np.isin(labels[train_rows], held_out)]
+        if public_rows is not None:
+            public_rows = public_rows[~np.isin(labels[public_rows], held_out)]
+        eval_rows = eval_rows[np.isin(eval_labels[eval_rows], held_out)]
+    if len(eval_rows) > cfg.max_eval_examples:
+        keep = np.sort(np.random.default_rng(cfg.split_seed + 2).choice(len(eval_rows), cfg.max_eval_examples,
                                                                          replace=False))
-        mask = np.zeros(len(eval_pop), dtype=bool)
-        mask[keep] = True
-        eval_pop = eval_pop.select(mask)
-    if len(eval_pop) < 2:
+        eval_rows = eval_rows[keep]
+    if len(eval_rows) < 2:
         raise DataError("the evaluation split has fewer than 2 examples")
-    if len(train) == 0:
+    if len(train_rows) == 0:
         raise DataError("the training split is empty")
-    return DataSplits(train, eval_pop, public)
+    return SplitPlan(raw, users, test_users, train_rows, public_rows, eval_rows)

@@ -28,7 +28,8 @@ from fedemb.privacy.keyed_random import (STREAM_FAULTS, STREAM_HEAD_ANCHORS, STR
                                          keyed_uniform)
 from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment)
-from fedemb.training.local import LocalResult, LocalTrainingConfig, class_anchors, train_virtual_client
+from fedemb.training.local import LocalResult, LocalTrainingConfig, class_anchors
+from fedemb.training.vectorized import train_virtual_clients
 
 
 class InjectedFault(RuntimeError):
@@ -72,9 +73,7 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     key = task["training_key"]
     anchors = (class_anchors(local_cfg.num_classes, net.embedding.out_features, keyed_seed(key, STREAM_HEAD_ANCHORS))
                if local_cfg.head_init == "anchors" else None)
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
-    norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
-    late = False
+    plan = []
     for vc_index, user_ids in assignment.virtual_clients:
         fault = _fault(faults, float(keyed_uniform(key, assignment.server_round, vc_index, STREAM_FAULTS)))
         if fault == "raise":
@@ -82,14 +81,19 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
         if fault == "drop":
             _wait_past_deadline(task)
             raise InjectedFault(f"injected drop of virtual client {vc_index} in round {assignment.server_round}")
+        plan.append((vc_index, user_ids, fault, crafted(user_ids) if crafted else None))
+    to_train = [(users, keyed_seed(key, assignment.server_round, vc, STREAM_TRAINING))
+                for vc, users, _, override in plan if override is None]
+    net.load_state_dict(state, strict=False)
+    model_key = json.dumps(task["model"], sort_keys=True)
+    trained = iter(train_virtual_clients(net, pop, [u for u, _ in to_train], local_cfg, [s for _, s in to_train],
+                                         anchors, local_cfg.vectorize, model_key))
+    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
+    norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
+    late = False
+    for vc_index, user_ids, fault, override in plan:
         late |= fault == "timeout"
-        override = crafted(user_ids) if crafted else None
-        if override is not None:
-            result = LocalResult(override, 0, 0.0)
-        else:
-            net.load_state_dict(state, strict=False)
-            result = train_virtual_client(net, pop, user_ids, local_cfg,
-                                          keyed_seed(key, assignment.server_round, vc_index, STREAM_TRAINING), anchors)
+        result = LocalResult(override, 0, 0.0) if override is not None else next(trained)
         delta = result.delta
         diverged = not (is_finite(delta) and math.isfinite(result.mean_loss))
         if diverged:

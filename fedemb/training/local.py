@@ -34,6 +34,7 @@ class LocalTrainingConfig:
     head: str  # "local" | "global"
     num_classes: int
     head_init: str = "random"  # "random" | "anchors"
+    vectorize: int = 0  # group size for fedemb.training.vectorized (0, 1: sequential)
 
 
 @dataclass

@@ -1,0 +1,353 @@
+"""Simulation speed and memory, side by side in one command; writes docs/performance.md.
+
+    .venv/bin/python scripts/benchmark_scale.py [--workloads A B] [--rounds 5] [--memory-users 1000 100000]
+
+Workload A: a LeNet-size CNN (fedemb_lenet_small: 104k parameters with its 128-d embedding), 28x28
+grayscale; B: timm resnet18 with GroupNorm. Both: 100 virtual clients per round of one user each,
+50 examples per user, batch 10, one local epoch, a fresh local head per client (SGD with momentum,
+head lr x10), averaging of the updates, `--rounds` rounds, synthetic images (random pixels and labels:
+the timing does not depend on what the images show).
+
+Arms, each a separate process whose whole process tree is measured:
+  (a) a plain sequential PyTorch loop doing the same local training and averaging (all cores as
+      torch threads);
+  (b) Flower's per-client simulation: one SuperNode per virtual client, FedAvg, 1 CPU per ClientApp;
+  (c) fedemb worker mode (no DP, fixed-size cohorts, as the others);
+  (d) fedemb worker mode with vectorized local training (client.vectorize).
+Figures: steady per-round time (median of rounds 2..R), start-up (end of round 1 minus one steady
+round: process start, imports, Ray, actors), end to end, and the peak of the summed RSS of every
+process in the tree (Ray's included), each with its ratio to (a). Then (c)'s peak memory with
+populations of 1,000 and 100,000 users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CLIENTS, EXAMPLES, BATCH, LR, MOMENTUM, HEAD_SCALE = 100, 50, 10, 0.01, 0.9, 10.0
+MODELS = {"A": "fedemb_lenet_small", "B": "resnet18"}
+ARMS = {"a": "plain PyTorch loop", "b": "Flower per-client (FedAvg)", "c": "fedemb workers",
+        "d": "fedemb workers, vectorized"}
+
+
+# ----------------------------------------------------------------------------- data
+def make_population(directory: Path, users: int) -> Path:
+    """users x 50 random 28x28 images as memory-mappable .npy files (written in chunks)."""
+    if (directory / "user.npy").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    n = users * EXAMPLES
+    rng = np.random.default_rng(0)
+    x = np.lib.format.open_memmap(directory / "x.npy", mode="w+", dtype=np.uint8, shape=(n, 28, 28))
+    for start in range(0, n, 500_000):
+        stop = min(n, start + 500_000)
+        x[start:stop] = rng.integers(0, 256, size=(stop - start, 28, 28), dtype=np.uint8)
+    x.flush()
+    del x
+    np.save(directory / "y.npy", rng.integers(0, 10, size=n))
+    np.save(directory / "user.npy", np.repeat(np.arange(users), EXAMPLES))
+    return directory
+
+
+def fedemb_overrides(data: Path, users: int, workload: str, rounds: int, vectorize: int) -> list[str]:
+    return ['data.name="npy"', f'data.path="{data}"', "data.eval_users=0.05", "data.max_eval_examples=200",
+            f'model.name="{MODELS[workload]}"', "model.embedding_dim=128", "privacy.enabled=false",
+            'sampling.method="fixed"', f"sampling.rate={CLIENTS / (users * 0.95)}", "sampling.users_per_client=1",
+            f"sampling.virtual_clients={CLIENTS}", "client.epochs=1", f"client.batch_size={BATCH}",
+            f"client.max_examples={EXAMPLES}", f"client.lr={LR}", f"client.momentum={MOMENTUM}",
+            f"client.head_lr_scale={HEAD_SCALE}", f"client.vectorize={vectorize}", f"run.rounds={rounds}",
+            "run.eval_every=0", "run.checkpoint_every=0", "run.seed=0", "server.lr=1.0", "server.momentum=0.0"]
+
+
+# ----------------------------------------------------------------------------- the arms (child processes)
+MARKS: dict[str, float] = {}  # a child's timeline: seconds since its process started
+
+
+def since_start() -> float:
+    return time.time() - psutil.Process().create_time()
+
+
+def arm_plain(data: Path, users: int, workload: str, rounds: int) -> list[float]:
+    import torch
+
+    from fedemb.config import load_config
+    from fedemb.models.embedding_net import build_embedding_net
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = load_config(None, fedemb_overrides(data, users, workload, rounds, 0))
+    x = np.load(data / "x.npy", mmap_mode="r")
+    y = np.load(data / "y.npy")
+    net = build_embedding_net(cfg.model, (1, 28, 28), dp_enabled=False)
+    rng = np.random.default_rng(0)
+    ends = []
+    MARKS["first_round_started"] = since_start()
+    for _ in range(rounds):
+        start = {k: v.clone() for k, v in net.state_dict().items()}
+        total = {k: torch.zeros_like(v) for k, v in start.items() if v.is_floating_point()}
+        for u in rng.choice(users, CLIENTS, replace=False):
+            net.load_state_dict(start)
+            rows = np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[rng.permutation(EXAMPLES)]
+            classes, targets = np.unique(y[rows], return_inverse=True)
+            head = torch.nn.Linear(128, len(classes), bias=False)
+            body_opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+            head_opt = torch.optim.SGD(head.parameters(), lr=LR * HEAD_SCALE, momentum=MOMENTUM)
+            for b in range(0, EXAMPLES, BATCH):
+                xb = torch.from_numpy(np.asarray(x[rows[b:b + BATCH]], dtype=np.float32)[:, None] / 127.5 - 1)
+                loss = torch.nn.functional.cross_entropy(head(net(xb)), torch.from_numpy(targets[b:b + BATCH]))
+                body_opt.zero_grad()
+                head_opt.zero_grad()
+                loss.backward()
+                body_opt.step()
+                head_opt.step()
+            for k, v in net.state_dict().items():
+                if k in total:
+                    total[k] += start[k] - v
+        net.load_state_dict({k: start[k] - total[k] / CLIENTS if k in total else start[k] for k in start})
+        ends.append(since_start())
+    return ends
+
+
+def arm_flower(data: Path, users: int, workload: str, rounds: int) -> list[float]:
+    """Flower's own way: one SuperNode per virtual client, each ClientApp loading its partition."""
+    from fedemb.simulation import offline_flower_environment
+
+    offline_flower_environment()
+    import logging
+
+    import torch
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    from fedemb.config import load_config
+    from fedemb.models.embedding_net import build_embedding_net
+
+    cfg = load_config(None, fedemb_overrides(data, users, workload, rounds, 0))
+    ends: list[float] = []
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        u = int(context.node_config["partition-id"])
+        x = np.load(data / "x.npy", mmap_mode="r")
+        y = np.load(data / "y.npy", mmap_mode="r")
+        net = build_embedding_net(cfg.model, (1, 28, 28), dp_enabled=False)
+        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        rows = np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[np.random.default_rng(u).permutation(EXAMPLES)]
+        classes, targets = np.unique(np.asarray(y[rows]), return_inverse=True)
+        head = torch.nn.Linear(128, len(classes), bias=False)
+        body_opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+        head_opt = torch.optim.SGD(head.parameters(), lr=LR * HEAD_SCALE, momentum=MOMENTUM)
+        for b in range(0, EXAMPLES, BATCH):
+            xb = torch.from_numpy(np.asarray(x[rows[b:b + BATCH]], dtype=np.float32)[:, None] / 127.5 - 1)
+            loss = torch.nn.functional.cross_entropy(head(net(xb)), torch.from_numpy(targets[b:b + BATCH]))
+            body_opt.zero_grad()
+            head_opt.zero_grad()
+            loss.backward()
+            body_opt.step()
+            head_opt.step()
+        content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord({"num-examples": EXAMPLES})})
+        return Message(content=content, reply_to=msg)
+
+    class TimedFedAvg(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            MARKS.setdefault("first_round_started", since_start())
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round, replies):
+            out = super().aggregate_train(server_round, replies)
+            ends.append(since_start())
+            return out
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        net = build_embedding_net(cfg.model, (1, 28, 28), dp_enabled=False)
+        TimedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=CLIENTS,
+                    min_available_nodes=CLIENTS).start(grid, ArrayRecord(net.state_dict()), num_rounds=rounds)
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=CLIENTS,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"address": "local", "num_cpus": os.cpu_count() or 1,
+                                                 "include_dashboard": False, "logging_level": logging.ERROR,
+                                                 "log_to_driver": False}})
+    return ends
+
+
+def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: int) -> list[float]:
+    import tempfile
+
+    from fedemb.config import load_config
+    from fedemb.federated import prepare_run
+    from fedemb.simulation import run_simulation
+
+    cfg = load_config(None, fedemb_overrides(data, users, workload, rounds, vectorize))
+    setup = prepare_run(cfg)
+    with tempfile.TemporaryDirectory() as run_dir:
+        results = run_simulation(cfg, Path(run_dir), setup.virtual_clients, show_progress=False)
+    created = psutil.Process().create_time()
+    first = results["history"][0]
+    MARKS["first_round_started"] = first["finished-at"] - first["round-seconds"] - created
+    return [r["finished-at"] - created for r in results["history"]]
+
+
+# ----------------------------------------------------------------------------- measuring
+def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vectorize: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", arm, "--workloads", workload, "--rounds", str(rounds),
+           "--child-data", str(data), "--child-users", str(users), "--vectorize", str(vectorize)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = [0]
+
+    def watch():
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out, err = proc.communicate()
+    wall = time.monotonic() - started
+    watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"arm {arm} ({workload}) failed:\n{err[-3000:]}")
+    timeline = json.loads(out.strip().splitlines()[-1])
+    ends = timeline["ends"]
+    rounds_s = [b - a for a, b in zip(ends, ends[1:])]
+    steady = statistics.median(rounds_s) if rounds_s else ends[0]
+    return {"steady_round_s": steady, "startup_s": ends[0] - steady, "end_to_end_s": wall,
+            "peak_rss_mb": peak[0] / 2**20, "round_ends_s": ends, "imports_s": timeline["imported"],
+            "setup_s": timeline["first_round_started"] - timeline["imported"],
+            "first_round_extra_s": ends[0] - timeline["first_round_started"] - steady,
+            "after_last_round_s": wall - ends[-1]}
+
+
+def child(args) -> None:
+    import torch  # noqa: F401  (every arm needs it: counted as imports)
+
+    from fedemb.models.embedding_net import build_embedding_net  # noqa: F401
+
+    MARKS["imported"] = since_start()
+    data, users, workload = Path(args.child_data), args.child_users, args.workloads[0]
+    if args.child == "a":
+        ends = arm_plain(data, users, workload, args.rounds)
+    elif args.child == "b":
+        ends = arm_flower(data, users, workload, args.rounds)
+    else:
+        ends = arm_fedemb(data, users, workload, args.rounds, args.vectorize if args.child == "d" else 0)
+    print(json.dumps({"ends": ends, **MARKS}))
+
+
+def report(args, results: dict, memory: dict, seconds: float) -> str:
+    lines = ["# Simulation performance", "",
+             f"Written by `scripts/benchmark_scale.py` on {time.strftime('%Y-%m-%d')}: `{args.command}` "
+             f"({seconds:.0f} s). Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, no GPU used.", "",
+             "Per workload: 100 virtual clients per round (one user of 50 examples each), batch 10, one local "
+             f"epoch, {args.rounds} rounds; fedemb arms without DP (the others have none), fixed-size cohorts. "
+             "Ratios are to the plain loop (a); for time, lower is faster.", ""]
+    for workload, arms in results.items():
+        base = arms["a"]
+        lines += [f"## Workload {workload}: {MODELS[workload]}", "",
+                  "| arm | steady round (s) | × (a) | start-up (s) | × (a) | end to end (s) | × (a) | peak RSS, all processes (MB) | × (a) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for arm, r in arms.items():
+            lines.append(f"| ({arm}) {ARMS[arm]} | {r['steady_round_s']:.2f} | {r['steady_round_s'] / base['steady_round_s']:.2f} "
+                         f"| {r['startup_s']:.1f} | {r['startup_s'] / max(base['startup_s'], 1e-9):.2f} "
+                         f"| {r['end_to_end_s']:.1f} | {r['end_to_end_s'] / base['end_to_end_s']:.2f} "
+                         f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+        lines += ["", "Where the start-up goes (seconds): imports (torch, timm, Flower), set-up until round 1 starts "
+                  "(data, model, Ray, SuperNodes), what round 1 costs beyond a steady round (Ray actors starting, "
+                  "each importing torch and loading the model), and what follows the last round (evaluation, "
+                  "results, shutting Ray down).", "",
+                  "| arm | imports | set-up | round 1 extra | after the last round |", "|---|---|---|---|---|"]
+        for arm, r in arms.items():
+            lines.append(f"| ({arm}) | {r['imports_s']:.1f} | {r['setup_s']:.1f} | {r['first_round_extra_s']:.1f} "
+                         f"| {r['after_last_round_s']:.1f} |")
+        lines.append("")
+    if memory:
+        lines += ["## Memory against population size: (c) fedemb workers, workload A", "",
+                  "| users | examples | steady round (s) | peak RSS, all processes (MB) |", "|---|---|---|---|"]
+        for users, r in memory.items():
+            lines.append(f"| {users:,} | {users * EXAMPLES:,} | {r['steady_round_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        sizes = sorted(memory)
+        change = memory[sizes[-1]]["peak_rss_mb"] / memory[sizes[0]]["peak_rss_mb"] - 1
+        lines += ["", f"Peak memory changes by {change:+.1%} from {sizes[0]:,} to {sizes[-1]:,} users.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["A", "B"], choices=list(MODELS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--vectorize", type=int, default=50)
+    parser.add_argument("--memory-users", type=int, nargs="*", default=[1000, 100_000])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fedemb-benchmark"))
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-data", help=argparse.SUPPRESS)
+    parser.add_argument("--child-users", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    args.command = "python scripts/benchmark_scale.py " + " ".join(sys.argv[1:])
+    os.environ.setdefault("FEDEMB_CACHE_DIR", str(args.work / "store"))
+    from fedemb.config import load_config
+    from fedemb.data.store import materialize
+
+    started = time.monotonic()
+    populations = sorted({args.users, *args.memory_users})
+    data = {}
+    for users in populations:
+        data[users] = make_population(args.work / f"users-{users}", users)
+        for workload in args.workloads:  # build the memory-mapped store once, outside the measurements
+            materialize(load_config(None, fedemb_overrides(data[users], users, workload, 1, 0)).data)
+    results: dict = {}
+    for workload in args.workloads:
+        results[workload] = {}
+        for arm in args.arms:
+            r = run_arm(arm, workload, data[args.users], args.users, args.rounds, args.vectorize)
+            results[workload][arm] = r
+            print(f"{workload} ({arm}) {ARMS[arm]}: steady {r['steady_round_s']:.2f} s, start-up {r['startup_s']:.1f} s, "
+                  f"end to end {r['end_to_end_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    memory = {}
+    for users in args.memory_users:
+        memory[users] = run_arm("c", "A", data[users], users, args.rounds, 0)
+        print(f"memory, {users} users: peak {memory[users]['peak_rss_mb']:.0f} MB", flush=True)
+    text = report(args, results, memory, time.monotonic() - started)
+    args.out.write_text(text)
+    print(text)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Training several virtual clients at once with torch.func.vmap gives what training them one by one
+gives (same seeds), including ragged data, local heads of different widths and head warm-up; a model
+vmap cannot batch falls back to sequential training and says so."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fedemb.federated import prepare_run
+from fedemb.training.local import LocalTrainingConfig, class_anchors, train_virtual_client
+from fedemb.training.vectorized import train_virtual_clients
+from tests.helpers import tiny_config
+
+
+def setup(*overrides):
+    cfg = tiny_config(*overrides)
+    s = prepare_run(cfg)
+    return s.net, s.splits.train
+
+
+def local_config(**kw):
+    base = dict(epochs=2, batch_size=4, max_examples=30, lr=0.05, momentum=0.9, head_lr_scale=10.0,
+                head_warmup_steps=0, head="local", num_classes=10)
+    return LocalTrainingConfig(**(base | kw))
+
+
+def one_by_one(net, pop, clients, cfg, seeds, anchors):
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    out = []
+    for users, seed in zip(clients, seeds):
+        net.load_state_dict(initial)
+        out.append(train_virtual_client(net, pop, users, cfg, seed, anchors))
+    net.load_state_dict(initial)
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"head": "global"}, {"head_warmup_steps": 3}, {"head": "global", "head_init": "anchors"},
+                                {"max_examples": 7, "batch_size": 3}])
+def test_vectorized_equals_one_by_one(kw):
+    net, pop = setup()
+    cfg = local_config(**kw)
+    users = pop.user_ids
+    # ragged on purpose: 1, 2, 3, 5 users per client; and an empty one
+    clients = [tuple(users[:1]), tuple(users[1:3]), tuple(users[3:6]), tuple(users[6:11]), (10**9,)]
+    seeds = [11, 12, 13, 14, 15]
+    anchors = class_anchors(10, net.embedding.out_features, 3) if cfg.head_init == "anchors" else None
+    expected = one_by_one(net, pop, clients, cfg, seeds, anchors)
+    got = train_virtual_clients(net, pop, clients, cfg, seeds, anchors, group_size=8)
+    assert [r.num_examples for r in got] == [r.num_examples for r in expected]
+    assert expected[-1].num_examples == 0
+    for e, g in zip(expected, got):
+        assert g.mean_loss == pytest.approx(e.mean_loss, rel=1e-4, abs=1e-6)
+        for k in e.delta:
+            torch.testing.assert_close(g.delta[k], e.delta[k], rtol=1e-4, atol=1e-6)
+    assert any(e.delta[k].abs().max() > 1e-3 for e in expected for k in e.delta)  # they did train
+
+
+def test_groups_smaller_than_the_clients_give_the_same_results():
+    net, pop = setup()
+    cfg = local_config()
+    clients = [tuple(pop.user_ids[i:i + 2]) for i in range(0, 14, 2)]
+    seeds = list(range(7))
+    a = train_virtual_clients(net, pop, clients, cfg, seeds, None, group_size=3)
+    b = train_virtual_clients(net, pop, clients, cfg, seeds, None, group_size=7)
+    for x, y in zip(a, b):
+        for k in x.delta:
+            torch.testing.assert_close(x.delta[k], y.delta[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_vmap_cannot_batch_falls_back_with_a_log_line(caplog):
+    net, pop = setup('model.norm="keep"', 'model.name="resnet10t"', "privacy.enabled=false")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    cfg = local_config(epochs=1, max_examples=4, batch_size=4)
+    clients = [tuple(pop.user_ids[:1]), tuple(pop.user_ids[1:2])]
+    with caplog.at_level(logging.WARNING, logger="fedemb"):
+        got = train_virtual_clients(net, pop, clients, cfg, [1, 2], None, group_size=4, model_key="bn-model")
+    assert "vectorized training is not possible" in caplog.text
+    expected = one_by_one(net, pop, clients, cfg, [1, 2], None)
+    for e, g in zip(expected, got):
+        for k in e.delta:
+            torch.testing.assert_close(g.delta[k], e.delta[k])
