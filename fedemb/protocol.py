@@ -29,6 +29,7 @@ NUM_USERS = "num-users"
 NUM_EXAMPLES = "num-examples"
 NUM_NONFINITE = "num-nonfinite"
 NUM_CLIPPED = "num-clipped"
+NUM_FAILED = "num-failed"  # virtual clients whose training raised: they add nothing
 LOSS_SUM = "train-loss-sum"
 UPDATE_NORMS = "update-norms"
 

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.mechanisms import RoundMechanism
 from fedemb.privacy.sampling import UserSampler
-from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE, NUM_USERS,
+from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
 from strategies.reply_validation import check_reply
 from strategies.server_optimizer import ServerOptimizer
@@ -113,7 +113,8 @@ class DPFedEmb(Strategy):
             for k in total:
                 total[k] += checked.update[k]
             m = checked.metrics
-            stats["accepted"] += m[NUM_VIRTUAL_CLIENTS]
+            stats["accepted"] += m[NUM_VIRTUAL_CLIENTS] - m.get(NUM_FAILED, 0)
+            stats["failed"] += m.get(NUM_FAILED, 0)
             stats["users"] += m[NUM_USERS]
             stats["examples"] += m[NUM_EXAMPLES]
             stats["nonfinite"] += m[NUM_NONFINITE]

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedemb.privacy.clipping import global_norm
-from fedemb.protocol import METRICS, NUM_CLIPPED, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE, TrainAssignment
+from fedemb.protocol import METRICS, NUM_CLIPPED, NUM_FAILED, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE, TrainAssignment
 
 NORM_SLACK = 1e-4  # float32 summation rounding; far below any meaningful leak
 
@@ -53,6 +53,9 @@ def check_reply(reply: Message, shapes: dict[str, tuple[int, ...]], assignment: 
     clipped = metrics.get(NUM_CLIPPED)
     if not isinstance(clipped, int) or not 0 <= clipped <= expected_count:
         return CheckedReply(None, metrics, f"reply claims {clipped!r} clipped of {expected_count} virtual clients")
+    failed = metrics.get(NUM_FAILED, 0)
+    if not isinstance(failed, int) or not 0 <= failed <= expected_count:
+        return CheckedReply(None, metrics, f"reply claims {failed!r} failed of {expected_count} virtual clients")
     norm = global_norm(update)
     if not math.isfinite(norm):
         return CheckedReply(None, metrics, "update holds NaN or Inf")

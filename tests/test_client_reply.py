@@ -10,7 +10,7 @@ from fedemb.federated import prepare_run
 from fedemb.models.embedding_net import shared_state
 from fedemb.privacy.clipping import global_norm
 from fedemb.protocol import METRICS, UPDATE, TrainAssignment, train_message
-from fedemb.training.client_task import InjectedFault, make_task, run_train_assignment
+from fedemb.training.client_task import make_task, run_train_assignment
 from simulations.client_app import train as client_train
 from tests.helpers import tiny_config
 
@@ -81,13 +81,36 @@ def test_local_training_is_deterministic_for_a_training_key():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fault_injection_raises_or_poisons_the_reply():
+def test_fault_injection_fails_virtual_clients_or_poisons_the_reply():
     state, assignment = setup_message(tiny_config("simulation.faults.raise_rate=1.0"), clip=1.0)
-    with pytest.raises(InjectedFault):
-        run_train_assignment(state, assignment)
+    total, metrics = run_train_assignment(state, assignment)
+    assert metrics["num-failed"] == 2 and metrics["num-virtual-clients"] == 2
+    assert all(torch.count_nonzero(v) == 0 for v in total.values())
     state, assignment = setup_message(tiny_config("simulation.faults.nan_rate=1.0"), clip=1.0)
     total, _ = run_train_assignment(state, assignment)
     assert all(torch.isnan(v).all() for v in total.values())
+
+
+def test_a_virtual_client_whose_training_raises_costs_only_itself(monkeypatch):
+    import fedemb.training.vectorized as vectorized
+
+    cfg = tiny_config()
+    state, both = setup_message(cfg, clip=1.0)
+    (_, broken_users), healthy = both.virtual_clients
+    alone = TrainAssignment(both.server_round, both.clip_norm, both.task, [healthy])
+    expected, _ = run_train_assignment(state, alone)
+    real = vectorized.train_virtual_client
+
+    def fails_for_one(net, pop, users, *args):
+        if tuple(users) == tuple(broken_users):
+            raise OSError("disk read error")
+        return real(net, pop, users, *args)
+
+    monkeypatch.setattr(vectorized, "train_virtual_client", fails_for_one)
+    total, metrics = run_train_assignment(state, both)
+    assert metrics["num-failed"] == 1 and metrics["num-virtual-clients"] == 2
+    assert all(torch.equal(total[k], expected[k]) for k in expected)
+    assert len(metrics["update-norms"]) == 1
 
 
 def test_local_head_spans_only_the_classes_present():

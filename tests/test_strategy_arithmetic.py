@@ -184,6 +184,19 @@ def test_a_reply_with_an_impossible_clipped_count_is_rejected(flower_identity, c
     assert metrics["virtual-clients-rejected"] == 2
 
 
+@pytest.mark.parametrize("failed,accepted,rejected", [(1, 1, 0), (-1, 0, 2), (3, 0, 2), (0.5, 0, 2)])
+def test_failed_virtual_clients_are_counted_and_impossible_counts_rejected(flower_identity, failed, accepted,
+                                                                           rejected):
+    s = make_strategy(clip=1.0)
+    msgs = assign(s, [2])
+    partly = train_reply(msgs[0], {"a": torch.zeros(2, 2), "b": torch.zeros(3)},
+                         {"num-virtual-clients": 2, "num-users": 2, "num-examples": 1, "num-nonfinite": 0,
+                          "num-clipped": 0, "num-failed": failed, "train-loss-sum": 0.0, "update-norms": [0.0]})
+    _, metrics = s.aggregate_train(1, [partly])
+    assert metrics["virtual-clients-accepted"] == accepted and metrics["virtual-clients-rejected"] == rejected
+    assert metrics["virtual-clients-failed"] == (failed if not rejected else 0)
+
+
 def test_replies_are_summed_in_node_order_whatever_order_they_arrive_in(flower_identity):
     """Float addition is not associative: a fixed order keeps seeded (and resumed) runs bit-identical."""
     values = [0.1, 1e-8, 0.3, 7e-9]

@@ -2,16 +2,19 @@
 
 Each virtual client's Δ is clipped here, on the node that trained it, before anything is summed or
 sent. A non-finite Δ (diverged training) becomes zero and is counted; it still counts as one virtual
-client, so the server's norm bound (count x C) stays right.
+client, so the server's norm bound (count x C) stays right. A virtual client whose training raises
+adds nothing and is counted as failed; the node's other virtual clients are kept.
 
-Fault injection (simulation.faults, drawn per virtual client from the training key): the node raises,
-replies NaN, replies after the round's deadline (timeout), or goes silent for the round (drop: it
-waits past the deadline without training and its late error reply is discarded).
+Fault injection (simulation.faults, drawn per virtual client from the training key): the virtual
+client's training raises, the node replies NaN, replies after the round's deadline (timeout), or goes
+silent for the round (drop: it waits past the deadline without training and its late error reply is
+discarded).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,10 +29,13 @@ from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
 from fedemb.privacy.keyed_random import (STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_TRAINING, keyed_seed,
                                          keyed_uniform)
-from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_NONFINITE, NUM_USERS,
+from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment)
 from fedemb.training.local import LocalResult, LocalTrainingConfig, class_anchors
 from fedemb.training.vectorized import train_virtual_clients
+
+
+log = logging.getLogger("fedemb")
 
 
 class InjectedFault(RuntimeError):
@@ -76,24 +82,29 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     plan = []
     for vc_index, user_ids in assignment.virtual_clients:
         fault = _fault(faults, float(keyed_uniform(key, assignment.server_round, vc_index, STREAM_FAULTS)))
-        if fault == "raise":
-            raise InjectedFault(f"injected failure of virtual client {vc_index} in round {assignment.server_round}")
         if fault == "drop":
             _wait_past_deadline(task)
             raise InjectedFault(f"injected drop of virtual client {vc_index} in round {assignment.server_round}")
         plan.append((vc_index, user_ids, fault, crafted(user_ids) if crafted else None))
     to_train = [(users, keyed_seed(key, assignment.server_round, vc, STREAM_TRAINING))
-                for vc, users, _, override in plan if override is None]
+                for vc, users, fault, override in plan if override is None and fault != "raise"]
     net.load_state_dict(state, strict=False)
     model_key = json.dumps(task["model"], sort_keys=True)
     trained = iter(train_virtual_clients(net, pop, [u for u, _ in to_train], local_cfg, [s for _, s in to_train],
                                          anchors, local_cfg.vectorize, model_key))
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
-    norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
+    norms, examples, loss_sum, nonfinite, clipped, failed = [], 0, 0.0, 0, 0, 0
     late = False
     for vc_index, user_ids, fault, override in plan:
         late |= fault == "timeout"
+        if fault == "raise" and override is None:
+            log.warning("round %s: injected failure of virtual client %s", assignment.server_round, vc_index)
+            failed += 1
+            continue
         result = LocalResult(override, 0, 0.0) if override is not None else next(trained)
+        if result is None:  # its training raised (logged where it happened)
+            failed += 1
+            continue
         delta = result.delta
         diverged = not (is_finite(delta) and math.isfinite(result.mean_loss))
         if diverged:
@@ -113,7 +124,7 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
         if not diverged:  # the mean train loss is over the virtual clients that trained normally
             loss_sum += result.mean_loss
     metrics = {NUM_VIRTUAL_CLIENTS: len(assignment.virtual_clients), NUM_USERS: assignment.num_users,
-               NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped),
+               NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped), NUM_FAILED: failed,
                LOSS_SUM: loss_sum, UPDATE_NORMS: [float(n) for n in norms]}
     if late:
         _wait_past_deadline(task)

@@ -35,8 +35,8 @@ _refused: dict[str, str] = {}  # model -> why vmap could not batch it (decided o
 def train_virtual_clients(net: EmbeddingNet, pop: Population, clients: list[tuple[int, ...]],
                           cfg: LocalTrainingConfig, seeds: list[int], anchors: torch.Tensor | None,
                           group_size: int, model_key: str = "") -> list[LocalResult]:
-    """Results in the order of `clients`; groups of up to `group_size` train together (bucketed by
-    their number of steps, so little is wasted on padding)."""
+    """Results in the order of `clients` (None where a client's training raised); groups of up to
+    `group_size` train together (bucketed by their number of steps, so little is wasted on padding)."""
     initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if group_size < 2 or len(clients) < 2 or model_key in _refused:
         return _sequential(net, pop, clients, cfg, seeds, anchors, initial)
@@ -58,11 +58,17 @@ def train_virtual_clients(net: EmbeddingNet, pop: Population, clients: list[tupl
     return results
 
 
-def _sequential(net, pop, clients, cfg, seeds, anchors, initial) -> list[LocalResult]:
+def _sequential(net, pop, clients, cfg, seeds, anchors, initial) -> list[LocalResult | None]:
+    """None for a client whose training raised: one broken client must not cost the others."""
     out = []
     for users, seed in zip(clients, seeds):
         net.load_state_dict(initial)
-        out.append(train_virtual_client(net, pop, users, cfg, seed, anchors))
+        try:
+            out.append(train_virtual_client(net, pop, users, cfg, seed, anchors))
+        except Exception as exc:  # noqa: BLE001 - any failure of one client's training is isolated
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            log.warning("training the virtual client of users %s failed: %s", list(users[:4]), reason)
+            out.append(None)
     net.load_state_dict(initial)
     return out
 
