@@ -1,4 +1,4 @@
-"""fedemb command line: simulate, pretrain, evaluate, privacy."""
+"""fedemb command line: simulate, pretrain, evaluate, privacy, audit, synth."""
 
 from __future__ import annotations
 
@@ -280,6 +280,11 @@ def audit(config: ConfigOpt = None, set_: SetOpt = None,
                       f"ε {result.claimed_epsilon:.3g} at δ = {result.delta:.3g}", highlight=False)
     if not result.consistent:
         raise typer.Exit(1)
+
+
+from fedemb.synth.commands import synth_app  # noqa: E402  (it uses the helpers above)
+
+app.add_typer(synth_app, name="synth")
 
 
 def main() -> None:

@@ -24,6 +24,9 @@ ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("dirichlet", "shards", "iid")
 HEAD_KINDS = ("local", "global")
 HEAD_INITS = ("random", "anchors")
+SYNTH_COVARIANCES = ("isotropic", "diag", "full", "lowrank")
+SYNTH_INITS = ("mean", "random", "public")
+SYNTH_CENTRES = ("none", "public")
 NORM_KINDS = ("group", "keep")
 
 
@@ -125,7 +128,7 @@ class PrivacyConfig:
 
 @dataclass
 class FaultConfig:
-    raise_rate: float = 0.0  # the ClientApp raises
+    raise_rate: float = 0.0  # a virtual client's training raises (the node's other virtual clients go on)
     nan_rate: float = 0.0  # the node replies NaN
     timeout_rate: float = 0.0  # the node trains but replies after the round's deadline
     drop_rate: float = 0.0  # the node goes silent for the round: no reply before the deadline
@@ -151,6 +154,36 @@ class PretrainConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`fedemb synth gmm`: the DP Gaussian mixture, the classifier trained on its samples, baselines."""
+
+    epsilon: float = 4.0  # the synthesis stage's own budget, at the run's delta; the ledger adds training's
+    centre: str = "none"  # none | public: subtract the public users' mean embedding before normalising
+    clusters: int = 4  # per class
+    iterations: int = 2  # DP-Lloyd iterations
+    init: str = "mean"  # mean: random points around a DP class mean; random: data-independent; public: k-means on public users
+    covariance: str = "diag"  # isotropic (no release) | diag | full | lowrank
+    rank: int = 8  # lowrank: eigenvectors kept, the rest isotropic
+    eigenvalue_floor: float = 1e-4
+    contribution_bound: float = 1.0  # B: L2 bound on one user's per-cell counts
+    budget_lloyd: float = 0.3  # shares of the stage's budget (normalised to sum to 1)
+    budget_counts: float = 0.1
+    budget_means: float = 0.4
+    budget_covariances: float = 0.2
+    samples_per_class: int = 2000
+    project_samples: bool = True  # synthetic embeddings back onto the sphere, like the real ones
+    mlp_hidden: int = 256
+    mlp_epochs: int = 30
+    mlp_lr: float = 0.001
+    probe_epochs: int = 30  # DP-SGD linear probe baseline (Opacus, one user per sample)
+    probe_lr: float = 2.0
+    probe_batch_users: int = 64  # expected users per Poisson batch
+    probe_max_examples: int = 256  # rows per user kept by the probe
+    probe_clip: float = 1.0
+    seed: int = -1  # -1: OS randomness for the noise (run.seed is not reused)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +194,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -351,3 +385,29 @@ def validate(cfg: Config) -> None:
     _check(pt.epochs >= 1, f"pretrain.epochs must be >= 1, got {pt.epochs}")
     _check(pt.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {pt.batch_size}")
     _check(pt.lr > 0, f"pretrain.lr must be > 0, got {pt.lr}")
+    validate_synth(cfg.synth)
+
+
+def validate_synth(sy: SynthConfig) -> None:
+    _check(sy.epsilon > 0, f"synth.epsilon must be > 0, got {sy.epsilon}")
+    _one_of(sy.centre, SYNTH_CENTRES, "synth.centre")
+    _one_of(sy.covariance, SYNTH_COVARIANCES, "synth.covariance")
+    _one_of(sy.init, SYNTH_INITS, "synth.init")
+    _check(sy.clusters >= 1, f"synth.clusters must be >= 1, got {sy.clusters}")
+    _check(sy.iterations >= 0, f"synth.iterations must be >= 0, got {sy.iterations}")
+    _check(sy.rank >= 1, f"synth.rank must be >= 1, got {sy.rank}")
+    _check(sy.eigenvalue_floor > 0, f"synth.eigenvalue_floor must be > 0, got {sy.eigenvalue_floor}")
+    _check(sy.contribution_bound > 0, f"synth.contribution_bound must be > 0, got {sy.contribution_bound}")
+    for name in ("budget_lloyd", "budget_counts", "budget_means", "budget_covariances"):
+        _check(getattr(sy, name) >= 0, f"synth.{name} must be >= 0, got {getattr(sy, name)}")
+    _check(sy.budget_counts > 0 and sy.budget_means > 0, "synth.budget_counts and synth.budget_means must be > 0")
+    _check(sy.covariance == "isotropic" or sy.budget_covariances > 0,
+           f"synth.covariance = {sy.covariance!r} needs synth.budget_covariances > 0")
+    _check(sy.clusters == 1 or sy.budget_lloyd > 0 or (sy.init == "public" and sy.iterations == 0),
+           "synth.clusters > 1 needs synth.budget_lloyd > 0 for DP-Lloyd")
+    for name in ("samples_per_class", "mlp_hidden", "mlp_epochs", "probe_epochs", "probe_batch_users",
+                 "probe_max_examples"):
+        _check(getattr(sy, name) >= 1, f"synth.{name} must be >= 1, got {getattr(sy, name)}")
+    for name in ("mlp_lr", "probe_lr", "probe_clip"):
+        _check(getattr(sy, name) > 0, f"synth.{name} must be > 0, got {getattr(sy, name)}")
+    _check(sy.seed >= -1, f"synth.seed must be >= 0 (or -1 for OS randomness), got {sy.seed}")

@@ -1,0 +1,49 @@
+"""Pictures of a synthesis run: accuracy against ε (PNG) and real vs synthetic in TensorBoard's projector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedemb.synth.embedded import Embedded
+
+LABELS = {"gmm_mlp": "MLP on DP-GMM samples", "dpsgd_linear_probe": "DP-SGD linear probe (Opacus)",
+          "dp_prototypes": "DP class prototypes"}
+
+
+def accuracy_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = results["sweep"]
+    eps = [p["epsilon"] for p in sweep]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, label in LABELS.items():
+        ax.plot(eps, [p[method]["accuracy"] for p in sweep], marker="o", label=label)
+    ax.axhline(results["nonprivate_mlp_accuracy"], color="gray", linestyle="--", label="non-private MLP")
+    ax.set_xscale("log")
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.set_xlabel(f"synthesis ε ({results['unit']}-level, δ = {results['delta']:.2g})")
+    ax.set_ylabel("test accuracy (real embeddings)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def projector(test: Embedded, x_syn: np.ndarray, y_syn: np.ndarray, logdir: Path, rng: np.random.Generator,
+              per_source: int = 1000) -> None:
+    """Held-out users' embeddings (never the private ones) beside synthetic ones, labelled by source."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    real = rng.choice(len(test), size=min(per_source, len(test)), replace=False)
+    syn = rng.choice(len(x_syn), size=min(per_source, len(x_syn)), replace=False)
+    mat = np.concatenate([test.x[real], x_syn[syn]])
+    meta = [[str(int(label)), "real (held-out users)"] for label in test.labels[real]]
+    meta += [[str(int(label)), "synthetic"] for label in y_syn[syn]]
+    with SummaryWriter(str(logdir)) as writer:
+        writer.add_embedding(mat, metadata=meta, metadata_header=["label", "source"], tag="real_vs_synthetic")

@@ -1,0 +1,49 @@
+"""Embeddings for synthesis from a trained fedemb model: the config's private training users, its
+held-out users as the test set, and its public users (for centring or initialisation) when declared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedemb.data.population import Population
+from fedemb.errors import ConfigError
+from fedemb.synth.embedded import Embedded, to_sphere
+
+
+@dataclass
+class SynthesisData:
+    private: Embedded
+    test: Embedded
+    public: Embedded | None
+    num_classes: int
+
+
+def embed_for_synthesis(cfg, checkpoint: Path) -> SynthesisData:
+    from fedemb.data.splits import load_splits
+    from fedemb.evaluation.embed import embed
+    from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
+
+    if cfg.data.held_out_classes:
+        raise ConfigError("synthesis trains a classifier on the training classes: data.held_out_classes must be "
+                          "empty (use --set data.held_out_classes=[])")
+    splits = load_splits(cfg.data)
+    cfg.model.init_checkpoint = ""
+    net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
+    load_checkpoint(net, checkpoint)
+    raw = {name: embed(net, pop) for name, pop in (("private", splits.train), ("test", splits.eval),
+                                                     ("public", splits.public)) if pop is not None and len(pop)}
+    centre = None
+    if cfg.synth.centre == "public":
+        if "public" not in raw:
+            raise ConfigError("synth.centre = 'public' needs public users (data.public_users > 0)")
+        centre = raw["public"].mean(0)
+
+    def embedded(name: str, pop: Population) -> Embedded:
+        return Embedded(to_sphere(raw[name], centre), np.asarray(pop.labels), np.asarray(pop.users))
+
+    public = embedded("public", splits.public) if "public" in raw else None
+    return SynthesisData(embedded("private", splits.train), embedded("test", splits.eval), public,
+                         splits.train.num_classes)
