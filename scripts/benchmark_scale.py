@@ -15,9 +15,10 @@ Arms, each a separate process whose whole process tree is measured:
   (c) fedemb worker mode (no DP, fixed-size cohorts, as the others);
   (d) fedemb worker mode with vectorized local training (client.vectorize).
 Figures: steady per-round time (median of rounds 2..R), start-up (end of round 1 minus one steady
-round: process start, imports, Ray, actors), end to end, and the peak of the summed RSS of every
-process in the tree (Ray's included), each with its ratio to (a). Then (c)'s peak memory with
-populations of 1,000 and 100,000 users.
+round: process start, imports, Ray, actors), end to end, and the peak memory of the whole process
+tree (Ray's included) as the sum of PSS (shared pages counted once) and, for reference, of RSS, each
+with its ratio to (a). An arm that runs past --arm-timeout is killed and reported so. Then (c)'s peak
+memory with populations of 1,000 and 100,000 users.
 """
 
 from __future__ import annotations
@@ -212,27 +213,49 @@ def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: in
 
 
 # ----------------------------------------------------------------------------- measuring
-def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vectorize: int) -> dict:
+def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vectorize: int,
+            timeout_s: float | None = None) -> dict:
+    """One arm in a fresh process. Peak memory is sampled over the whole process tree as the sum of RSS
+    (counts shared pages once per process) and of PSS (shares them out, so the sum is what the tree
+    really holds). An arm past `timeout_s` is killed and reported as such."""
     cmd = [sys.executable, __file__, "--child", arm, "--workloads", workload, "--rounds", str(rounds),
            "--child-data", str(data), "--child-users", str(users), "--vectorize", str(vectorize)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0]
+    peak = {"rss": 0, "pss": 0}
 
     def watch():
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
+            rss = pss = 0
             try:
-                tree = [root, *root.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        info = p.memory_full_info()
+                        rss, pss = rss + info.rss, pss + info.pss
+                    except psutil.Error:
+                        continue
             except psutil.Error:
                 pass
-            time.sleep(0.1)
+            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    out, err = proc.communicate()
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        proc.communicate()
+        watcher.join()
+        return {"timed_out": True, "end_to_end_s": time.monotonic() - started, "peak_rss_mb": peak["rss"] / 2**20,
+                "peak_pss_mb": peak["pss"] / 2**20}
     wall = time.monotonic() - started
     watcher.join()
     if proc.returncode != 0:
@@ -242,7 +265,7 @@ def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vector
     rounds_s = [b - a for a, b in zip(ends, ends[1:])]
     steady = statistics.median(rounds_s) if rounds_s else ends[0]
     return {"steady_round_s": steady, "startup_s": ends[0] - steady, "end_to_end_s": wall,
-            "peak_rss_mb": peak[0] / 2**20, "round_ends_s": ends, "imports_s": timeline["imported"],
+            "peak_rss_mb": peak["rss"] / 2**20, "peak_pss_mb": peak["pss"] / 2**20, "round_ends_s": ends, "imports_s": timeline["imported"],
             "setup_s": timeline["first_round_started"] - timeline["imported"],
             "first_round_extra_s": ends[0] - timeline["first_round_started"] - steady,
             "after_last_round_s": wall - ends[-1]}
@@ -275,29 +298,38 @@ def report(args, results: dict, memory: dict, seconds: float) -> str:
     for workload, arms in results.items():
         base = arms["a"]
         lines += [f"## Workload {workload}: {MODELS[workload]}", "",
-                  "| arm | steady round (s) | × (a) | start-up (s) | × (a) | end to end (s) | × (a) | peak RSS, all processes (MB) | × (a) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| arm | steady round (s) | × (a) | start-up (s) | × (a) | end to end (s) | × (a) | peak PSS, all processes (MB) | × (a) | peak RSS sum (MB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for arm, r in arms.items():
+            if r.get("timed_out"):
+                lines.append(f"| ({arm}) {ARMS[arm]} | — | — | — | — | killed after {r['end_to_end_s']:.0f} "
+                             f"| > {r['end_to_end_s'] / base['end_to_end_s']:.1f} | {r['peak_pss_mb']:.0f} "
+                             f"| {r['peak_pss_mb'] / base['peak_pss_mb']:.2f} | {r['peak_rss_mb']:.0f} |")
+                continue
             lines.append(f"| ({arm}) {ARMS[arm]} | {r['steady_round_s']:.2f} | {r['steady_round_s'] / base['steady_round_s']:.2f} "
                          f"| {r['startup_s']:.1f} | {r['startup_s'] / max(base['startup_s'], 1e-9):.2f} "
                          f"| {r['end_to_end_s']:.1f} | {r['end_to_end_s'] / base['end_to_end_s']:.2f} "
-                         f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+                         f"| {r['peak_pss_mb']:.0f} | {r['peak_pss_mb'] / base['peak_pss_mb']:.2f} | {r['peak_rss_mb']:.0f} |")
         lines += ["", "Where the start-up goes (seconds): imports (torch, timm, Flower), set-up until round 1 starts "
                   "(data, model, Ray, SuperNodes), what round 1 costs beyond a steady round (Ray actors starting, "
                   "each importing torch and loading the model), and what follows the last round (evaluation, "
                   "results, shutting Ray down).", "",
                   "| arm | imports | set-up | round 1 extra | after the last round |", "|---|---|---|---|---|"]
         for arm, r in arms.items():
+            if r.get("timed_out"):
+                continue
             lines.append(f"| ({arm}) | {r['imports_s']:.1f} | {r['setup_s']:.1f} | {r['first_round_extra_s']:.1f} "
                          f"| {r['after_last_round_s']:.1f} |")
         lines.append("")
     if memory:
         lines += ["## Memory against population size: (c) fedemb workers, workload A", "",
-                  "| users | examples | steady round (s) | peak RSS, all processes (MB) |", "|---|---|---|---|"]
+                  "| users | examples | steady round (s) | peak PSS, all processes (MB) | peak RSS sum (MB) |",
+                  "|---|---|---|---|---|"]
         for users, r in memory.items():
-            lines.append(f"| {users:,} | {users * EXAMPLES:,} | {r['steady_round_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+            lines.append(f"| {users:,} | {users * EXAMPLES:,} | {r['steady_round_s']:.2f} | {r['peak_pss_mb']:.0f} "
+                         f"| {r['peak_rss_mb']:.0f} |")
         sizes = sorted(memory)
-        change = memory[sizes[-1]]["peak_rss_mb"] / memory[sizes[0]]["peak_rss_mb"] - 1
+        change = memory[sizes[-1]]["peak_pss_mb"] / memory[sizes[0]]["peak_pss_mb"] - 1
         lines += ["", f"Peak memory changes by {change:+.1%} from {sizes[0]:,} to {sizes[-1]:,} users.", ""]
     return "\n".join(lines) + "\n"
 
@@ -311,6 +343,8 @@ def main() -> None:
     parser.add_argument("--vectorize", type=int, default=50)
     parser.add_argument("--memory-users", type=int, nargs="*", default=[1000, 100_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedemb-benchmark"))
+    parser.add_argument("--arm-timeout", type=float, default=1800.0,
+                        help="Kill an arm after this many seconds and report it as killed.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
@@ -335,14 +369,17 @@ def main() -> None:
     for workload in args.workloads:
         results[workload] = {}
         for arm in args.arms:
-            r = run_arm(arm, workload, data[args.users], args.users, args.rounds, args.vectorize)
+            r = run_arm(arm, workload, data[args.users], args.users, args.rounds, args.vectorize, args.arm_timeout)
             results[workload][arm] = r
+            if r.get("timed_out"):
+                print(f"{workload} ({arm}) {ARMS[arm]}: killed after {r['end_to_end_s']:.0f} s", flush=True)
+                continue
             print(f"{workload} ({arm}) {ARMS[arm]}: steady {r['steady_round_s']:.2f} s, start-up {r['startup_s']:.1f} s, "
-                  f"end to end {r['end_to_end_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+                  f"end to end {r['end_to_end_s']:.1f} s, peak PSS {r['peak_pss_mb']:.0f} MB", flush=True)
     memory = {}
     for users in args.memory_users:
         memory[users] = run_arm("c", "A", data[users], users, args.rounds, 0)
-        print(f"memory, {users} users: peak {memory[users]['peak_rss_mb']:.0f} MB", flush=True)
+        print(f"memory, {users} users: peak PSS {memory[users]['peak_pss_mb']:.0f} MB", flush=True)
     text = report(args, results, memory, time.monotonic() - started)
     args.out.write_text(text)
     print(text)

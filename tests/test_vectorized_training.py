@@ -47,7 +47,7 @@ def test_vectorized_equals_one_by_one(kw):
     seeds = [11, 12, 13, 14, 15]
     anchors = class_anchors(10, net.embedding.out_features, 3) if cfg.head_init == "anchors" else None
     expected = one_by_one(net, pop, clients, cfg, seeds, anchors)
-    got = train_virtual_clients(net, pop, clients, cfg, seeds, anchors, group_size=8)
+    got = list(train_virtual_clients(net, pop, clients, cfg, seeds, anchors, group_size=8))
     assert [r.num_examples for r in got] == [r.num_examples for r in expected]
     assert expected[-1].num_examples == 0
     for e, g in zip(expected, got):
@@ -62,8 +62,8 @@ def test_groups_smaller_than_the_clients_give_the_same_results():
     cfg = local_config()
     clients = [tuple(pop.user_ids[i:i + 2]) for i in range(0, 14, 2)]
     seeds = list(range(7))
-    a = train_virtual_clients(net, pop, clients, cfg, seeds, None, group_size=3)
-    b = train_virtual_clients(net, pop, clients, cfg, seeds, None, group_size=7)
+    a = list(train_virtual_clients(net, pop, clients, cfg, seeds, None, group_size=3))
+    b = list(train_virtual_clients(net, pop, clients, cfg, seeds, None, group_size=7))
     for x, y in zip(a, b):
         for k in x.delta:
             torch.testing.assert_close(x.delta[k], y.delta[k], rtol=1e-4, atol=1e-6)
@@ -75,9 +75,17 @@ def test_a_model_vmap_cannot_batch_falls_back_with_a_log_line(caplog):
     cfg = local_config(epochs=1, max_examples=4, batch_size=4)
     clients = [tuple(pop.user_ids[:1]), tuple(pop.user_ids[1:2])]
     with caplog.at_level(logging.WARNING, logger="fedemb"):
-        got = train_virtual_clients(net, pop, clients, cfg, [1, 2], None, group_size=4, model_key="bn-model")
+        got = list(train_virtual_clients(net, pop, clients, cfg, [1, 2], None, group_size=4, model_key="bn-model"))
     assert "vectorized training is not possible" in caplog.text
     expected = one_by_one(net, pop, clients, cfg, [1, 2], None)
     for e, g in zip(expected, got):
         for k in e.delta:
             torch.testing.assert_close(g.delta[k], e.delta[k])
+
+
+def test_vectorized_groups_are_capped_to_a_memory_budget():
+    from fedemb.training.vectorized import group_size_within_memory
+
+    assert group_size_within_memory(104_000, 50) == 50  # a LeNet: all 50 fit in 1 GiB
+    assert group_size_within_memory(11_200_000, 50) == 5  # resnet18: 16 bytes x 11.2M per client
+    assert group_size_within_memory(10**9, 50) == 1  # too big for any group: one by one

@@ -17,6 +17,7 @@ def accuracy_plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sweep = results["sweep"]
     eps = [p["epsilon"] for p in sweep]
@@ -25,6 +26,7 @@ def accuracy_plot(results: dict, path: Path) -> None:
         ax.plot(eps, [p[method]["accuracy"] for p in sweep], marker="o", label=label)
     ax.axhline(results["nonprivate_mlp_accuracy"], color="gray", linestyle="--", label="non-private MLP")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_xlabel(f"synthesis ε ({results['unit']}-level, δ = {results['delta']:.2g})")
     ax.set_ylabel("test accuracy (real embeddings)")

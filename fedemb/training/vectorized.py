@@ -17,6 +17,7 @@ with a log line saying why.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,15 +30,30 @@ from fedemb.training.local import LocalResult, LocalTrainingConfig, example_sche
 
 log = logging.getLogger("fedemb")
 MASKED_LOGIT = -1e30
+GROUP_MEMORY_BYTES = 2**30
 _refused: dict[str, str] = {}  # model -> why vmap could not batch it (decided once per process)
+_capped: set[str] = set()  # models whose group size was capped (logged once per process)
+
+
+def group_size_within_memory(num_parameters: int, group_size: int, budget_bytes: int = GROUP_MEMORY_BYTES) -> int:
+    """The largest group whose stacked weights, gradients, momentum and update (4 float32 copies per
+    client) fit the budget: vmap over 50 copies of an 11M-parameter model would need ~9 GB."""
+    return max(1, min(group_size, budget_bytes // max(1, 16 * num_parameters)))
 
 
 def train_virtual_clients(net: EmbeddingNet, pop: Population, clients: list[tuple[int, ...]],
                           cfg: LocalTrainingConfig, seeds: list[int], anchors: torch.Tensor | None,
-                          group_size: int, model_key: str = "") -> list[LocalResult]:
+                          group_size: int, model_key: str = "") -> Iterator[LocalResult | None]:
     """Results in the order of `clients` (None where a client's training raised); groups of up to
-    `group_size` train together (bucketed by their number of steps, so little is wasted on padding)."""
+    `group_size` train together (bucketed by their number of steps, so little is wasted on padding).
+    One by one, each result is made when it is asked for, so a node holds one Δ at a time."""
     initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    capped = group_size_within_memory(sum(p.numel() for p in net.parameters()), group_size)
+    if capped < group_size and group_size >= 2 and model_key not in _capped:
+        _capped.add(model_key)
+        log.warning("client.vectorize = %s would not fit %.1f GiB for this model; training groups of %s",
+                    group_size, GROUP_MEMORY_BYTES / 2**30, capped)
+    group_size = capped
     if group_size < 2 or len(clients) < 2 or model_key in _refused:
         return _sequential(net, pop, clients, cfg, seeds, anchors, initial)
     prepared = [_prepare(net, pop, users, cfg, seed, anchors) for users, seed in zip(clients, seeds)]
@@ -55,22 +71,21 @@ def train_virtual_clients(net: EmbeddingNet, pop: Population, clients: list[tupl
         for i, result in zip(group, group_results):
             results[i] = result
     net.load_state_dict(initial)
-    return results
+    return iter(results)
 
 
-def _sequential(net, pop, clients, cfg, seeds, anchors, initial) -> list[LocalResult | None]:
+def _sequential(net, pop, clients, cfg, seeds, anchors, initial) -> Iterator[LocalResult | None]:
     """None for a client whose training raised: one broken client must not cost the others."""
-    out = []
     for users, seed in zip(clients, seeds):
         net.load_state_dict(initial)
         try:
-            out.append(train_virtual_client(net, pop, users, cfg, seed, anchors))
+            result = train_virtual_client(net, pop, users, cfg, seed, anchors)
         except Exception as exc:  # noqa: BLE001 - any failure of one client's training is isolated
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
             log.warning("training the virtual client of users %s failed: %s", list(users[:4]), reason)
-            out.append(None)
+            result = None
+        yield result
     net.load_state_dict(initial)
-    return out
 
 
 def _prepare(net, pop, users, cfg, seed, anchors) -> dict:
