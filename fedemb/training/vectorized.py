@@ -46,7 +46,8 @@ def train_virtual_clients(net: EmbeddingNet, pop: Population, clients: list[tupl
                           group_size: int, model_key: str = "") -> Iterator[LocalResult | None]:
     """Results in the order of `clients` (None where a client's training raised); groups of up to
     `group_size` train together (bucketed by their number of steps, so little is wasted on padding).
-    One by one, each result is made when it is asked for, so a node holds one Δ at a time."""
+    One by one, each result is made when it is asked for, so a node holds one Δ at a time; vectorized,
+    the node holds the Δs of all its clients until they are summed (groups run in step-count order)."""
     initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
     capped = group_size_within_memory(sum(p.numel() for p in net.parameters()), group_size)
     if capped < group_size and group_size >= 2 and model_key not in _capped:
