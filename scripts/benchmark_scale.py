@@ -83,6 +83,24 @@ def since_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
+def train_one_user(net, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> None:
+    """The local training every arm does: one epoch over the user's rows with a fresh local head."""
+    import torch
+
+    classes, targets = np.unique(np.asarray(y[rows]), return_inverse=True)
+    head = torch.nn.Linear(128, len(classes), bias=False)
+    body_opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    head_opt = torch.optim.SGD(head.parameters(), lr=LR * HEAD_SCALE, momentum=MOMENTUM)
+    for b in range(0, EXAMPLES, BATCH):
+        xb = torch.from_numpy(np.asarray(x[rows[b:b + BATCH]], dtype=np.float32)[:, None] / 127.5 - 1)
+        loss = torch.nn.functional.cross_entropy(head(net(xb)), torch.from_numpy(targets[b:b + BATCH]))
+        body_opt.zero_grad()
+        head_opt.zero_grad()
+        loss.backward()
+        body_opt.step()
+        head_opt.step()
+
+
 def arm_plain(data: Path, users: int, workload: str, rounds: int) -> list[float]:
     import torch
 
@@ -102,19 +120,7 @@ def arm_plain(data: Path, users: int, workload: str, rounds: int) -> list[float]
         total = {k: torch.zeros_like(v) for k, v in start.items() if v.is_floating_point()}
         for u in rng.choice(users, CLIENTS, replace=False):
             net.load_state_dict(start)
-            rows = np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[rng.permutation(EXAMPLES)]
-            classes, targets = np.unique(y[rows], return_inverse=True)
-            head = torch.nn.Linear(128, len(classes), bias=False)
-            body_opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-            head_opt = torch.optim.SGD(head.parameters(), lr=LR * HEAD_SCALE, momentum=MOMENTUM)
-            for b in range(0, EXAMPLES, BATCH):
-                xb = torch.from_numpy(np.asarray(x[rows[b:b + BATCH]], dtype=np.float32)[:, None] / 127.5 - 1)
-                loss = torch.nn.functional.cross_entropy(head(net(xb)), torch.from_numpy(targets[b:b + BATCH]))
-                body_opt.zero_grad()
-                head_opt.zero_grad()
-                loss.backward()
-                body_opt.step()
-                head_opt.step()
+            train_one_user(net, x, y, np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[rng.permutation(EXAMPLES)])
             for k, v in net.state_dict().items():
                 if k in total:
                     total[k] += start[k] - v
@@ -152,19 +158,7 @@ def arm_flower(data: Path, users: int, workload: str, rounds: int) -> list[float
         y = np.load(data / "y.npy", mmap_mode="r")
         net = build_embedding_net(cfg.model, (1, 28, 28), dp_enabled=False)
         net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        rows = np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[np.random.default_rng(u).permutation(EXAMPLES)]
-        classes, targets = np.unique(np.asarray(y[rows]), return_inverse=True)
-        head = torch.nn.Linear(128, len(classes), bias=False)
-        body_opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-        head_opt = torch.optim.SGD(head.parameters(), lr=LR * HEAD_SCALE, momentum=MOMENTUM)
-        for b in range(0, EXAMPLES, BATCH):
-            xb = torch.from_numpy(np.asarray(x[rows[b:b + BATCH]], dtype=np.float32)[:, None] / 127.5 - 1)
-            loss = torch.nn.functional.cross_entropy(head(net(xb)), torch.from_numpy(targets[b:b + BATCH]))
-            body_opt.zero_grad()
-            head_opt.zero_grad()
-            loss.backward()
-            body_opt.step()
-            head_opt.step()
+        train_one_user(net, x, y, np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[np.random.default_rng(u).permutation(EXAMPLES)])
         content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord({"num-examples": EXAMPLES})})
         return Message(content=content, reply_to=msg)
 

@@ -43,9 +43,14 @@ def second_moment_sensitivity(bound: float, radius: float) -> float:
 
 def user_weights(users: np.ndarray, cells: np.ndarray, num_cells: int, bound: float) -> np.ndarray:
     """The weight of every row: s_u = min(1, bound / ‖c_u‖₂) of its user u."""
-    if len(users) == 0:
+    return user_weights_by_index(np.unique(users, return_inverse=True)[1], cells, num_cells, bound)
+
+
+def user_weights_by_index(user_index: np.ndarray, cells: np.ndarray, num_cells: int, bound: float) -> np.ndarray:
+    """`user_weights` with users already numbered 0..U-1 (np.unique's inverse), so that repeated
+    releases over the same rows sort the user ids once."""
+    if len(user_index) == 0:
         return np.zeros(0, dtype=np.float64)
-    _, user_index = np.unique(users, return_inverse=True)
     keys, counts = np.unique(user_index.astype(np.int64) * num_cells + cells, return_counts=True)
     squared = np.bincount(keys // num_cells, weights=counts.astype(np.float64) ** 2)
     scale = np.minimum(1.0, bound / np.sqrt(squared))

@@ -23,7 +23,7 @@ from fedemb.config import SynthConfig
 from fedemb.errors import DataError
 from fedemb.synth.budget import split_noise_multiplier
 from fedemb.synth.contribution import (cell_statistics, count_sensitivity, second_moment_sensitivity,
-                                       sum_sensitivity, user_weights)
+                                       sum_sensitivity, user_weights_by_index)
 from fedemb.synth.embedded import RADIUS, Embedded
 
 RELIABLE_COUNT_IN_STDS = 2.0  # a cell whose noisy count is below this many noise stds is not trusted
@@ -88,10 +88,11 @@ def fit_dp_gmm(emb: Embedded, num_classes: int, settings: SynthConfig, z_stage: 
     shares = release_shares(s)
     z = split_noise_multiplier(z_stage, shares) if z_stage > 0 else {name: 0.0 for name in shares}
     B = s.contribution_bound
+    user_index = np.unique(emb.users, return_inverse=True)[1]
     history: list[dict] = []
 
     def noisy_cell_statistics(stage: str, cells: np.ndarray, num_cells: int, second: str):
-        weights = user_weights(emb.users, cells, num_cells, B)
+        weights = user_weights_by_index(user_index, cells, num_cells, B)
         stats = cell_statistics(emb.x, cells, weights, num_cells, second)
         details = {"cells": num_cells, "dim": d, "contribution_bound": B, "radius": RADIUS}
         stds = {}
@@ -229,7 +230,6 @@ def _mixture(counts: np.ndarray, sums: np.ndarray, moments: np.ndarray | None, c
     best = np.argmax(counts, axis=1)
     reliable[np.arange(C), best] = True  # every class keeps at least its largest cluster
     weights = np.where(reliable, np.maximum(counts, 0), 0.0)
-    weights[weights.sum(1) == 0, :] = 0
     weights[np.arange(C), best] = np.maximum(weights[np.arange(C), best], 1e-12)
     weights /= weights.sum(1, keepdims=True)
     means = _means(counts.reshape(-1), sums.reshape(-1, d), count_std).reshape(C, K, d)
