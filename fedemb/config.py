@@ -28,6 +28,7 @@ SYNTH_COVARIANCES = ("isotropic", "diag", "full", "lowrank")
 SYNTH_INITS = ("mean", "random", "public")
 SYNTH_CENTRES = ("none", "public")
 NORM_KINDS = ("group", "keep")
+INVERT_STATISTICS = ("dp", "batchnorm")
 
 
 @dataclass
@@ -184,6 +185,36 @@ class SynthConfig:
 
 
 @dataclass
+class InvertConfig:
+    """`fedemb synth invert`: DP activation statistics, images inverted from them, classifiers trained on those."""
+
+    epsilon: float = 2.0  # the stage's own budget (statistics + class prototypes), at the run's delta
+    statistics: str = "dp"  # dp: a DP release | batchnorm: running statistics already inside the clipped update
+    layers: str = "conv"  # conv: every Conv2d's output; or comma-separated module names
+    activation_clip: float = 3.0  # per layer, a = this x its RMS on noise images; channel means clamped to [-a, a], mean squares to [0, a^2]
+    contribution_bound: float = 1.0  # B: a user's examples weigh at most B in total
+    budget_count: float = 0.1  # shares of the stage's budget (normalised to sum to 1)
+    budget_means: float = 0.3
+    budget_squares: float = 0.3
+    budget_prototypes: float = 0.3
+    images_per_class: int = 64
+    steps: int = 1000
+    lr: float = 0.1
+    weight_statistics: float = 1.0
+    weight_class: float = 1.0
+    weight_tv: float = 0.01
+    weight_l2: float = 0.0001
+    temperature: float = 0.1  # of the class term's softmax over cosine similarities
+    jitter: int = 1  # pixels of random shift per step
+    flip: bool = False  # random horizontal flips (off: a flipped digit is another symbol)
+    ablation: bool = True  # also invert without the statistics term, and train on those images
+    train_epochs: int = 60
+    train_lr: float = 0.003
+    distill_temperature: float = 0.1  # the private model's prototype softmax, as the teacher
+    seed: int = -1  # -1: OS randomness for the noise
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -195,6 +226,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -386,6 +418,25 @@ def validate(cfg: Config) -> None:
     _check(pt.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {pt.batch_size}")
     _check(pt.lr > 0, f"pretrain.lr must be > 0, got {pt.lr}")
     validate_synth(cfg.synth)
+    validate_invert(cfg.invert)
+
+
+def validate_invert(iv: InvertConfig) -> None:
+    _check(iv.epsilon > 0, f"invert.epsilon must be > 0, got {iv.epsilon}")
+    _one_of(iv.statistics, INVERT_STATISTICS, "invert.statistics")
+    _check(bool(iv.layers.strip()), "invert.layers must be 'conv' or module names")
+    for name in ("activation_clip", "contribution_bound", "lr", "temperature", "train_lr", "distill_temperature"):
+        _check(getattr(iv, name) > 0, f"invert.{name} must be > 0, got {getattr(iv, name)}")
+    for name in ("budget_count", "budget_means", "budget_squares", "budget_prototypes", "weight_statistics",
+                 "weight_class", "weight_tv", "weight_l2", "jitter", "steps"):
+        _check(getattr(iv, name) >= 0, f"invert.{name} must be >= 0, got {getattr(iv, name)}")
+    if iv.statistics == "dp":
+        _check(min(iv.budget_count, iv.budget_means, iv.budget_squares) > 0,
+               "invert.budget_count, budget_means and budget_squares must be > 0 for DP statistics")
+    _check(iv.budget_prototypes > 0, "invert.budget_prototypes must be > 0: the class term needs DP prototypes")
+    for name in ("images_per_class", "train_epochs"):
+        _check(getattr(iv, name) >= 1, f"invert.{name} must be >= 1, got {getattr(iv, name)}")
+    _check(iv.seed >= -1, f"invert.seed must be >= 0 (or -1 for OS randomness), got {iv.seed}")
 
 
 def validate_synth(sy: SynthConfig) -> None:

@@ -28,36 +28,68 @@ def parse_epsilons(text: str) -> list[float]:
     return values
 
 
+def open_ledger(run: Path | None, out: Path, delta: float | None, cfg, users: int):
+    """The run's ledger when there is one (releases compose with training's), else a new one in `out`."""
+    from fedemb.privacy.accountant import default_delta
+    from fedemb.privacy.ledger import PrivacyLedger
+    from fedemb.run_dir import LEDGER_FILE
+
+    if run is not None and (run / LEDGER_FILE).is_file():
+        ledger = PrivacyLedger.load(run / LEDGER_FILE)
+        if delta is not None and delta != ledger.delta:
+            raise FedembError(f"--delta {delta} differs from the run ledger's δ {ledger.delta:.3g}")
+        return ledger
+    ledger_delta = delta if delta is not None else (cfg.privacy.delta or default_delta(users))
+    if not 0 < ledger_delta < 1:
+        raise FedembError(f"--delta must be in (0, 1), got {ledger_delta}")
+    out.mkdir(parents=True, exist_ok=True)
+    return PrivacyLedger(out / LEDGER_FILE, ledger_delta, cfg.privacy.accountant)
+
+
+def run_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
+    checkpoint = checkpoint or (run / "checkpoints" / "final.pt" if run is not None else None)
+    if checkpoint is None:
+        raise FedembError("give a run directory, or --checkpoint with --config")
+    if not Path(checkpoint).is_file():
+        raise DataError(f"checkpoint not found: {checkpoint}")
+    return Path(checkpoint)
+
+
+RunArg = Annotated[Optional[Path], typer.Argument(help="A run directory: its config, final checkpoint and privacy ledger.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Backbone + embedding checkpoint (default: the run's final.pt).")]
+DeltaOpt = Annotated[Optional[float], typer.Option(help="δ when there is no run ledger (default 1/N^1.1 of the private users).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results JSON.")]
+
+
+def run_config(run: Path | None, config: Path | None, set_):
+    if run is not None and not run.is_dir():
+        raise FedembError(f"run directory not found: {run}")
+    if run is not None:
+        config = config or run / "config.toml"
+    return _load(config, set_)
+
+
 @synth_app.command("gmm")
 @friendly_errors
-def gmm(run: Annotated[Optional[Path], typer.Argument(help="A run directory: its config, final checkpoint and privacy ledger.")] = None,
-        config: ConfigOpt = None, set_: SetOpt = None,
-        checkpoint: Annotated[Optional[Path], typer.Option(help="Backbone + embedding checkpoint (default: the run's final.pt).")] = None,
+def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
         embeddings: Annotated[Optional[Path], typer.Option(help="Private embeddings instead of embedding the config's data: .npz with embeddings, labels, users.")] = None,
         test_embeddings: Annotated[Optional[Path], typer.Option(help="Test embeddings (.npz, same keys), with --embeddings.")] = None,
-        delta: Annotated[Optional[float], typer.Option(help="δ when there is no run ledger (default 1/N^1.1 of the private users).")] = None,
+        delta: DeltaOpt = None,
         epsilons: Annotated[str, typer.Option(help="Comma-separated ε values for the accuracy-vs-ε sweep (synth.epsilon is always one).")] = "",
         out: Annotated[Optional[Path], typer.Option(help="Output directory (default RUN/synth/gmm-TIME, or runs/synth-gmm-TIME).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print synth_results.json.")] = False):
+        as_json: JsonOpt = False):
     """Fit a user-level DP Gaussian mixture per class to the private embeddings, sample synthetic
     embeddings, train an MLP on them alone and test it on real held-out embeddings, next to DP-SGD and
     DP-prototype baselines at the same ε. The release is added to the run's privacy ledger."""
     from rich.progress import Progress
 
-    from fedemb.privacy.accountant import default_delta
-    from fedemb.privacy.ledger import PrivacyLedger
-    from fedemb.run_dir import LEDGER_FILE
     from fedemb.synth.embedded import load_embedded, to_sphere
     from fedemb.synth.from_run import SynthesisData, embed_for_synthesis
     from fedemb.synth.gmm import check_fit_inputs
     from fedemb.synth.pipeline import run_gmm_synthesis
 
     sweep = parse_epsilons(epsilons)
-    if run is not None and not run.is_dir():
-        raise FedembError(f"run directory not found: {run}")
-    if run is not None:
-        config = config or run / "config.toml"
-    cfg = _load(config, set_)
+    cfg = run_config(run, config, set_)
     if embeddings is not None or test_embeddings is not None:
         if embeddings is None or test_embeddings is None:
             raise FedembError("--embeddings and --test-embeddings go together")
@@ -67,30 +99,16 @@ def gmm(run: Annotated[Optional[Path], typer.Argument(help="A run directory: its
         private.x, test.x = to_sphere(private.x), to_sphere(test.x)
         data = SynthesisData(private, test, None, int(max(private.labels.max(), test.labels.max())) + 1)
     else:
-        checkpoint = checkpoint or (run / "checkpoints" / "final.pt" if run is not None else None)
-        if checkpoint is None:
+        if run is None and checkpoint is None:
             raise FedembError("give a run directory, --checkpoint with --config, or --embeddings and --test-embeddings")
-        if not Path(checkpoint).is_file():
-            raise DataError(f"checkpoint not found: {checkpoint}")
-        data = embed_for_synthesis(cfg, checkpoint)
+        data = embed_for_synthesis(cfg, run_checkpoint(run, checkpoint))
     if data.test.labels.max() >= data.num_classes:
         raise DataError(f"test labels go up to {data.test.labels.max()}, beyond the {data.num_classes} classes")
     check_fit_inputs(data.private, data.num_classes, cfg.synth, data.public)  # before anything is written
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = out or (run / "synth" / f"gmm-{stamp}" if run is not None else Path("runs") / f"synth-gmm-{stamp}")
-    ledger_path = run / LEDGER_FILE if run is not None and (run / LEDGER_FILE).is_file() else None
-    if ledger_path is not None:
-        ledger = PrivacyLedger.load(ledger_path)
-        if delta is not None and delta != ledger.delta:
-            raise FedembError(f"--delta {delta} differs from the run ledger's δ {ledger.delta:.3g}")
-    else:
-        users = len(set(data.private.users.tolist()))
-        ledger_delta = delta if delta is not None else (cfg.privacy.delta or default_delta(users))
-        if not 0 < ledger_delta < 1:
-            raise FedembError(f"--delta must be in (0, 1), got {ledger_delta}")
-        out.mkdir(parents=True, exist_ok=True)
-        ledger = PrivacyLedger(out / LEDGER_FILE, ledger_delta, cfg.privacy.accountant)
+    ledger = open_ledger(run, out, delta, cfg, len(set(data.private.users.tolist())))
 
     points = len(set(sweep) | {cfg.synth.epsilon})
     with Progress(console=err_console, transient=True) as bar:
@@ -111,4 +129,50 @@ def gmm(run: Annotated[Optional[Path], typer.Argument(help="A run directory: its
             for p in results["sweep"]}
     rows["non-private MLP"] = f"{results['nonprivate_mlp_accuracy']:.3f}"
     _print_report(rows, "test accuracy", False)
+    console.print(f"outputs in {out}", highlight=False)
+
+
+@synth_app.command("invert")
+@friendly_errors
+def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
+           delta: DeltaOpt = None,
+           out: Annotated[Optional[Path], typer.Option(help="Output directory (default RUN/synth/invert-TIME, or runs/synth-invert-TIME).")] = None,
+           as_json: JsonOpt = False):
+    """Release DP activation statistics and DP class prototypes of the private data, invert them into
+    images, and train fresh classifiers on those images alone (hard labels, and distilled from the private
+    model), tested on real held-out images next to an ablation without statistics. Settings: [invert]."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedemb.synth.invert_run import load_private_model, run_inversion
+
+    cfg = run_config(run, config, set_)
+    model = load_private_model(cfg, run_checkpoint(run, checkpoint))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = out or (run / "synth" / f"invert-{stamp}" if run is not None else Path("runs") / f"synth-invert-{stamp}")
+    ledger = open_ledger(run, out, delta, cfg, model.private.num_users)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks = {}
+
+        def progress(phase: str, step: int, loss: float) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=cfg.invert.steps if "training" not in phase else None,
+                                            loss="")
+            bar.update(tasks[phase], completed=step, loss="" if loss != loss else f"loss {loss:.4g}")
+        results = run_inversion(cfg, model, ledger, out, progress)
+    results["out"] = str(out)
+    if as_json:
+        print(json.dumps(results, default=str))
+        return
+    released = results["released"]
+    console.print(f"released {released['releases']} Gaussian statistics at ε = {released['epsilon']:.3g} "
+                  f"(δ = {results['delta']:.3g}); the ledger now holds ε = {results['ledger_epsilon_total']:.3g} "
+                  f"in all (was {results['ledger_epsilon_before']:.3g})", highlight=False)
+    rows = {f"{name}: from scratch | distilled": f"{e['from_scratch_accuracy']:.3f} | {e['distilled_accuracy']:.3f}"
+            for name, e in results["evaluation"].items()}
+    refs = results["references"]
+    rows["chance"] = f"{refs['chance']:.3f}"
+    rows["private model (DP prototypes)"] = f"{refs['private_model_prototype_accuracy']:.3f}"
+    rows["as many real images (non-private)"] = f"{refs['real_images_same_count_nonprivate']:.3f}"
+    _print_report(rows, "accuracy on real held-out images", False)
     console.print(f"outputs in {out}", highlight=False)

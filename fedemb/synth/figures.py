@@ -49,3 +49,28 @@ def projector(test: Embedded, x_syn: np.ndarray, y_syn: np.ndarray, logdir: Path
     meta += [[str(int(label)), "synthetic"] for label in y_syn[syn]]
     with SummaryWriter(str(logdir)) as writer:
         writer.add_embedding(mat, metadata=meta, metadata_header=["label", "source"], tag="real_vs_synthetic")
+
+
+def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 16):
+    """One row per class, up to per_class images each: a (C, H, W) tensor in [0, 1]."""
+    import torch
+    from torchvision.utils import make_grid
+
+    rows = []
+    for c in np.unique(labels):
+        picked = images[labels == c][:per_class]
+        pad = np.zeros((per_class - len(picked), *images.shape[1:]), dtype=images.dtype)
+        rows.append(np.concatenate([picked, pad]))
+    return make_grid(torch.as_tensor(np.concatenate(rows)), nrow=per_class, padding=1, pad_value=0.5)
+
+
+def save_image_grids(grids: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> None:
+    """Each named (images, labels) set as out/NAME.png and as an image in out/tensorboard."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torchvision.utils import save_image
+
+    with SummaryWriter(str(out / "tensorboard")) as writer:
+        for name, (images, labels) in grids.items():
+            grid = image_grid(images, labels)
+            save_image(grid, out / f"{name}.png")
+            writer.add_image(name, grid, 0)

@@ -19,6 +19,7 @@ class SynthesisData:
     test: Embedded
     public: Embedded | None
     num_classes: int
+    centre: np.ndarray | None = None  # subtracted from every embedding before normalising
 
 
 def embed_for_synthesis(cfg, checkpoint: Path) -> SynthesisData:
@@ -46,4 +47,4 @@ def embed_for_synthesis(cfg, checkpoint: Path) -> SynthesisData:
 
     public = embedded("public", splits.public) if "public" in raw else None
     return SynthesisData(embedded("private", splits.train), embedded("test", splits.eval), public,
-                         splits.train.num_classes)
+                         splits.train.num_classes, centre)

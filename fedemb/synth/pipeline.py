@@ -29,11 +29,12 @@ STREAM_NOISE, STREAM_SAMPLES, STREAM_TRAIN, STREAM_PROBE = 21, 22, 23, 24
 METHODS = ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes")
 
 
-def ledger_recorder(ledger: PrivacyLedger, stage: str) -> Callable[[str, float, float, dict], None]:
+def ledger_recorder(ledger: PrivacyLedger, stage: str, what: str = "the per-cell"
+                    ) -> Callable[[str, float, float, dict], None]:
     """Record each Gaussian release (q = 1, one step) in the ledger, which is written before returning."""
     def record(name: str, z: float, sensitivity: float, details: dict) -> None:
         ledger.record(LedgerEntry(
-            stage=stage, release=name, mechanism=f"Gaussian noise on the per-cell {name.split()[-1]}",
+            stage=stage, release=name, mechanism=f"Gaussian noise on {what} {name.split()[-1]}",
             accounting={"kind": SAMPLED_GAUSSIAN, "z": float(z), "q": 1.0, "steps": 1}, unit=ledger.unit,
             noise_multiplier=float(z), sensitivity=float(sensitivity), details=details))
     return record

@@ -1,0 +1,169 @@
+"""`fedemb synth invert`: images from the private model, and how well models trained on them do.
+
+One stage of the privacy ledger holds the DP activation statistics (count, sums, squares) and the DP
+class prototypes of the class term; the stage's ε is split over them (fedemb.synth.budget). With
+`invert.statistics = "batchnorm"` the statistics are BatchNorm buffers that were inside the clipped
+DP update, so only the prototypes are released. Everything after the releases is post-processing:
+inversion, the classifiers trained on its images, the ablation without statistics.
+
+Evaluation (every figure on the config's held-out users' real images):
+- from scratch, hard labels: a fresh model of the same architecture trained on the inverted images;
+- distillation: the same, with soft labels from the private model (prototype softmax) as the teacher;
+- ablation: both again on images optimised with no statistics term (class term and priors only);
+- references: chance, the private model's own prototype classifier, and a fresh model trained on as
+  many real private images (non-private, for scale only).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedemb.privacy.keyed_random import keyed_seed
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.run_dir import write_json
+from fedemb.synth.activation_stats import ActivationStatistics, batchnorm_statistics, release_activation_statistics
+from fedemb.synth.baselines import dp_prototypes, prototype_accuracy
+from fedemb.synth.budget import split_noise_multiplier, stage_noise_multiplier
+from fedemb.synth.image_classifier import classifier_accuracy, fresh_classifier, prototype_teacher, train_classifier
+from fedemb.synth.inversion import InversionSettings, invert
+from fedemb.synth.pipeline import ledger_recorder, next_stage
+
+STREAM_STATS, STREAM_PROTOS, STREAM_INVERT, STREAM_TRAIN, STREAM_REAL = 31, 32, 33, 34, 35
+
+
+@dataclass
+class PrivateModel:
+    """The released encoder and what synthesis reads from the config's data."""
+
+    net: torch.nn.Module
+    image_shape: tuple[int, int, int]
+    private: object  # Population of the private training users
+    test_images: np.ndarray  # (n, C, H, W) in [0, 1], the held-out users
+    test_labels: np.ndarray
+    embedded: object  # fedemb.synth.from_run.SynthesisData
+
+
+def load_private_model(cfg, checkpoint: Path) -> PrivateModel:
+    from fedemb.data.splits import load_splits
+    from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
+    from fedemb.synth.from_run import embed_for_synthesis
+
+    embedded = embed_for_synthesis(cfg, checkpoint)
+    splits = load_splits(cfg.data)
+    net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
+    load_checkpoint(net, checkpoint)
+    net.eval()
+    test = splits.eval
+    test_images = np.asarray(test.images, dtype=np.float32) * test.pixel_scale
+    return PrivateModel(net, splits.train.image_shape, splits.train, test_images, np.asarray(test.labels),
+                        embedded)
+
+
+def inversion_settings(iv, **overrides) -> InversionSettings:
+    fields = ("steps", "lr", "weight_statistics", "weight_class", "weight_tv", "weight_l2", "temperature",
+              "jitter", "flip")
+    return InversionSettings(**{**{f: getattr(iv, f) for f in fields}, **overrides})
+
+
+def release(model: PrivateModel, iv, ledger: PrivacyLedger, stage: str, seed: int
+            ) -> tuple[ActivationStatistics, np.ndarray]:
+    """The stage's releases, recorded in the ledger: activation statistics and class prototypes."""
+    z = stage_noise_multiplier(iv.epsilon, ledger.delta, ledger.accountant)
+    record = ledger_recorder(ledger, stage, "the activation")
+    if iv.statistics == "dp":
+        shares = {"count": iv.budget_count, "means": iv.budget_means, "squares": iv.budget_squares,
+                  "prototypes": iv.budget_prototypes}
+        z_each = split_noise_multiplier(z, shares)
+        z_stats = split_noise_multiplier(z, {"statistics": sum(shares.values()) - iv.budget_prototypes,
+                                             "prototypes": iv.budget_prototypes})["statistics"]
+        stats = release_activation_statistics(
+            model.net, iv.layers, model.private, iv.activation_clip, iv.contribution_bound, z_stats,
+            {k: shares[k] for k in ("count", "means", "squares")},
+            np.random.default_rng(keyed_seed(seed, STREAM_STATS)), record)
+        z_protos = z_each["prototypes"]
+    else:
+        stats = batchnorm_statistics(model.net)
+        z_protos = z
+    data = model.embedded
+    protos = dp_prototypes(data.private, data.num_classes, z_protos, iv.contribution_bound,
+                           np.random.default_rng(keyed_seed(seed, STREAM_PROTOS)),
+                           ledger_recorder(ledger, stage, "the per-class"))
+    return stats, protos
+
+
+def fresh_accuracy(cfg, model: PrivateModel, images: np.ndarray, labels: np.ndarray | None, seed: int,
+                   teacher=None) -> float:
+    iv = cfg.invert
+    student = fresh_classifier(cfg.model, model.image_shape, model.embedded.num_classes, seed)
+    train_classifier(student, images, iv.train_epochs, iv.train_lr, seed, labels=labels, teacher=teacher)
+    return classifier_accuracy(student, model.test_images, model.test_labels)
+
+
+def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, progress=None) -> dict:
+    """Writes the outputs under `out` and returns invert_results.json's content. `progress(phase,
+    step, loss)` follows the optimisation."""
+    iv = cfg.invert
+    out.mkdir(parents=True, exist_ok=True)
+    seed = iv.seed if iv.seed >= 0 else secrets.randbits(63)
+    epsilon_before = ledger.epsilon
+    stage = next_stage(ledger, "synthesis/invert")
+    stats, protos = release(model, iv, ledger, stage, seed)
+    stats.save(out / "statistics.npz")
+    np.save(out / "prototypes.npy", protos)
+    stage_entries = [e for e in ledger.entries if e.stage == stage]
+    num_classes = model.embedded.num_classes
+    labels = np.repeat(np.arange(num_classes), iv.images_per_class)
+    centre = model.embedded.centre
+
+    def inverted(phase: str, **overrides) -> tuple[np.ndarray, dict, float]:
+        started = time.perf_counter()
+        images, summary = invert(model.net, labels, model.image_shape, inversion_settings(iv, **overrides),
+                                 keyed_seed(seed, STREAM_INVERT) % 2**63, stats, protos, centre,
+                                 progress=(lambda step, loss: progress(phase, step, loss)) if progress else None)
+        return images, summary, time.perf_counter() - started
+
+    sets = {"inverted": inverted("inverted")}
+    if iv.ablation:
+        sets["no_statistics"] = inverted("no statistics", weight_statistics=0.0)
+    teacher = prototype_teacher(model.net, protos, centre, iv.distill_temperature)
+    train_seed = keyed_seed(seed, STREAM_TRAIN) % 2**31
+    evaluation = {}
+    for name, (images, summary, seconds) in sets.items():
+        np.savez(out / f"{name}.npz", images=images, labels=labels)
+        if progress:
+            progress(f"training on {name}", 0, float("nan"))
+        evaluation[name] = {
+            "from_scratch_accuracy": fresh_accuracy(cfg, model, images, labels, train_seed),
+            "distilled_accuracy": fresh_accuracy(cfg, model, images, None, train_seed, teacher),
+            "inversion_seconds": seconds, "optimisation": summary}
+    real_rows = np.random.default_rng(keyed_seed(seed, STREAM_REAL)).choice(
+        len(model.private), size=min(len(labels), len(model.private)), replace=False)
+    real_rows.sort()
+    real_images = np.asarray(model.private.images[real_rows], dtype=np.float32) * model.private.pixel_scale
+    results = {
+        "released": {"stage": stage, "epsilon": ledger.epsilon_of(stage_entries), "target_epsilon": iv.epsilon,
+                     "releases": len(stage_entries), "statistics": stats.source, "layers": stats.layers},
+        "delta": ledger.delta, "accountant": ledger.accountant, "unit": ledger.unit,
+        "ledger_epsilon_before": epsilon_before, "ledger_epsilon_total": ledger.epsilon,
+        "num_classes": num_classes, "synthetic_images": int(len(labels)),
+        "test": {"examples": int(len(model.test_labels))},
+        "evaluation": evaluation,
+        "references": {
+            "chance": 1.0 / num_classes,
+            "private_model_prototype_accuracy": prototype_accuracy(protos, model.embedded.test.x,
+                                                                   model.embedded.test.labels),
+            "real_images_same_count_nonprivate": fresh_accuracy(
+                cfg, model, real_images, np.asarray(model.private.labels[real_rows]), train_seed)},
+        "settings": dict(iv.__dict__),
+    }
+    write_json(out / "invert_results.json", results)
+    from fedemb.synth.figures import save_image_grids
+
+    save_image_grids({name: (images, labels) for name, (images, _, _) in sets.items()}, out)
+    return results

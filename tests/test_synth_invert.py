@@ -1,0 +1,202 @@
+"""`fedemb synth invert`: the activation statistics are bounded per user and noised at the calibrated
+scale, the release is recorded in the run's ledger at the stage's ε, inversion moves images toward the
+released statistics, BatchNorm buffers are used only as they are, and bad input is a one-line error."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+from typer.testing import CliRunner
+
+from fedemb.cli import app
+from fedemb.data.population import Population
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.synth.activation_stats import (ActivationStatistics, batchnorm_statistics, bounded_sums,
+                                          per_example_moments, reference_scales, release_activation_statistics,
+                                          statistics_sensitivities, watched_layers)
+from fedemb.synth.inversion import InversionSettings, StatisticsTarget, invert
+from fedemb.synth.activation_stats import recorded_outputs
+
+FAST = ["invert.seed=0", "invert.steps=4", "invert.images_per_class=2", "invert.train_epochs=1"]
+
+
+def small_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.Flatten(),
+                         nn.Linear(6 * 8 * 8, 5))
+
+
+def population(rng, users=40, per_user=3):
+    n = users * per_user
+    images = rng.integers(0, 17, (n, 1, 8, 8)).astype(np.uint8)
+    return Population(images, rng.integers(0, 3, n), np.repeat(np.arange(users), per_user), 1 / 16, 3)
+
+
+def test_removing_any_user_moves_the_bounded_sums_by_at_most_the_sensitivities():
+    """A user with many extreme examples is the worst case: the bound must hold for it too."""
+    rng = np.random.default_rng(0)
+    pop = population(rng)
+    loud = Population(np.full((30, 1, 8, 8), 16, np.uint8), np.zeros(30, np.int64), np.full(30, 999), 1 / 16, 3)
+    pop = Population(np.concatenate([pop.images, loud.images]), np.concatenate([pop.labels, loud.labels]),
+                     np.concatenate([pop.users, loud.users]), 1 / 16, 3)
+    net = small_net()
+    layers = watched_layers(net, "conv")
+    clips = 0.5 * reference_scales(net, layers, pop.image_shape)
+    m, s, channels = per_example_moments(net, layers, pop)
+    per_channel = np.repeat(clips, channels)
+    bound = 2.0
+    full = bounded_sums(m, s, pop.users, per_channel, bound)
+    sens = statistics_sensitivities(bound, clips, channels)
+    worst = {k: 0.0 for k in full}
+    for u in np.unique(pop.users):
+        keep = pop.users != u
+        without = bounded_sums(m[keep], s[keep], pop.users[keep], per_channel, bound)
+        for k in full:
+            worst[k] = max(worst[k], float(np.linalg.norm(full[k] - without[k])))
+    for k in full:
+        assert worst[k] <= sens[k] * (1 + 1e-9), k
+    assert worst["count"] == pytest.approx(bound)  # the loud user reaches the count bound exactly
+    assert worst["squares"] > 0.5 * sens["squares"]  # and comes close on the squares: the bound is not loose
+
+
+def test_each_statistic_gets_its_share_of_the_noise_and_the_shares_compose_to_the_target():
+    rng = np.random.default_rng(1)
+    pop = population(rng)
+    net = small_net()
+    recorded = []
+    z = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1.0, steps=1, accountant="rdp",
+                             epsilon_tolerance=0.005)
+    stats = release_activation_statistics(net, "conv", pop, 3.0, 1.0, z, {"count": 1, "means": 2, "squares": 2},
+                                          np.random.default_rng(2), lambda *a: recorded.append(a))
+    zs = {name.split()[-1]: z_i for name, z_i, _, _ in recorded}
+    assert set(zs) == {"count", "means", "squares"}
+    assert sum(1 / v**2 for v in zs.values()) == pytest.approx(1 / z**2)
+    assert zs["count"] == pytest.approx(z / np.sqrt(0.2))
+    assert stats.layers == ["0", "2"] and [len(m) for m in stats.means] == [4, 6]
+    assert all((v >= 1e-4).all() for v in stats.variances)
+
+
+def test_the_release_noise_has_the_recorded_scale():
+    """Repeating the release: the spread of the noisy statistics is z_i times the recorded sensitivity."""
+    rng = np.random.default_rng(3)
+    pop = population(rng, users=10, per_user=1)
+    net = small_net()
+    draws, recorded = [], []
+    for i in range(400):
+        stats = release_activation_statistics(net, "conv", pop, 3.0, 1.0, 1.0, {"count": 1e4, "means": 1,
+                                                                                 "squares": 1},
+                                              np.random.default_rng(100 + i), lambda *a: recorded.append(a))
+        draws.append(np.concatenate(stats.means))
+    # the count takes nearly all of the budget share, so its noise is negligible next to the means'
+    (_, z_means, sens_means, _), = [r for r in recorded[:3] if r[0] == "activation means"]
+    spread = np.std(np.stack(draws), axis=0).mean()
+    count = 10.0
+    assert spread == pytest.approx(z_means * sens_means / count, rel=0.15)
+
+
+def test_inversion_moves_images_toward_the_statistics():
+    rng = np.random.default_rng(4)
+    pop = population(rng)
+    net = small_net()
+    stats = release_activation_statistics(net, "conv", pop, 10.0, 100.0, 0.0, {"count": 1, "means": 1, "squares": 1},
+                                          np.random.default_rng(0))
+    target = StatisticsTarget(net, stats)
+
+    def distance(images01):
+        with torch.no_grad(), recorded_outputs(target.layers) as seen:
+            net(torch.as_tensor(images01) * 2 - 1)
+            return float(target.loss(seen))
+
+    labels = np.zeros(32, dtype=np.int64)
+    settings = InversionSettings(steps=150, lr=0.05, weight_class=0.0, jitter=0)
+    start, _ = invert(net, labels, (1, 8, 8), InversionSettings(steps=0), 0)
+    images, summary = invert(net, labels, (1, 8, 8), settings, 0, stats=stats)
+    assert images.shape == (32, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    assert distance(images) < 0.3 * distance(start)
+    assert summary["best"]["step"] > 0
+
+
+def test_batchnorm_statistics_are_its_buffers_and_describe_its_inputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+    net.train()
+    net(torch.randn(64, 1, 8, 8) * 3 + 1)
+    stats = batchnorm_statistics(net)
+    assert stats.layers == ["1"] and stats.use_inputs and stats.source == "batchnorm"
+    assert np.allclose(stats.means[0], net[1].running_mean.numpy())
+    with pytest.raises(Exception, match="no BatchNorm"):
+        batchnorm_statistics(small_net())
+
+
+def test_statistics_naming_a_layer_the_model_lacks_are_refused():
+    stats = ActivationStatistics(["nope"], [np.zeros(1)], [np.ones(1)], "dp")
+    with pytest.raises(ValueError, match="'nope'"):
+        StatisticsTarget(small_net(), stats)
+
+
+def _cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from fedemb.config import load_config, to_toml
+    from fedemb.federated import run_federated
+    from fedemb.inprocess import InProcessGrid
+    from simulations.client_app import train
+
+    items = ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=100",
+             "sampling.rate=0.3", "sampling.users_per_client=1", "client.epochs=1", "run.rounds=2",
+             "run.seed=1", "run.eval_every=0"]
+    cfg = load_config(None, items)
+    run = tmp_path_factory.mktemp("invert") / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(cfg))
+    run_federated(InProcessGrid(train, 2), cfg, run, show_progress=False)
+    return run
+
+
+def test_invert_on_a_run_writes_its_outputs_and_adds_one_stage_at_its_epsilon(trained_run):
+    trained = PrivacyLedger.load(trained_run / "privacy.json").epsilon
+    out = trained_run / "inv"
+    code, output = _cli("synth", "invert", trained_run, *_sets(FAST + ["invert.epsilon=1.5"]), "--out", out,
+                        "--json")
+    assert code == 0, output
+    results = json.loads(output.strip().splitlines()[-1])
+    ledger = PrivacyLedger.load(trained_run / "privacy.json")
+    stage = [e for e in ledger.entries if e.stage == "synthesis/invert 1"]
+    assert [e.release for e in stage] == ["activation count", "activation means", "activation squares",
+                                          "prototype sums"]
+    assert ledger.epsilon_of(stage) == pytest.approx(1.5, rel=0.01) and ledger.epsilon_of(stage) <= 1.5 * 1.001
+    assert results["ledger_epsilon_before"] == pytest.approx(trained)
+    assert ledger.epsilon > trained
+    for name in ("invert_results.json", "statistics.npz", "prototypes.npy", "inverted.npz", "inverted.png",
+                 "no_statistics.npz", "no_statistics.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    for name in ("inverted", "no_statistics"):
+        for key in ("from_scratch_accuracy", "distilled_accuracy"):
+            assert 0 <= results["evaluation"][name][key] <= 1
+    with np.load(out / "inverted.npz") as f:
+        assert f["images"].shape == (10 * 2, 1, 8, 8) and (np.bincount(f["labels"]) == 2).all()
+
+
+@pytest.mark.parametrize("items,needle", [
+    (["invert.statistics=\"bn\""], "invert.statistics must be one of dp, batchnorm"),
+    (["invert.layers=\"backbone.nope\""], "invert.layers: no module named 'backbone.nope'"),
+    (["invert.statistics=\"batchnorm\""], "has no BatchNorm running statistics"),
+    (["invert.epsilon=0"], "invert.epsilon must be > 0"),
+])
+def test_bad_invert_settings_are_one_line_errors_and_release_nothing(trained_run, items, needle):
+    before = PrivacyLedger.load(trained_run / "privacy.json").entries
+    code, output = _cli("synth", "invert", trained_run, *_sets(FAST + items), "--out", trained_run / "bad")
+    assert code == 2 and needle in output and len(output.strip().splitlines()) == 1, output
+    assert len(PrivacyLedger.load(trained_run / "privacy.json").entries) == len(before)
