@@ -197,8 +197,8 @@ class InvertConfig:
     budget_means: float = 0.3
     budget_squares: float = 0.3
     budget_prototypes: float = 0.3
-    images_per_class: int = 64
-    steps: int = 1000
+    images_per_class: int = 32
+    steps: int = 500
     lr: float = 0.1
     weight_statistics: float = 1.0
     weight_class: float = 1.0

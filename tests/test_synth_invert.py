@@ -200,3 +200,26 @@ def test_bad_invert_settings_are_one_line_errors_and_release_nothing(trained_run
     code, output = _cli("synth", "invert", trained_run, *_sets(FAST + items), "--out", trained_run / "bad")
     assert code == 2 and needle in output and len(output.strip().splitlines()) == 1, output
     assert len(PrivacyLedger.load(trained_run / "privacy.json").entries) == len(before)
+
+
+def test_inversion_matches_batchnorm_buffers_on_the_layers_input():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 4))
+    net.train()
+    with torch.no_grad():
+        for _ in range(50):
+            net(torch.rand(64, 1, 8, 8) * 0.4 - 0.9)  # dark images: BatchNorm's inputs have a distinct mean
+    net.eval()
+    stats = batchnorm_statistics(net)
+    target = StatisticsTarget(net, stats)
+
+    def distance(images01):
+        with torch.no_grad(), recorded_outputs(target.layers, inputs=True) as seen:
+            net(torch.as_tensor(images01) * 2 - 1)
+            return float(target.loss(seen))
+
+    labels = np.zeros(16, dtype=np.int64)
+    start, _ = invert(net, labels, (1, 8, 8), InversionSettings(steps=0), 0)
+    images, _ = invert(net, labels, (1, 8, 8), InversionSettings(steps=150, lr=0.05, weight_class=0.0, jitter=0),
+                       0, stats=stats)
+    assert distance(images) < 0.3 * distance(start)

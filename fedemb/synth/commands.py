@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -69,6 +70,31 @@ def run_config(run: Path | None, config: Path | None, set_):
     return _load(config, set_)
 
 
+def print_release(results: dict) -> None:
+    released = results["released"]
+    console.print(f"released {released['releases']} Gaussian statistics at ε = {released['epsilon']:.3g} "
+                  f"(δ = {results['delta']:.3g}); the ledger now holds ε = {results['ledger_epsilon_total']:.3g} "
+                  f"in all (was {results['ledger_epsilon_before']:.3g})", highlight=False)
+
+
+@contextmanager
+def optimisation_progress(steps: int):
+    """A rich progress bar per phase; yields the `progress(phase, step, loss)` callback the runs call.
+    Optimisation phases count their steps; training and baseline phases just show that they run."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks = {}
+
+        def progress(phase: str, step: int, loss: float) -> None:
+            if phase not in tasks:
+                counted = not any(word in phase for word in ("training", "baseline"))
+                tasks[phase] = bar.add_task(phase, total=steps if counted else None, loss="")
+            bar.update(tasks[phase], completed=step, loss="" if loss != loss else f"loss {loss:.4g}")
+        yield progress
+
+
 @synth_app.command("gmm")
 @friendly_errors
 def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
@@ -120,10 +146,7 @@ def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, check
     if as_json:
         print(json.dumps(results, default=str))
         return
-    released = results["released"]
-    console.print(f"released {released['releases']} Gaussian statistics at ε = {released['epsilon']:.3g} "
-                  f"(δ = {results['delta']:.3g}); the ledger now holds ε = {results['ledger_epsilon_total']:.3g} "
-                  f"in all (was {results['ledger_epsilon_before']:.3g})", highlight=False)
+    print_release(results)
     rows = {f"ε = {p['epsilon']:g}": " | ".join(f"{m} {p[m]['accuracy']:.3f}"
                                                  for m in ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes"))
             for p in results["sweep"]}
@@ -141,8 +164,6 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
     """Release DP activation statistics and DP class prototypes of the private data, invert them into
     images, and train fresh classifiers on those images alone (hard labels, and distilled from the private
     model), tested on real held-out images next to an ablation without statistics. Settings: [invert]."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedemb.synth.invert_run import load_private_model, run_inversion
 
     cfg = run_config(run, config, set_)
@@ -150,24 +171,13 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = out or (run / "synth" / f"invert-{stamp}" if run is not None else Path("runs") / f"synth-invert-{stamp}")
     ledger = open_ledger(run, out, delta, cfg, model.private.num_users)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        tasks = {}
-
-        def progress(phase: str, step: int, loss: float) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=cfg.invert.steps if "training" not in phase else None,
-                                            loss="")
-            bar.update(tasks[phase], completed=step, loss="" if loss != loss else f"loss {loss:.4g}")
+    with optimisation_progress(cfg.invert.steps) as progress:
         results = run_inversion(cfg, model, ledger, out, progress)
     results["out"] = str(out)
     if as_json:
         print(json.dumps(results, default=str))
         return
-    released = results["released"]
-    console.print(f"released {released['releases']} Gaussian statistics at ε = {released['epsilon']:.3g} "
-                  f"(δ = {results['delta']:.3g}); the ledger now holds ε = {results['ledger_epsilon_total']:.3g} "
-                  f"in all (was {results['ledger_epsilon_before']:.3g})", highlight=False)
+    print_release(results)
     rows = {f"{name}: from scratch | distilled": f"{e['from_scratch_accuracy']:.3f} | {e['distilled_accuracy']:.3f}"
             for name, e in results["evaluation"].items()}
     refs = results["references"]
@@ -175,4 +185,57 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
     rows["private model (DP prototypes)"] = f"{refs['private_model_prototype_accuracy']:.3f}"
     rows["as many real images (non-private)"] = f"{refs['real_images_same_count_nonprivate']:.3f}"
     _print_report(rows, "accuracy on real held-out images", False)
+    console.print(f"outputs in {out}", highlight=False)
+
+
+@synth_app.command("custom")
+@friendly_errors
+def custom(run: RunArg = None,
+           task: Annotated[Optional[Path], typer.Option("--task", help="The task spec (TOML): classes, references, masks or a mask rule, levels.")] = None,
+           config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
+           statistics: Annotated[Optional[Path], typer.Option(help="A `fedemb synth invert` output: its DP statistics and prototypes steer the synthesis (post-processing).")] = None,
+           baseline: Annotated[bool, typer.Option(help="Also synthesize with nothing uploaded (the L0-only baseline).")] = True,
+           out: Annotated[Optional[Path], typer.Option(help="Output directory (default RUN/synth/custom-TIME, or runs/synth-custom-TIME).")] = None,
+           as_json: JsonOpt = False):
+    """Customized synthesis for one user's task: sanitize the references on the device (per object L0
+    nothing, L1 outline and edges, L2 the segment; optional DP embeddings), synthesize on the server from
+    the uploaded payload alone, train a small model on the result and test it on the user's real held-out
+    images against the L0-only baseline, with per-object privacy measures."""
+    from fedemb.data.splits import load_splits
+    from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
+    from fedemb.synth.custom import custom_settings
+    from fedemb.synth.custom_run import run_custom
+    from fedemb.synth.from_run import embedding_centre
+    from fedemb.synth.task_spec import load_task
+
+    if task is None:
+        raise FedembError("--task FILE is required (the task spec, TOML)")
+    cfg = run_config(run, config, set_)
+    splits = load_splits(cfg.data)
+    cfg.model.init_checkpoint = ""
+    net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
+    load_checkpoint(net, run_checkpoint(run, checkpoint))
+    spec = load_task(task, splits.train.image_shape)  # every check on the task happens before anything leaves
+    settings = custom_settings(spec.synthesis, str(task))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = out or (run / "synth" / f"custom-{stamp}" if run is not None else Path("runs") / f"synth-custom-{stamp}")
+    with optimisation_progress(settings.steps) as progress:
+        results = run_custom(cfg.model, net, embedding_centre(cfg, net, splits), spec, out, cfg.privacy.accountant,
+                             statistics, baseline, progress)
+    results["out"] = str(out)
+    if as_json:
+        print(json.dumps(results, default=str))
+        return
+    levels = ", ".join(f"{o} {lv}" for o, lv in results["levels"].items())
+    console.print(f"uploaded {results['uploaded_bytes']} bytes ({levels}); DP embeddings ε = "
+                  f"{results['privacy']['epsilon_per_reference_image']:.3g} per reference image", highlight=False)
+    rows = {"customized": f"{results['customized']['accuracy']:.3f}"}
+    if "l0_baseline" in results:
+        rows["L0-only baseline"] = f"{results['l0_baseline']['accuracy']:.3f}"
+    rows["chance"] = f"{results['chance']:.3f}"
+    for obj, measure in results["privacy"]["objects"].items():
+        rows[f"{obj}: pixel MI"] = f"{measure['mi_bits']:.2f} of {measure['raw_entropy_bits']:.2f} bits"
+        sim = results["privacy"]["embedding_similarity"][obj]
+        rows[f"{obj}: cos(synthetic, raw)"] = f"{sim['synthetic_vs_own_reference']:.3f}"
+    _print_report(rows, f"task {results['task']}: accuracy on the user's real held-out images", False)
     console.print(f"outputs in {out}", highlight=False)

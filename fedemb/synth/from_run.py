@@ -36,11 +36,9 @@ def embed_for_synthesis(cfg, checkpoint: Path) -> SynthesisData:
     load_checkpoint(net, checkpoint)
     raw = {name: embed(net, pop) for name, pop in (("private", splits.train), ("test", splits.eval),
                                                      ("public", splits.public)) if pop is not None and len(pop)}
-    centre = None
-    if cfg.synth.centre == "public":
-        if "public" not in raw:
-            raise ConfigError("synth.centre = 'public' needs public users (data.public_users > 0)")
-        centre = raw["public"].mean(0)
+    centre = raw["public"].mean(0) if cfg.synth.centre == "public" and "public" in raw else None
+    if cfg.synth.centre == "public" and centre is None:
+        raise ConfigError("synth.centre = 'public' needs public users (data.public_users > 0)")
 
     def embedded(name: str, pop: Population) -> Embedded:
         return Embedded(to_sphere(raw[name], centre), np.asarray(pop.labels), np.asarray(pop.users))
@@ -48,3 +46,14 @@ def embed_for_synthesis(cfg, checkpoint: Path) -> SynthesisData:
     public = embedded("public", splits.public) if "public" in raw else None
     return SynthesisData(embedded("private", splits.train), embedded("test", splits.eval), public,
                          splits.train.num_classes, centre)
+
+
+def embedding_centre(cfg, net, splits) -> np.ndarray | None:
+    """The public users' mean embedding under synth.centre = 'public', else None."""
+    from fedemb.evaluation.embed import embed
+
+    if cfg.synth.centre != "public":
+        return None
+    if splits.public is None or not len(splits.public):
+        raise ConfigError("synth.centre = 'public' needs public users (data.public_users > 0)")
+    return embed(net, splits.public).mean(0)

@@ -1,8 +1,12 @@
-"""A fresh image classifier trained on synthetic images only, then tested on real ones.
+"""Image classifiers trained on synthetic images only, then tested on real ones.
 
-Same architecture as the private model (backbone + embedding layer) with a linear class layer, random
-initialisation. Hard labels train it with cross-entropy; soft labels (distillation) with the KL
-divergence to a teacher's class probabilities on the same augmented batch.
+- `fresh_classifier`: the private model's architecture (backbone + embedding layer) with a linear
+  class layer, from random initialisation: what the synthetic images alone teach.
+- `EncoderHead`: the released private encoder, frozen, with a linear head on its normalised embedding:
+  a user's specialised model, which needs few images because the encoder is already trained.
+
+Hard labels train with cross-entropy; soft labels (distillation) with the KL divergence to a teacher's
+class probabilities on the same augmented batch.
 """
 
 from __future__ import annotations
@@ -21,6 +25,28 @@ def fresh_classifier(model_cfg, image_shape: tuple[int, int, int], num_classes: 
     torch.manual_seed(seed)
     net = build_embedding_net(model_cfg, image_shape, dp_enabled=False)
     return nn.Sequential(net, nn.ReLU(), nn.Linear(model_cfg.embedding_dim, num_classes))
+
+
+class EncoderHead(nn.Module):
+    def __init__(self, encoder: nn.Module, centre: np.ndarray | None, embedding_dim: int, num_classes: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = encoder
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("centre", torch.as_tensor(centre if centre is not None else np.zeros(embedding_dim),
+                                                       dtype=torch.float32))
+        self.head = nn.Linear(embedding_dim, num_classes)
+
+    def train(self, mode: bool = True) -> "EncoderHead":
+        super().train(mode)
+        self.encoder.eval()  # frozen: the released weights, as they are
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            e = F.normalize(self.encoder(x) - self.centre, dim=1)
+        return self.head(e)
 
 
 def shifted(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -45,7 +71,7 @@ def train_classifier(model: nn.Module, images: np.ndarray, epochs: int, lr: floa
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(images, dtype=torch.float32) * 2 - 1
     y = torch.as_tensor(labels, dtype=torch.int64) if labels is not None else None
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)

@@ -8,7 +8,8 @@ The loss, on the batch x (model input scale, [-1, 1]):
 - class: cross-entropy of softmax(cos(e(x), p_c) / T) over class anchors p_c (DP class prototypes, or
   a user's shared references), so every image moves toward its own class;
 - priors: total variation and the squared L2 norm of the image;
-- `extra_terms`: callables on the un-jittered batch, for pixel-aligned targets (customized synthesis).
+- `extra_terms`: callables on the un-jittered batch, for pixel-aligned targets (customized synthesis);
+  `project` puts back, after every step, pixels that are known exactly (shared segments).
 
 Every step sees the batch under a random shift of up to `jitter` pixels (and a random horizontal flip
 when enabled), so the images do not overfit one alignment. Adam with a cosine schedule; the iterate of
@@ -44,6 +45,7 @@ class InversionSettings:
     flip: bool = False
     init_scale: float = 0.5
     extra_terms: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    project: Callable[[torch.Tensor], None] | None = None  # in place, after every step: fixed pixels
 
 
 class StatisticsTarget:
@@ -109,7 +111,10 @@ def invert(net: nn.Module, labels: np.ndarray, image_shape: tuple[int, int, int]
         start = torch.as_tensor(init, dtype=torch.float32) * 2 - 1
     else:
         start = settings.init_scale * torch.randn((len(labels), *image_shape), generator=gen)
-    x = start.clone().clamp_(-1, 1).requires_grad_(True)
+    x = start.clone().clamp_(-1, 1)
+    if settings.project is not None:
+        settings.project(x)
+    x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=settings.lr, betas=(0.5, 0.9))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(settings.steps, 1))))
@@ -131,7 +136,7 @@ def invert(net: nn.Module, labels: np.ndarray, image_shape: tuple[int, int, int]
     def with_extras(batch: torch.Tensor, total: torch.Tensor, parts: dict[str, float]):
         for i, term in enumerate(settings.extra_terms):
             value = term(batch)
-            parts[f"extra_{i}"] = float(value)
+            parts[f"extra_{i}"] = float(value.detach())
             total = total + value
         return total, parts
 
@@ -154,5 +159,7 @@ def invert(net: nn.Module, labels: np.ndarray, image_shape: tuple[int, int, int]
         schedule.step()
         with torch.no_grad():
             x.clamp_(-1, 1)
+            if settings.project is not None:
+                settings.project(x)
     images = ((best[1] + 1) / 2).clamp(0, 1).numpy().astype(np.float32)
     return images, {"best_loss": best[0], "best": best[2], "steps": settings.steps}

@@ -77,16 +77,13 @@ def release(model: PrivateModel, iv, ledger: PrivacyLedger, stage: str, seed: in
     z = stage_noise_multiplier(iv.epsilon, ledger.delta, ledger.accountant)
     record = ledger_recorder(ledger, stage, "the activation")
     if iv.statistics == "dp":
-        shares = {"count": iv.budget_count, "means": iv.budget_means, "squares": iv.budget_squares,
-                  "prototypes": iv.budget_prototypes}
-        z_each = split_noise_multiplier(z, shares)
-        z_stats = split_noise_multiplier(z, {"statistics": sum(shares.values()) - iv.budget_prototypes,
-                                             "prototypes": iv.budget_prototypes})["statistics"]
+        statistics_share = iv.budget_count + iv.budget_means + iv.budget_squares
+        z_stage = split_noise_multiplier(z, {"statistics": statistics_share, "prototypes": iv.budget_prototypes})
         stats = release_activation_statistics(
-            model.net, iv.layers, model.private, iv.activation_clip, iv.contribution_bound, z_stats,
-            {k: shares[k] for k in ("count", "means", "squares")},
+            model.net, iv.layers, model.private, iv.activation_clip, iv.contribution_bound, z_stage["statistics"],
+            {"count": iv.budget_count, "means": iv.budget_means, "squares": iv.budget_squares},
             np.random.default_rng(keyed_seed(seed, STREAM_STATS)), record)
-        z_protos = z_each["prototypes"]
+        z_protos = z_stage["prototypes"]
     else:
         stats = batchnorm_statistics(model.net)
         z_protos = z
