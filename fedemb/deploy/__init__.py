@@ -1,0 +1,1 @@
+"""Deploying DP-FedEmb on real devices with Flower: credentials and processes."""
