@@ -52,14 +52,9 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     cfg = load_config(args.run / "config.toml")
-    from fedemb.data.splits import load_splits
-    from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
-    from fedemb.synth.from_run import embedding_centre
+    from fedemb.synth.from_run import embedding_centre, load_encoder
 
-    splits = load_splits(cfg.data)
-    cfg.model.init_checkpoint = ""
-    net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
-    load_checkpoint(net, args.run / "checkpoints" / "final.pt")
+    net, splits = load_encoder(cfg, args.run / "checkpoints" / "final.pt")
     centre = embedding_centre(cfg, net, splits)
     rows = []
     scratch = None

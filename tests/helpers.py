@@ -11,3 +11,22 @@ TINY = [
 
 def tiny_config(*overrides):
     return load_config(None, TINY + list(overrides))
+
+
+SMALL_RUN = ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=100",
+             "sampling.rate=0.3", "sampling.users_per_client=1", "client.epochs=1", "run.rounds=2",
+             "run.seed=1", "run.eval_every=0"]
+
+
+def train_small_run(run_dir):
+    """A 2-round DP run on digits (in process), with its config, checkpoints and ledger in run_dir."""
+    from fedemb.config import to_toml
+    from fedemb.federated import run_federated
+    from fedemb.inprocess import InProcessGrid
+    from simulations.client_app import train
+
+    cfg = load_config(None, SMALL_RUN)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    run_federated(InProcessGrid(train, 2), cfg, run_dir, show_progress=False)
+    return run_dir

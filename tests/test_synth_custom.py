@@ -19,6 +19,7 @@ from fedemb.synth.custom import (CustomSettings, class_anchors, copy_targets, cu
 from fedemb.synth.custom_run import nothing_shared
 from fedemb.synth.sanitize import edge_maps, payload_from_bytes, payload_to_bytes, sanitize
 from fedemb.synth.task_spec import OBJECTS, CustomTask, ObjectPolicy
+from tests.helpers import train_small_run
 
 SHAPE = (1, 12, 12)
 FAST = CustomSettings(images_per_reference=2, steps=30, shift=0, train_epochs=1)
@@ -148,19 +149,7 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from fedemb.config import load_config, to_toml
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
-    from simulations.client_app import train
-
-    cfg = load_config(None, ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=100",
-                             "sampling.rate=0.3", "sampling.users_per_client=1", "client.epochs=1", "run.rounds=2",
-                             "run.seed=1", "run.eval_every=0"])
-    run = tmp_path_factory.mktemp("custom") / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(to_toml(cfg))
-    run_federated(InProcessGrid(train, 2), cfg, run, show_progress=False)
-    return run
+    return train_small_run(tmp_path_factory.mktemp("custom") / "run")
 
 
 def digits_task(folder: Path, levels='foreground = "L1"\nbackground = "L0"', extra="", shape=(8, 8),

@@ -14,6 +14,7 @@ from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.synth.classifier import accuracy, train_mlp
 from fedemb.synth.embedded import Embedded, to_sphere
 from fedemb.synth.gmm import fit_dp_gmm
+from tests.helpers import train_small_run
 
 FAST = ["synth.seed=0", "synth.mlp_epochs=5", "synth.probe_epochs=3", "synth.samples_per_class=300"]
 
@@ -107,19 +108,7 @@ def test_cli_writes_every_output_and_a_ledger_at_the_target(tmp_path):
 
 
 def test_synthesis_on_a_run_composes_with_the_training_in_its_ledger(tmp_path):
-    from fedemb.config import load_config, to_toml
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
-    from simulations.client_app import train
-
-    items = ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=100",
-             "sampling.rate=0.3", "sampling.users_per_client=1", "client.epochs=1", "run.rounds=2",
-             "run.seed=1", "run.eval_every=0"]
-    cfg = load_config(None, items)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(to_toml(cfg))
-    run_federated(InProcessGrid(train, 2), cfg, run, show_progress=False)
+    run = train_small_run(tmp_path / "run")
     trained_epsilon = PrivacyLedger.load(run / "privacy.json").epsilon
     code, output = _cli("synth", "gmm", run, *_sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]), "--json")
     assert code == 0, output

@@ -15,10 +15,10 @@ from fedemb.cli import app
 from fedemb.data.population import Population
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.synth.activation_stats import (ActivationStatistics, batchnorm_statistics, bounded_sums,
-                                          per_example_moments, reference_scales, release_activation_statistics,
-                                          statistics_sensitivities, watched_layers)
+                                          per_example_moments, recorded_outputs, reference_scales,
+                                          release_activation_statistics, statistics_sensitivities, watched_layers)
 from fedemb.synth.inversion import InversionSettings, StatisticsTarget, invert
-from fedemb.synth.activation_stats import recorded_outputs
+from tests.helpers import train_small_run
 
 FAST = ["invert.seed=0", "invert.steps=4", "invert.images_per_class=2", "invert.train_epochs=1"]
 
@@ -148,20 +148,7 @@ def _sets(items):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from fedemb.config import load_config, to_toml
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
-    from simulations.client_app import train
-
-    items = ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=100",
-             "sampling.rate=0.3", "sampling.users_per_client=1", "client.epochs=1", "run.rounds=2",
-             "run.seed=1", "run.eval_every=0"]
-    cfg = load_config(None, items)
-    run = tmp_path_factory.mktemp("invert") / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(to_toml(cfg))
-    run_federated(InProcessGrid(train, 2), cfg, run, show_progress=False)
-    return run
+    return train_small_run(tmp_path_factory.mktemp("invert") / "run")
 
 
 def test_invert_on_a_run_writes_its_outputs_and_adds_one_stage_at_its_epsilon(trained_run):

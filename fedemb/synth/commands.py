@@ -201,20 +201,15 @@ def custom(run: RunArg = None,
     nothing, L1 outline and edges, L2 the segment; optional DP embeddings), synthesize on the server from
     the uploaded payload alone, train a small model on the result and test it on the user's real held-out
     images against the L0-only baseline, with per-object privacy measures."""
-    from fedemb.data.splits import load_splits
-    from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
     from fedemb.synth.custom import custom_settings
     from fedemb.synth.custom_run import run_custom
-    from fedemb.synth.from_run import embedding_centre
+    from fedemb.synth.from_run import embedding_centre, load_encoder
     from fedemb.synth.task_spec import load_task
 
     if task is None:
         raise FedembError("--task FILE is required (the task spec, TOML)")
     cfg = run_config(run, config, set_)
-    splits = load_splits(cfg.data)
-    cfg.model.init_checkpoint = ""
-    net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
-    load_checkpoint(net, run_checkpoint(run, checkpoint))
+    net, splits = load_encoder(cfg, run_checkpoint(run, checkpoint))
     spec = load_task(task, splits.train.image_shape)  # every check on the task happens before anything leaves
     settings = custom_settings(spec.synthesis, str(task))
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -106,8 +106,7 @@ def embedding_similarity(embed, task: CustomTask, images: np.ndarray, reference:
 def run_custom(model_cfg, net: torch.nn.Module, centre: np.ndarray | None, task: CustomTask, out: Path,
                accountant: str, statistics_dir: Path | None = None, baseline: bool = True, progress=None) -> dict:
     settings = custom_settings(task.synthesis, str(task.path))
-    dim = int(net.embedding.out_features) if hasattr(net, "embedding") else None
-    stats, population_prototypes = released_artifacts(statistics_dir, net, dim)
+    stats, population_prototypes = released_artifacts(statistics_dir, net, model_cfg.embedding_dim)
     out.mkdir(parents=True, exist_ok=True)
     seed = task.seed if task.seed >= 0 else secrets.randbits(63)
     rng = np.random.default_rng(seed)

@@ -22,23 +22,30 @@ class SynthesisData:
     centre: np.ndarray | None = None  # subtracted from every embedding before normalising
 
 
-def embed_for_synthesis(cfg, checkpoint: Path) -> SynthesisData:
+def load_encoder(cfg, checkpoint: Path):
+    """The released backbone + embedding from `checkpoint`, and the config's data splits."""
     from fedemb.data.splits import load_splits
-    from fedemb.evaluation.embed import embed
     from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
 
-    if cfg.data.held_out_classes:
-        raise ConfigError("synthesis trains a classifier on the training classes: data.held_out_classes must be "
-                          "empty (use --set data.held_out_classes=[])")
     splits = load_splits(cfg.data)
     cfg.model.init_checkpoint = ""
     net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
     load_checkpoint(net, checkpoint)
+    net.eval()
+    return net, splits
+
+
+def embed_for_synthesis(cfg, checkpoint: Path, loaded=None) -> SynthesisData:
+    """`loaded`: the (net, splits) of `load_encoder`, when the caller holds them already."""
+    from fedemb.evaluation.embed import embed
+
+    if cfg.data.held_out_classes:
+        raise ConfigError("synthesis trains a classifier on the training classes: data.held_out_classes must be "
+                          "empty (use --set data.held_out_classes=[])")
+    net, splits = loaded or load_encoder(cfg, checkpoint)
     raw = {name: embed(net, pop) for name, pop in (("private", splits.train), ("test", splits.eval),
                                                      ("public", splits.public)) if pop is not None and len(pop)}
-    centre = raw["public"].mean(0) if cfg.synth.centre == "public" and "public" in raw else None
-    if cfg.synth.centre == "public" and centre is None:
-        raise ConfigError("synth.centre = 'public' needs public users (data.public_users > 0)")
+    centre = public_centre(cfg, raw.get("public"))
 
     def embedded(name: str, pop: Population) -> Embedded:
         return Embedded(to_sphere(raw[name], centre), np.asarray(pop.labels), np.asarray(pop.users))
@@ -48,12 +55,18 @@ def embed_for_synthesis(cfg, checkpoint: Path) -> SynthesisData:
                          splits.train.num_classes, centre)
 
 
-def embedding_centre(cfg, net, splits) -> np.ndarray | None:
+def public_centre(cfg, public_embeddings: np.ndarray | None) -> np.ndarray | None:
     """The public users' mean embedding under synth.centre = 'public', else None."""
-    from fedemb.evaluation.embed import embed
-
     if cfg.synth.centre != "public":
         return None
-    if splits.public is None or not len(splits.public):
+    if public_embeddings is None:
         raise ConfigError("synth.centre = 'public' needs public users (data.public_users > 0)")
-    return embed(net, splits.public).mean(0)
+    return public_embeddings.mean(0)
+
+
+def embedding_centre(cfg, net, splits) -> np.ndarray | None:
+    """`public_centre`, embedding the public users only when it is needed."""
+    from fedemb.evaluation.embed import embed
+
+    wanted = cfg.synth.centre == "public" and splits.public is not None and len(splits.public)
+    return public_centre(cfg, embed(net, splits.public) if wanted else None)

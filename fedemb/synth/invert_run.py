@@ -50,15 +50,10 @@ class PrivateModel:
 
 
 def load_private_model(cfg, checkpoint: Path) -> PrivateModel:
-    from fedemb.data.splits import load_splits
-    from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
-    from fedemb.synth.from_run import embed_for_synthesis
+    from fedemb.synth.from_run import embed_for_synthesis, load_encoder
 
-    embedded = embed_for_synthesis(cfg, checkpoint)
-    splits = load_splits(cfg.data)
-    net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
-    load_checkpoint(net, checkpoint)
-    net.eval()
+    net, splits = load_encoder(cfg, checkpoint)
+    embedded = embed_for_synthesis(cfg, checkpoint, loaded=(net, splits))
     test = splits.eval
     test_images = np.asarray(test.images, dtype=np.float32) * test.pixel_scale
     return PrivateModel(net, splits.train.image_shape, splits.train, test_images, np.asarray(test.labels),
