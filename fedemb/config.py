@@ -147,6 +147,16 @@ class SimulationConfig:
 
 
 @dataclass
+class DeploymentConfig:
+    """Training on real devices (Flower's deployment engine): the users are the SuperNodes, each holding
+    one user's data (its node config: data-path, and user when the file holds several)."""
+
+    devices: int = 0  # N: registered devices, the population the accountant and the denominator use; 0: no deployment
+    min_devices: int = 0  # wait until this many are online before round 1 (0: all N)
+    wait_s: float = 300.0  # how long to wait for them
+
+
+@dataclass
 class PretrainConfig:
     epochs: int = 5
     batch_size: int = 64
@@ -224,6 +234,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     invert: InvertConfig = field(default_factory=InvertConfig)
@@ -413,12 +424,29 @@ def validate(cfg: Config) -> None:
     f = sim.faults
     _check(f.raise_rate + f.nan_rate + f.timeout_rate + f.drop_rate <= 1,
            "simulation.faults rates must add up to at most 1")
+    validate_deployment(cfg)
     pt = cfg.pretrain
     _check(pt.epochs >= 1, f"pretrain.epochs must be >= 1, got {pt.epochs}")
     _check(pt.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {pt.batch_size}")
     _check(pt.lr > 0, f"pretrain.lr must be > 0, got {pt.lr}")
     validate_synth(cfg.synth)
     validate_invert(cfg.invert)
+
+
+def validate_deployment(cfg: Config) -> None:
+    dp = cfg.deployment
+    _check(dp.devices >= 0, f"deployment.devices must be >= 0 (0: not a deployment), got {dp.devices}")
+    _check(dp.min_devices >= 0 and (dp.devices == 0 or dp.min_devices <= dp.devices),
+           f"deployment.min_devices must be in [0, deployment.devices = {dp.devices}], got {dp.min_devices}")
+    _check(dp.wait_s > 0, f"deployment.wait_s must be > 0, got {dp.wait_s}")
+    if dp.devices and cfg.sampling.users_per_client != 1:
+        raise ConfigError(
+            f"deployment.devices is set, so each virtual client is one device (one user): "
+            f"sampling.users_per_client must be 1, got {cfg.sampling.users_per_client} "
+            "(a virtual client of k users trains on their pooled data, which devices never share)")
+    if dp.devices and cfg.sampling.virtual_clients:
+        raise ConfigError("deployment.devices sets the denominator (round(q x devices)); "
+                          "leave sampling.virtual_clients at 0")
 
 
 def validate_invert(iv: InvertConfig) -> None:

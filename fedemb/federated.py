@@ -53,14 +53,19 @@ class RunSetup:
     privacy: PrivacyPlan
 
     @property
+    def on_devices(self) -> bool:
+        return self.cfg.deployment.devices > 0
+
+    @property
     def population(self) -> int:
-        return self.splits.train.num_users
+        """N: the training users; on devices, the registered devices (the server holds no training data)."""
+        return self.cfg.deployment.devices or self.splits.train.num_users
 
 
 def prepare_run(cfg: Config) -> RunSetup:
     """Everything that can fail on bad input, checked before any process is started."""
     splits = load_splits(cfg.data)
-    n_users = splits.train.num_users
+    n_users = cfg.deployment.devices or splits.train.num_users
     k = cfg.sampling.users_per_client
     if k > n_users:
         raise ConfigError(f"sampling.users_per_client = {k} is larger than the {n_users} training users available")
@@ -170,8 +175,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
                         server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
                         ledger=ledger, target_epsilon=privacy.target_epsilon, attempt=attempt,
                         eval_every=cfg.run.eval_every, round_timeout_s=cfg.simulation.round_timeout_s,
-                        callbacks=callbacks, placement="by_slot" if cfg.simulation.mode == "devices" else "balanced",
-                        user_examples=setup.splits.train.examples_per_user())
+                        callbacks=callbacks, placement=_placement(cfg), user_examples=setup.splits.train.examples_per_user(),
+                        min_devices=cfg.deployment.min_devices or cfg.deployment.devices, wait_s=cfg.deployment.wait_s)
     if state:
         strategy.load_state_dict(state["strategy"])
         start_arrays = ArrayRecord(strategy.server_optimizer.state())
@@ -218,12 +223,12 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
             "users_per_client": cfg.sampling.users_per_client,
             "virtual_clients_per_round": setup.virtual_clients,
             "population": setup.population,
-            "unit": "user",
+            "unit": "device" if setup.on_devices else "user",
             "noise_predictable_from_seed": noise.predictable,
         },
         "totals": totals,
         "nodes": len(list(grid.get_node_ids())),
-        "simulation_mode": cfg.simulation.mode,
+        "simulation_mode": "deployment" if setup.on_devices else cfg.simulation.mode,
         "history": history.rounds,
         "checkpoint": "checkpoints/final.pt",
         "tensorboard": "tensorboard",
@@ -235,6 +240,12 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         log(WARNING, "%s virtual clients failed, %s were rejected and %s missing over the run (see results.json)",
             totals["virtual-clients-failed"], totals["virtual-clients-rejected"], totals["virtual-clients-missing"])
     return results
+
+
+def _placement(cfg: Config) -> str:
+    if cfg.deployment.devices:
+        return "devices"
+    return "by_slot" if cfg.simulation.mode == "devices" else "balanced"
 
 
 def _write_projector(tensorboard: TensorBoardLogger, evaluator: Evaluator, step: int) -> None:

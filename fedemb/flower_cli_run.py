@@ -114,26 +114,30 @@ def run_flower_app(app_dir: Path, run_config: dict[str, str], num_supernodes: in
     flwr_home.mkdir(parents=True, exist_ok=True)
     cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client  # Flower wants an int here
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
-    command = ["flwr", "run", str(app_dir), "--format", "json", "--federation-config", federation,
-               "--run-config", run_config_string(run_config)]
     try:
-        submitted = _flwr(command, env, app_dir, timeout_s=120)
-        try:
-            reply = json.loads(submitted.stdout)
-        except json.JSONDecodeError:
-            reply = {}
-        if not reply.get("success") or "run-id" not in reply:
-            detail = (reply.get("error-message") or submitted.stderr or submitted.stdout).strip().splitlines()
-            raise FlowerRunError(f"`flwr run` did not start the run: {detail[-1] if detail else 'no output'}")
-        run_id = str(reply["run-id"])
-        status = _wait_for_final_status(run_id, env, app_dir, timeout_s, poll_s, run_dir / "results.json")
-        log = _flwr(["flwr", "log", run_id, "--show"], env, app_dir, timeout_s=60).stdout
+        run_id = submit_run(app_dir, ["--federation-config", federation], run_config, env)
+        status = wait_for_final_status(run_id, env, app_dir, timeout_s, poll_s, run_dir / "results.json")
+        log = flwr_command(["flwr", "log", run_id, "--show"], env, app_dir, timeout_s=60).stdout
     finally:
         stop_local_superlink(flwr_home)
     return FlowerRunOutcome(run_id, status, run_dir, log)
 
 
-def _wait_for_final_status(run_id: str, env: dict, cwd: Path, timeout_s: float, poll_s: float,
+def submit_run(app_dir: Path, target: list[str], run_config: dict[str, str], env: dict) -> str:
+    """`flwr run APP_DIR *target` with this run config; the run id, or FlowerRunError with Flower's reason."""
+    command = ["flwr", "run", str(app_dir), *target, "--format", "json", "--run-config", run_config_string(run_config)]
+    submitted = flwr_command(command, env, app_dir, timeout_s=120)
+    try:
+        reply = json.loads(submitted.stdout)
+    except json.JSONDecodeError:
+        reply = {}
+    if not reply.get("success") or "run-id" not in reply:
+        detail = (reply.get("error-message") or submitted.stderr or submitted.stdout).strip().splitlines()
+        raise FlowerRunError(f"`flwr run` did not start the run: {detail[-1] if detail else 'no output'}")
+    return str(reply["run-id"])
+
+
+def wait_for_final_status(run_id: str, env: dict, cwd: Path, timeout_s: float, poll_s: float,
                            results_file: Path | None = None) -> str:
     """`finished:<details>`, or a description of the timeout. Each `flwr ls` is a new Python process
     (seconds of CPU on a small machine): ask every `poll_s` seconds once the run has written its results,
@@ -143,7 +147,7 @@ def _wait_for_final_status(run_id: str, env: dict, cwd: Path, timeout_s: float, 
     while time.monotonic() < deadline:
         finishing = results_file is not None and results_file.exists()
         if finishing or time.monotonic() >= next_ask:
-            status = _run_status(run_id, env, cwd)
+            status = run_status(run_id, env, cwd)
             if status.startswith("finished"):
                 return status
             next_ask = time.monotonic() + STATUS_POLL_S
@@ -151,8 +155,8 @@ def _wait_for_final_status(run_id: str, env: dict, cwd: Path, timeout_s: float, 
     return f"did not finish within {timeout_s:.0f} s"
 
 
-def _run_status(run_id: str, env: dict, cwd: Path) -> str:
-    listing = _flwr(["flwr", "ls", "--run-id", run_id, "--format", "json"], env, cwd, timeout_s=60)
+def run_status(run_id: str, env: dict, cwd: Path) -> str:
+    listing = flwr_command(["flwr", "ls", "--run-id", run_id, "--format", "json"], env, cwd, timeout_s=60)
     try:
         run = json.loads(listing.stdout)["runs"][0]
     except (json.JSONDecodeError, KeyError, IndexError):
@@ -160,7 +164,7 @@ def _run_status(run_id: str, env: dict, cwd: Path) -> str:
     return f"{run['status']}:{run.get('status-details', '')}".rstrip(":")
 
 
-def _flwr(command: list[str], env: dict, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
+def flwr_command(command: list[str], env: dict, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
     except FileNotFoundError:

@@ -1,9 +1,11 @@
 """The ClientApp: trains the virtual clients a train message names and replies their clipped sum.
-The same app runs in simulation (every node sees the whole population) and on devices."""
+The same app runs in simulation (every node sees the whole population) and on devices (each node holds
+one user's data, named in its node config: fedemb.deploy.device_data)."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedemb.deploy.device_data import device_population
 from fedemb.protocol import read_train_message, train_reply
 from fedemb.training.client_task import run_train_assignment
 
@@ -13,5 +15,8 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     state, assignment = read_train_message(msg)
-    update_sum, metrics = run_train_assignment(state, assignment)
+    task = assignment.task
+    device = (device_population(context.node_config, tuple(task["image_shape"]), task["num_classes"])
+              if task.get("devices") else None)
+    update_sum, metrics = run_train_assignment(state, assignment, device=device)
     return train_reply(msg, update_sum, metrics)

@@ -27,6 +27,8 @@ from fedemb.privacy.mechanisms import RoundMechanism
 from fedemb.privacy.sampling import UserSampler
 from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
+from fedemb.errors import FedembError
+from strategies.device_sampling import assign_to_own_node, node_user_ids, wait_for_devices
 from strategies.reply_validation import check_reply
 from strategies.server_optimizer import ServerOptimizer
 from strategies.worker_assignment import assign_balanced, assign_by_slot
@@ -36,10 +38,16 @@ class DPFedEmb(Strategy):
     def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: dict, mechanism: RoundMechanism,
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
                  attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = (),
-                 placement: str = "balanced", user_examples: np.ndarray | None = None):
+                 placement: str = "balanced", user_examples: np.ndarray | None = None, min_devices: int = 0,
+                 wait_s: float = 300.0):
         self.sampler = sampler
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
-        self.placement = placement  # balanced: worker mode; by_slot: one node per virtual-client slot
+        # balanced: worker mode; by_slot: one node per virtual-client slot; devices: the users are the
+        # online nodes, each training on its own data (strategies.device_sampling)
+        self.placement = placement
+        self.min_devices = min_devices  # devices: wait for this many before round 1
+        self.wait_s = wait_s
+        self.sent: list[Message] = []
         self.user_examples = (np.asarray(user_examples, dtype=np.int64) if user_examples is not None
                               else np.ones(len(self.user_ids), dtype=np.int64))
         self.task = task
@@ -58,6 +66,7 @@ class DPFedEmb(Strategy):
         self.last_clipped_sum: dict[str, torch.Tensor] | None = None
         self.rounds_completed = 0
         self.stop_reason = ""
+        self.online = 0
 
     @property
     def clip_norm(self) -> float:
@@ -69,17 +78,23 @@ class DPFedEmb(Strategy):
         node_ids = sorted(grid.get_node_ids())
         if not node_ids:
             raise RuntimeError("no nodes connected: cannot train")
-        plan = self.sampler.plan(server_round, self.user_ids)
-        if self.placement == "by_slot":
+        self.online = len(node_ids)
+        if self.placement == "devices":
+            plan = self.sampler.plan(server_round, node_user_ids(node_ids))
+            per_node = assign_to_own_node(plan.virtual_clients)
+        elif self.placement == "by_slot":
+            plan = self.sampler.plan(server_round, self.user_ids)
             per_node = assign_by_slot(plan.virtual_clients, node_ids)
         else:
+            plan = self.sampler.plan(server_round, self.user_ids)
             per_node = assign_balanced(plan.virtual_clients, [self._cost(vc) for vc in plan.virtual_clients], node_ids)
         task = self.task | {"round_timeout_s": self.round_timeout_s}
         self.assignments = {node: TrainAssignment(server_round, self.clip_norm, task,
                                                   [(vc.index, vc.user_ids) for vc in vcs])
                             for node, vcs in per_node.items()}
         state = arrays.to_torch_state_dict()
-        return [train_message(state, a, node) for node, a in self.assignments.items()]
+        self.sent = [train_message(state, a, node) for node, a in self.assignments.items()]
+        return self.sent
 
     def _cost(self, vc) -> float:
         """Examples a virtual client will process: what balancing the workers is about."""
@@ -97,8 +112,12 @@ class DPFedEmb(Strategy):
         replies = sorted(replies, key=lambda m: position.get(m.metadata.src_node_id, len(position)))
         stats = defaultdict(float)
         norms: list[float] = []
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent if m.metadata.message_id}
         for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error() and node not in pending:
+                # the SuperLink answers for a node it lost (e.g. NODE_UNAVAILABLE): find it by the message
+                node = sent_to.get(reply.metadata.reply_to_message_id, node)
             assignment = pending.pop(node, None)
             if assignment is None:
                 stats["rejected"] += 1
@@ -149,6 +168,7 @@ class DPFedEmb(Strategy):
             "delta-norm-max": float(np.max(norms)) if norms else 0.0,
             "fraction-clipped": stats["clipped"] / accepted if accepted else 0.0,
             "denominator": float(self.denominator),
+            **({"devices-online": self.online} if self.placement == "devices" else {}),
             **self.mechanism.round_metrics(),
         }
         return ArrayRecord(new_state), MetricRecord(metrics)
@@ -192,6 +212,13 @@ class DPFedEmb(Strategy):
         if evaluate_fn and self.rounds_completed == 0:
             result.evaluate_metrics_serverapp[0] = evaluate_fn(0, arrays)
         for server_round in range(self.rounds_completed + 1, num_rounds + 1):
+            if self.placement == "devices":
+                try:
+                    wait_for_devices(grid, self.min_devices if server_round == 1 else 1, self.wait_s)
+                except FedembError as exc:
+                    self.stop_reason = f"round {server_round} not run: {exc}"
+                    log(WARNING, self.stop_reason)
+                    break
             entry = self.mechanism.ledger_entry(server_round, self.attempt)
             epsilon = self.ledger.epsilon_with(entry)
             if self.target_epsilon > 0 and epsilon > self.target_epsilon * (1 + 1e-9):

@@ -1,19 +1,28 @@
-"""Deployment plumbing: the TLS material is a real chain for the hosts the nodes dial, node keys are in
-the format Flower reads, and on loopback a SuperLink with node authentication lets a registered
-SuperNode in, refuses one whose key it does not know, and leaves nothing running once stopped."""
+"""Deployment on real processes: the TLS material is a real chain for the hosts the nodes dial, node keys
+are in the format Flower reads, and on loopback DP-FedEmb runs on SuperNodes that each hold one user's
+data, through a SuperLink with TLS and node authentication, and leaves nothing running."""
 
+import json
 import os
+import re
+import signal
 import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedemb.deploy.credentials import make_node_key, make_server_credentials
-from fedemb.deploy.processes import Deployment, _group_alive, free_port
+from fedemb.deploy.processes import Deployment, free_port
 from fedemb.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_server_certificate_is_signed_by_the_ca_for_the_hosts_given(tmp_path):
@@ -54,29 +63,103 @@ def _wait(predicate, timeout, step=0.5):
 
 
 @pytest.mark.integration
-def test_a_registered_supernode_connects_and_an_unknown_key_is_refused(tmp_path):
-    folder = tmp_path / "deployment"
+def test_dp_fedemb_on_devices_over_tls_survives_a_lost_device_rejects_a_tampered_one_and_refuses_a_stranger(tmp_path):
+    """The acceptance run: a SuperLink with TLS and node authentication, three honest SuperNodes each
+    holding one user's data, one whose ClientApp was tampered with (sends its update unclipped and
+    boosted), and one whose key was never registered; two rounds of DP-FedEmb; one honest device is
+    killed while it trains in round 2."""
+    folder, run_dir = tmp_path / "deployment", tmp_path / "run"
     make_server_credentials(folder / "certs", ["127.0.0.1", "localhost"])
-    known, known_pub = make_node_key(folder / "keys", "node1")
-    stranger, _ = make_node_key(folder / "keys", "stranger")
+    subprocess.run([sys.executable, str(REPO / "scripts/deploy/make_shards.py"), str(REPO / "simulations/configs/deploy.toml"),
+                    str(tmp_path / "shards"), "--devices", "4"], check=True, capture_output=True)
+    shards = json.loads((tmp_path / "shards" / "shards.json").read_text())
     deployment = Deployment(folder, port=free_port())
+    honest, node_ids = ["node1", "node2", "node3"], {}
+    started: list[str] = []
     try:
         deployment.start_superlink(authenticate_nodes=True)
-        node_id = deployment.register(known_pub, "node1")
-        deployment.start_supernode("node1", known, free_port())
+        started.append("superlink")
+        for i, name in enumerate(honest + ["tampered"]):
+            private, public = make_node_key(folder / "keys", name)
+            node_ids[name] = deployment.register(public, name)
+            extra = {"PYTHONPATH": str(REPO / "tests" / "deploy_tampered")} if name == "tampered" else None
+            deployment.start_supernode(name, private, free_port(), f"data-path='{shards[i]['file']}'", extra_env=extra)
+            started.append(name)
+        stranger, _ = make_node_key(folder / "keys", "stranger")
+        deployment.start_supernode("stranger", stranger, free_port(), f"data-path='{shards[0]['file']}'")
+        started.append("stranger")
 
         def online():
-            return any(int(n.get("node-id", n.get("node_id", -1))) == node_id and "online" in str(n.get("status", ""))
-                       for n in deployment.supernodes())
-        assert _wait(online, 60), deployment.supernodes()
-
-        deployment.start_supernode("stranger", stranger, free_port())
+            status = {int(n.get("node-id", -1)): str(n.get("status", "")) for n in deployment.supernodes()}
+            return all("online" in status.get(i, "") for i in node_ids.values())
+        assert _wait(online, 90), deployment.supernodes()
         assert _wait(lambda: not deployment.alive("stranger"), 60), "an unregistered SuperNode kept running"
-        log = (folder / "logs" / "stranger.log").read_text()
-        assert "Failed to activate SuperNode" in log, log[-1500:]
-        assert deployment.alive("node1") and deployment.alive("superlink")
+        assert "Failed to activate SuperNode" in (folder / "logs" / "stranger.log").read_text()
+
+        run_id = deployment.submit_run(REPO, {
+            "config-file": "simulations/configs/deploy.toml",
+            "overrides": "run.rounds=2 deployment.devices=4 deployment.min_devices=4 simulation.round_timeout_s=90",
+            "run-dir": str(run_dir)})
+        victim = deployment.pid("node3")
+        assert _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").is_file(), 180), deployment.run_log(run_id)
+        round_1_apps = set(_client_apps(victim))
+        assert _wait(lambda: set(_client_apps(victim)) - round_1_apps, 60, step=0.1), "node3 got no round-2 work"
+        os.killpg(victim, signal.SIGKILL)  # mid-training: no goodbye to the SuperLink
+
+        status = deployment.wait_for_run(run_id, 300, run_dir / "results.json")
+        log = deployment.run_log(run_id)
+        assert status.startswith("finished:completed"), log[-3000:]
     finally:
-        groups = [deployment.pid(n) for n in ("node1", "stranger", "superlink")]
+        groups = {name: deployment.pid(name) for name in started}
+        family = _family([g for g in groups.values() if g], deployment.port)
         deployment.stop_all()
-    assert not any(_group_alive(g) for g in groups if g is not None)
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds_completed"] == 2 and results["stop_reason"] == "completed"
+    assert results["simulation_mode"] == "deployment" and results["privacy"]["unit"] == "device"
+    first, second = results["history"]
+    # round 1: three honest devices in, the tampered one rejected; the mean is over the 4 registered devices
+    assert (first["virtual-clients-accepted"], first["virtual-clients-rejected"]) == (3, 1)
+    # round 2: the killed device is counted as failed (the SuperLink's NODE_UNAVAILABLE) or missing
+    # (no reply by the round's deadline), and the denominator does not move
+    assert (second["virtual-clients-accepted"], second["virtual-clients-rejected"]) == (2, 1)
+    assert second["virtual-clients-failed"] + second["virtual-clients-missing"] == 1
+    assert first["denominator"] == second["denominator"] == 4.0
+    tampered = rf"round (\d): node {node_ids['tampered']}: update norm [\d.]+ exceeds 1 x clip norm"
+    assert set(re.findall(tampered, log)) == {"1", "2"}  # the server named the tampered device both times
+    ledger = json.loads((run_dir / results["privacy"]["ledger"]).read_text())
+    assert len(ledger["entries"]) == 2 and 0 < results["privacy"]["epsilon"] < float("inf")
+    assert (run_dir / "checkpoints" / "final.pt").is_file()
+    # nothing left running: SuperLink, SuperExecs, ServerApp, SuperNodes, ClientApps
+    assert not [p for p in family if _running(p)], [p.cmdline() for p in family if _running(p)]
     assert not list((folder / "pids").glob("*.pid"))
+
+
+def _client_apps(group: int) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if _running(p) and _in_group(p, group)
+            and any("flwr-clientapp" in part for part in (p.info["cmdline"] or []))]
+
+
+def _in_group(proc: psutil.Process, group: int) -> bool:
+    try:
+        return os.getpgid(proc.pid) == group
+    except ProcessLookupError:
+        return False
+
+
+def _family(groups: list[int], port: int) -> list[psutil.Process]:
+    """Every process of these process groups, and every Flower process that talks to this SuperLink's port
+    (SuperExecs and the ServerApp run in sessions of their own)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(_in_group(p, g) for g in groups) or (f":{port}" in cmd and ("flwr" in cmd or "flower" in cmd)):
+            out.append(p)
+    return out
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

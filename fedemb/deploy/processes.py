@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedemb.deploy.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedemb.errors import FedembError
+from fedemb.flower_cli_run import flwr_command, submit_run, wait_for_final_status
 
 CONNECTION = "fedemb"
 SUPERLINK = "superlink"
@@ -65,12 +66,12 @@ class Deployment:
                           f'address = "{self.address}"\nroot-certificates = "{self.path("certs", CA_CERT).resolve()}"\n')
         return config
 
-    def _start(self, name: str, argv: list[str], cwd: Path | None = None) -> int:
+    def _start(self, name: str, argv: list[str], cwd: Path | None = None, extra_env: dict[str, str] | None = None) -> int:
         for folder in ("logs", "pids"):
             self.path(folder).mkdir(parents=True, exist_ok=True)
         with open(self.path("logs", f"{name}.log"), "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=cwd,
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env() | (extra_env or {}),
+                                    cwd=cwd, start_new_session=True)
         self.path("pids", f"{name}.pid").write_text(str(proc.pid))
         self._children[name] = proc
         return proc.pid
@@ -110,13 +111,28 @@ class Deployment:
         reply = json.loads(done.stdout)
         return reply.get("nodes", reply) if isinstance(reply, dict) else reply
 
-    def start_supernode(self, name: str, private_key: Path, port: int, node_config: str = "") -> int:
+    def start_supernode(self, name: str, private_key: Path, port: int, node_config: str = "",
+                        extra_env: dict[str, str] | None = None) -> int:
+        """A SuperNode (and the ClientApps it starts) in its own process group; `extra_env` is added to the
+        environment it and its ClientApps run in."""
         argv = [flower_executable("flower-supernode"), "--superlink", self.address,
                 "--root-certificates", str(self.path("certs", CA_CERT)),
                 "--auth-supernode-private-key", str(private_key), "--port", str(port)]
         if node_config:
             argv += ["--node-config", node_config]
-        return self._start(name, argv, cwd=self.folder)
+        return self._start(name, argv, cwd=self.folder, extra_env=extra_env)
+
+    def submit_run(self, app_dir: Path, run_config: dict[str, str]) -> str:
+        """`flwr run APP_DIR fedemb`: the app goes to the SuperLink, which runs its ServerApp; the run id."""
+        return submit_run(app_dir.resolve(), [CONNECTION], run_config, self.env())
+
+    def wait_for_run(self, run_id: str, timeout_s: float, results_file: Path | None = None) -> str:
+        """The run's final status (`finished:completed`, `finished:failed`, ...) once it has one; Flower's
+        `flwr run --stream` exits 0 even when a run failed, so this asks the SuperLink."""
+        return wait_for_final_status(run_id, self.env(), self.folder, timeout_s, 1.0, results_file)
+
+    def run_log(self, run_id: str) -> str:
+        return flwr_command(["flwr", "log", run_id, CONNECTION, "--show"], self.env(), self.folder, 60).stdout
 
     def pid(self, name: str) -> int | None:
         file = self.path("pids", f"{name}.pid")

@@ -18,13 +18,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 
 import torch
 
 from fedemb.config import ClientConfig, DataConfig, ModelConfig
+from fedemb.data.population import Population
 from fedemb.data.splits import load_splits
+from fedemb.errors import DataError
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
 from fedemb.privacy.keyed_random import (STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_TRAINING, keyed_seed,
@@ -43,10 +45,13 @@ class InjectedFault(RuntimeError):
 
 
 def make_task(cfg, num_classes: int, image_shape, training_key: int) -> dict:
-    """The static part of every train message: enough for any node to rebuild data, model and training."""
+    """The static part of every train message: enough for any node to rebuild data, model and training.
+    On devices ("devices": true) each node trains on its own data, so the server's data config stays home."""
     model = asdict(cfg.model) | {"init_checkpoint": "", "pretrained_file": ""}  # weights come in the message
+    on_devices = cfg.deployment.devices > 0
     return {
-        "data": asdict(cfg.data),
+        "devices": on_devices,
+        "data": {} if on_devices else asdict(cfg.data),
         "model": model,
         "client": asdict(cfg.client),
         "num_classes": int(num_classes),
@@ -67,12 +72,18 @@ CraftedUpdate = Callable[[tuple[int, ...]], "dict[str, torch.Tensor] | None"]
 
 
 def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssignment,
-                         crafted: CraftedUpdate | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                         crafted: CraftedUpdate | None = None, device: Population | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict]:
     """`crafted(user_ids)` may return the update a virtual client sends instead of training (the
-    privacy audit's canary users); it is clipped and summed like any other."""
+    privacy audit's canary users); it is clipped and summed like any other. `device`: the one user's
+    data this node holds (a deployment), trained as the one virtual client the server assigned."""
     task = assignment.task
     torch.set_num_threads(task["threads"])
-    pop = load_splits(DataConfig(**task["data"])).train
+    if device is not None:
+        assignment = own_virtual_client(assignment, device)
+        pop = device
+    else:
+        pop = load_splits(DataConfig(**task["data"])).train
     net = _model_for(json.dumps(task["model"], sort_keys=True), tuple(task["image_shape"]), task["dp"])
     local_cfg = LocalTrainingConfig(**ClientConfig(**task["client"]).__dict__, num_classes=task["num_classes"])
     faults = task["faults"]
@@ -129,6 +140,18 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     if late:
         _wait_past_deadline(task)
     return total, metrics
+
+
+def own_virtual_client(assignment: TrainAssignment, device: Population) -> TrainAssignment:
+    """On a device the server names the device itself (its node id) as the one user of its one virtual
+    client; the device trains its own user."""
+    users = [users for _, users in assignment.virtual_clients]
+    if len(users) != 1 or len(users[0]) != 1:
+        raise DataError(f"a device trains one virtual client of one user; the server assigned {len(users)} "
+                        f"virtual clients of {[len(u) for u in users]} users")
+    (vc_index, _), = assignment.virtual_clients
+    own_user = int(device.user_ids[0])
+    return replace(assignment, virtual_clients=[(vc_index, (own_user,))])
 
 
 def _fault(faults: dict, draw: float) -> str | None:

@@ -4,8 +4,10 @@
     .venv/bin/python scripts/deploy/deploy.py superlink runs/deploy --port 9092     # TLS + node authentication
     .venv/bin/python scripts/deploy/deploy.py register runs/deploy node1 node2 node3
     .venv/bin/python scripts/deploy/deploy.py supernode runs/deploy node1 --port 9094 --node-config "user=1"
+    .venv/bin/python scripts/deploy/deploy.py run runs/deploy --config simulations/configs/deploy.toml
     .venv/bin/python scripts/deploy/deploy.py status runs/deploy
     .venv/bin/python scripts/deploy/deploy.py stop runs/deploy                      # every process, by PID
+    .venv/bin/python scripts/deploy/deploy.py loopback runs/loopback --devices 3    # all of it on this machine
 
 Every command is offline-safe (telemetry off, no runtime dependency installation). The `flwr` CLI's
 connection is written to RUN/flwr-home/config.toml under the name "fedemb":
@@ -14,13 +16,17 @@ connection is written to RUN/flwr-home/config.toml under the name "fedemb":
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
 from fedemb.deploy.credentials import make_node_key, make_server_credentials  # noqa: E402
 from fedemb.deploy.processes import Deployment  # noqa: E402
@@ -88,6 +94,66 @@ def supernode(folder: Folder, name: str,
     except FedembError as exc:
         fail(exc)
     typer.echo(f"{name} pid {pid} (log {folder / 'logs' / f'{name}.log'})")
+
+
+@app.command()
+def run(folder: Folder,
+        config: Annotated[Path, typer.Option(help="The fedemb config, relative to the app (this repository).")] = Path("simulations/configs/deploy.toml"),
+        overrides: Annotated[str, typer.Option(help='"section.key=value ..." applied to the config.')] = "",
+        run_dir: Annotated[Path | None, typer.Option(help="Where results go (default FOLDER/run-<time>).")] = None,
+        port: Port = 9092, host: str = "127.0.0.1",
+        timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 3600.0):
+    """`flwr run . fedemb` with this config; waits for the run's final status (not `--stream`'s exit code)."""
+    raise typer.Exit(submit_and_wait(Deployment(folder, port, host), config, overrides, run_dir, timeout))
+
+
+def submit_and_wait(deployment: Deployment, config: Path, overrides: str, run_dir: Path | None, timeout: float) -> int:
+    run_dir = (run_dir or deployment.folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    try:
+        run_id = deployment.submit_run(REPO, {"config-file": str(config), "overrides": overrides, "run-dir": str(run_dir)})
+        typer.echo(f"run {run_id} submitted; results will be in {run_dir}")
+        status = deployment.wait_for_run(run_id, timeout, run_dir / "results.json")
+    except FedembError as exc:
+        fail(exc)
+    results = run_dir / "results.json"
+    if not status.startswith("finished:completed") or not results.is_file():
+        typer.echo(f"error: run {run_id} ended {status}; its log:\n{deployment.run_log(run_id)[-3000:]}", err=True)
+        return 1
+    summary = json.loads(results.read_text())
+    epsilon = summary["privacy"]["epsilon"]  # "inf" without noise
+    typer.echo(f"run {run_id} {status}: {summary['rounds_completed']} rounds, recall@1 "
+               f"{summary['final']['recall_at_1']:.3f}, epsilon {float(epsilon):.3g} "
+               f"(unit: {summary['privacy']['unit']}); totals {summary['totals']}")
+    return 0
+
+
+@app.command()
+def loopback(folder: Folder,
+             devices: Annotated[int, typer.Option(help="SuperNodes to start, each holding one user's data.")] = 3,
+             config: Annotated[Path, typer.Option(help="The fedemb config (its [data] gives the users).")] = Path("simulations/configs/deploy.toml"),
+             overrides: str = "", port: Port = 9092, timeout: float = 3600.0):
+    """Everything on this machine: credentials, SuperLink (TLS + node authentication), one SuperNode per
+    device with its own data file, the run, and then every process stopped."""
+    deployment = Deployment(folder, port)
+    try:
+        make_server_credentials(folder / "certs", ["127.0.0.1", "localhost"])
+        subprocess.run([sys.executable, str(REPO / "scripts" / "deploy" / "make_shards.py"), str(REPO / config),
+                        str(folder / "shards"), "--devices", str(devices)], check=True)
+        shards = json.loads((folder / "shards" / "shards.json").read_text())
+        deployment.start_superlink(authenticate_nodes=True)
+        for i, shard in enumerate(shards, start=1):
+            private, public = make_node_key(folder / "keys", f"node{i}")
+            node_id = deployment.register(public, f"node{i}")
+            deployment.start_supernode(f"node{i}", private, port + 10 + i, f"data-path='{shard['file']}'")
+            typer.echo(f"node{i}: node id {node_id}, user {shard['user']} ({shard['examples']} examples)")
+        overrides = f"deployment.devices={devices} deployment.min_devices={devices} {overrides}".strip()
+        code = submit_and_wait(deployment, config, overrides, None, timeout)
+    except (FedembError, subprocess.CalledProcessError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        code = 2
+    finally:
+        deployment.stop_all()
+    raise typer.Exit(code)
 
 
 @app.command()

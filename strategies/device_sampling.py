@@ -1,0 +1,53 @@
+"""On real devices the users are the SuperNodes: each holds one user's data and trains itself.
+
+Each round the server draws the round's devices among those online with the run's sampler, keyed by
+(seed, round, node id) and never shown to anyone: with Poisson sampling every device takes part with
+probability q, independently of every other device and of all data. A device that is offline, or drops
+out after being drawn, takes part with a lower probability, which never weakens the guarantee, so the
+accountant's q is what the deployment delivers. The denominator stays round(q x registered devices)
+whatever turns up. With node authentication a node id is a registered key, so one device cannot join
+as several; the privacy unit is that key (docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedemb.errors import FedembError
+from fedemb.privacy.sampling import VirtualClient
+
+
+def node_user_ids(node_ids: Iterable[int]) -> np.ndarray:
+    """Flower node ids are unsigned 64-bit; the sampler keys on their bits as int64."""
+    return np.asarray(sorted(int(n) for n in node_ids), dtype=np.uint64).view(np.int64)
+
+
+def assign_to_own_node(virtual_clients: list[VirtualClient]) -> dict[int, list[VirtualClient]]:
+    """Each sampled device trains the virtual client made of itself (k = 1)."""
+    out: dict[int, list[VirtualClient]] = {}
+    for vc in virtual_clients:
+        if len(vc.user_ids) != 1:
+            raise ValueError("on devices every virtual client is one device (users_per_client = 1)")
+        node = int(np.asarray(vc.user_ids[0], dtype=np.int64).view(np.uint64))
+        out[node] = [vc]
+    return out
+
+
+def wait_for_devices(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 2.0) -> int:
+    """Block until `minimum` devices are online; a FedembError naming the shortfall after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    online = len(list(grid.get_node_ids()))
+    while online < minimum:
+        if time.monotonic() >= deadline:
+            raise FedembError(f"only {online} of the {minimum} devices needed (deployment.min_devices) were "
+                              f"online after {timeout_s:.0f} s (deployment.wait_s)")
+        time.sleep(poll_s)
+        online = len(list(grid.get_node_ids()))
+    log(INFO, "%s devices online", online)
+    return online
