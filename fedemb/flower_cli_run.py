@@ -74,7 +74,7 @@ def stop_local_superlink(flwr_home: Path, grace_s: float = 5.0) -> int:
                 family += [proc, *proc.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
-        groups = {os.getpgid(p.pid) for p in family if _alive(p)}
+        groups = {os.getpgid(p.pid) for p in family if process_alive(p)}
         link.terminate()
         psutil.wait_procs([link], timeout=grace_s)
         for group in groups:  # SuperLink and SuperExec run in their own sessions
@@ -82,12 +82,13 @@ def stop_local_superlink(flwr_home: Path, grace_s: float = 5.0) -> int:
                 os.killpg(group, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        psutil.wait_procs([p for p in family if _alive(p)], timeout=grace_s)
+        psutil.wait_procs([p for p in family if process_alive(p)], timeout=grace_s)
         stopped += 1
     return stopped
 
 
-def _alive(proc: psutil.Process) -> bool:
+def process_alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (this container reaps late: defunct processes linger under PID 1)."""
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedemb.deploy.credentials import make_node_key, make_server_credentials
 from fedemb.deploy.processes import Deployment, free_port
 from fedemb.errors import ConfigError
+from fedemb.flower_cli_run import process_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,12 +132,12 @@ def test_dp_fedemb_on_devices_over_tls_survives_a_lost_device_rejects_a_tampered
     assert len(ledger["entries"]) == 2 and 0 < results["privacy"]["epsilon"] < float("inf")
     assert (run_dir / "checkpoints" / "final.pt").is_file()
     # nothing left running: SuperLink, SuperExecs, ServerApp, SuperNodes, ClientApps
-    assert not [p for p in family if _running(p)], [p.cmdline() for p in family if _running(p)]
+    assert not [p for p in family if process_alive(p)], [p.cmdline() for p in family if process_alive(p)]
     assert not list((folder / "pids").glob("*.pid"))
 
 
 def _client_apps(group: int) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if _running(p) and _in_group(p, group)
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if process_alive(p) and _in_group(p, group)
             and any("flwr-clientapp" in part for part in (p.info["cmdline"] or []))]
 
 
@@ -156,10 +157,3 @@ def _family(groups: list[int], port: int) -> list[psutil.Process]:
         if any(_in_group(p, g) for g in groups) or (f":{port}" in cmd and ("flwr" in cmd or "flower" in cmd)):
             out.append(p)
     return out
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
