@@ -104,6 +104,10 @@ def _print_summary(results: dict, out: Path) -> None:
     eps_text = "∞ (no noise)" if not math.isfinite(float(eps)) else f"{float(eps):.3f}"
     console.print(f"privacy: ε = {eps_text} at δ = {priv['delta']:.3g} (user level, {priv['accountant']}, "
                   f"q = {priv['sampling_rate']}, z = {priv['noise_multiplier']:.4g})", highlight=False)
+    if priv.get("projection"):
+        pr = priv["projection"]
+        console.print(f"projected: ε = {pr['epsilon']:.3f} at δ = {pr['delta']:.3g}, valid only for {pr['valid_for']}",
+                      highlight=False)
     console.print(f"results: {out / 'results.json'}", highlight=False)
     console.print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}", highlight=False)
 
@@ -147,6 +151,8 @@ def privacy(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None,
                   "sensitivity_in_clip_norms": p.sensitivity, "sampling_rate": p.sampling_rate, "rounds": n_rounds,
                   "users_per_client": cfg.sampling.users_per_client, "population": setup.population,
                   "accountant": p.accountant}
+        if p.projection:
+            report |= {f"projected_{k}": v for k, v in p.projection.items()}
     else:
         missing = [name for name, v in (("--sampling-rate", sampling_rate), ("--rounds", rounds), ("--delta", delta))
                    if v is None]
@@ -241,6 +247,24 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None,
     console.print(f"pretrained on {report['public_users']} public users ({report['examples']} examples); "
                   f"held-out recall@1 {report['before']['recall_at_1']:.4f} -> {report['after']['recall_at_1']:.4f}; "
                   f"checkpoint {out}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def centralized(config: ConfigOpt = None, set_: SetOpt = None,
+                run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where to write results (default runs/<name>-<time>).")] = None):
+    """The non-private centralized reference: train the same model on all training users' pooled data
+    (a softmax head over all classes, [pretrain] settings) and evaluate it like a federated run."""
+    from fedemb.pretrain import train_centralized
+    from fedemb.run_dir import new_run_dir
+
+    cfg = _load(config, set_)
+    out = new_run_dir(cfg, str(run_dir) if run_dir else None)
+    results = train_centralized(cfg, out)
+    init, final = results["initial"], results["final"]
+    console.print(f"centralized, non-private: {results['examples']} examples, {results['epochs']} epochs; held-out "
+                  f"recall@1 {init['recall_at_1']:.4f} -> {final['recall_at_1']:.4f}, TAR@FAR=1e-3 "
+                  f"{final['tar_at_far_1e-3']:.4f}; results {out / 'results.json'}", highlight=False)
 
 
 @app.command()

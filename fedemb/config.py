@@ -22,7 +22,7 @@ CLIPPING = ("fixed", "adaptive")
 FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("dirichlet", "shards", "iid")
-HEAD_KINDS = ("local", "global")
+HEAD_KINDS = ("local", "global", "shared")
 HEAD_INITS = ("random", "anchors")
 SYNTH_COVARIANCES = ("isotropic", "diag", "full", "lowrank")
 SYNTH_INITS = ("mean", "random", "public")
@@ -88,7 +88,8 @@ class ClientConfig:
     momentum: float = 0.9
     head_lr_scale: float = 100.0
     head_warmup_steps: int = 0
-    head: str = "local"  # local: classes present in the virtual client; global: all classes
+    head: str = "local"  # local: classes present in the virtual client; global: all classes; shared: the DP-FedAvg
+    # baseline, one classifier over all classes that is part of the model, aggregated and noised with it
     head_init: str = "random"  # random: each virtual client draws its own; anchors: the run's fixed class anchors
     vectorize: int = 0  # >= 2: a node trains up to this many virtual clients at once (torch.func.vmap)
 
@@ -112,6 +113,17 @@ class TreeConfig:
 
 
 @dataclass
+class ProjectionConfig:
+    """The paper's projection: set the noise for a cohort drawn from a large deployment's population,
+    and train with the smaller cohort this simulation has, at the same noise on the mean update. The
+    projected ε holds only for that deployment; the run's own ledger accounts the real population."""
+
+    population: int = 0  # users of the projected deployment (e.g. 1_000_000); 0: no projection
+    cohort: int = 0  # expected users per round there
+    delta: float = 0.0  # 0: 1 / population^1.1
+
+
+@dataclass
 class PrivacyConfig:
     enabled: bool = True  # false: no clipping and no noise (non-private federated training)
     mechanism: str = "gaussian"  # gaussian: sampled Gaussian (needs Poisson sampling); tree: DP-FTRL
@@ -125,6 +137,7 @@ class PrivacyConfig:
     fixed_size_accounting: str = "refuse"
     adaptive: AdaptiveClippingConfig = field(default_factory=AdaptiveClippingConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
 
 
 @dataclass
@@ -384,6 +397,8 @@ def validate(cfg: Config) -> None:
     _check(c.head_warmup_steps >= 0, f"client.head_warmup_steps must be >= 0, got {c.head_warmup_steps}")
     _one_of(c.head, HEAD_KINDS, "client.head")
     _one_of(c.head_init, HEAD_INITS, "client.head_init")
+    _check(not (c.head == "shared" and c.head_init == "anchors"),
+           "client.head = 'shared' trains the model's own classifier: client.head_init must be 'random'")
     _check(c.vectorize >= 0, f"client.vectorize must be >= 0 (0 or 1: one virtual client at a time), got {c.vectorize}")
     _check(sv.lr > 0, f"server.lr must be > 0, got {sv.lr}")
     _check(0 <= sv.momentum < 1, f"server.momentum must be in [0, 1), got {sv.momentum}")
@@ -401,6 +416,7 @@ def validate(cfg: Config) -> None:
     _check(0 < a.target_quantile < 1, f"privacy.adaptive.target_quantile must be in (0, 1), got {a.target_quantile}")
     _check(a.learning_rate > 0, f"privacy.adaptive.learning_rate must be > 0, got {a.learning_rate}")
     _check(a.count_noise_std >= 0, f"privacy.adaptive.count_noise_std must be >= 0 (0: M / 20), got {a.count_noise_std}")
+    validate_projection(cfg)
     _check(p.tree.restart_every >= 0, f"privacy.tree.restart_every must be >= 0, got {p.tree.restart_every}")
     if p.enabled and p.mechanism == "tree" and p.clipping == "adaptive":
         raise ConfigError("privacy.clipping = 'adaptive' works with privacy.mechanism = 'gaussian' only "
@@ -431,6 +447,22 @@ def validate(cfg: Config) -> None:
     _check(pt.lr > 0, f"pretrain.lr must be > 0, got {pt.lr}")
     validate_synth(cfg.synth)
     validate_invert(cfg.invert)
+
+
+def validate_projection(cfg: Config) -> None:
+    pr, p, s = cfg.privacy.projection, cfg.privacy, cfg.sampling
+    _check(pr.population >= 0 and pr.cohort >= 0, "privacy.projection.population and .cohort must be >= 0")
+    _check(0 <= pr.delta < 1, f"privacy.projection.delta must be in [0, 1), got {pr.delta}")
+    if not pr.population:
+        return
+    _check(1 <= pr.cohort <= pr.population,
+           f"privacy.projection.cohort must be in [1, population = {pr.population}], got {pr.cohort}")
+    _check(pr.cohort >= s.users_per_client,
+           f"privacy.projection.cohort = {pr.cohort} is smaller than sampling.users_per_client = {s.users_per_client}")
+    _check(p.enabled and p.mechanism == "gaussian" and s.method == "poisson" and p.clipping == "fixed",
+           "privacy.projection needs the sampled Gaussian with Poisson sampling and fixed clipping")
+    _check(p.target_epsilon > 0 and p.calibrate_noise,
+           "privacy.projection calibrates the noise for privacy.target_epsilon: set it (> 0) and keep calibrate_noise")
 
 
 def validate_deployment(cfg: Config) -> None:

@@ -76,8 +76,9 @@ def prepare_run(cfg: Config) -> RunSetup:
     slots = cfg.sampling.virtual_clients or virtual_client_slots(n_users, cfg.sampling.rate, k)
     if cfg.run.seed >= 0:
         torch.manual_seed(keyed_seed(cfg.run.seed, STREAM_MODEL_INIT))  # the initial model is data-independent
-    net = build_embedding_net(cfg.model, splits.train.image_shape, cfg.privacy.enabled)
-    plan = make_privacy_plan(cfg, n_users)
+    net = build_embedding_net(cfg.model, splits.train.image_shape, cfg.privacy.enabled,
+                              splits.train.num_classes if cfg.client.head == "shared" else 0)
+    plan = make_privacy_plan(cfg, n_users, slots)
     make_mechanism(cfg, plan, GaussianNoise(0.0, 0), slots)  # refuses impossible mechanism settings now
     return RunSetup(cfg, splits, net, slots, plan)
 
@@ -225,6 +226,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
             "population": setup.population,
             "unit": "device" if setup.on_devices else "user",
             "noise_predictable_from_seed": noise.predictable,
+            "projection": privacy.projection,
         },
         "totals": totals,
         "nodes": len(list(grid.get_node_ids())),

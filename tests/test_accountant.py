@@ -83,3 +83,34 @@ def test_no_noise_means_infinite_epsilon():
 def test_sensitivity_table(k, method, expected):
     assert sensitivity_in_clip_norms(k, method) == expected
     assert accounting_noise_multiplier(4.0, k, method) == 4.0 / expected
+
+
+def test_the_projection_sets_the_noise_for_the_large_deployment_and_the_ledger_keeps_the_real_epsilon():
+    """Projected: the noise on the mean update equals what a cohort of 1,000 from 10^6 users would get at
+    ε = 4; that ε is Opacus's for the projected deployment. The run's own plan is honest about this
+    population: same z, real q and δ, and a far larger ε."""
+    cfg = tiny_config("sampling.users_per_client=1", "sampling.rate=0.2", "run.rounds=30", "privacy.target_epsilon=4",
+                      "privacy.projection.population=1000000", "privacy.projection.cohort=1000")
+    plan = make_privacy_plan(cfg, population=539, virtual_clients=108)
+    pr = plan.projection
+    assert pr["sampling_rate"] == 1e-3 and pr["delta"] == pytest.approx(default_delta(10**6))
+    assert pr["epsilon"] == pytest.approx(opacus_rdp_epsilon(1e-3, pr["noise_multiplier"], 30, pr["delta"]), rel=1e-9)
+    assert pr["epsilon"] <= 4.0 and pr["epsilon"] > 3.9  # calibrated to the target (1% tolerance)
+    # noise std on the mean: z_run * C / 108 == z_projected * C / 1000
+    assert plan.noise_multiplier / 108 == pytest.approx(pr["noise_multiplier"] / 1000, rel=1e-12)
+    assert plan.sampling_rate == 0.2 and plan.delta == pytest.approx(default_delta(539))
+    assert plan.target_epsilon == 0.0  # the real ledger is reported, not capped at the projected target
+    real = plan.epsilon_after(30)
+    assert real == pytest.approx(opacus_rdp_epsilon(0.2, plan.noise_multiplier, 30, plan.delta), rel=1e-9)
+    assert real > 10 * pr["epsilon"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["privacy.projection.cohort=0"], "cohort must be in"),
+    (["privacy.target_epsilon=0"], "target_epsilon"),
+    (["privacy.mechanism=tree", "sampling.method=limited"], "sampled Gaussian"),
+])
+def test_a_projection_needs_a_cohort_a_target_and_the_sampled_gaussian(overrides, message):
+    with pytest.raises(Exception, match=message):
+        tiny_config("sampling.users_per_client=1", "privacy.target_epsilon=4", "privacy.projection.population=1000000",
+                    "privacy.projection.cohort=1000", *overrides)

@@ -181,3 +181,18 @@ def test_anchor_heads_are_the_same_for_every_virtual_client_and_round(monkeypatc
     assignment.task = {**assignment.task, "training_key": 6}
     run_train_assignment(state, assignment)
     assert not torch.equal(seen[0], seen[-1])
+
+
+def test_the_dp_fedavg_baseline_sends_its_shared_classifier_clipped_with_everything_else(flower_identity):
+    """client.head = "shared" (no partial aggregation): the classifier over all classes is part of the
+    model; it is trained from the server's copy and travels inside the one clipped update."""
+    cfg = tiny_config("client.lr=0.5", "client.head=shared", "client.head_init=random")
+    state, assignment = setup_message(cfg, clip=0.01, users_per_vc=((0, 1, 2, 3),))
+    num_classes = assignment.task["num_classes"]
+    assert state["classifier.weight"].shape == (num_classes, cfg.model.embedding_dim)
+    total, metrics = run_train_assignment(state, assignment)
+    assert set(total) == set(state)
+    assert total["classifier.weight"].abs().sum() > 0  # the head moved and its change is sent
+    assert global_norm(total) <= 0.01 * (1 + 1e-5)  # clipped together with the backbone and embedding
+    with pytest.raises(Exception, match="head_init must be 'random'"):
+        tiny_config("client.head=shared", "client.head_init=anchors")

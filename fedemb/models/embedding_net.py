@@ -1,6 +1,8 @@
 """backbone -> embedding layer: the part of the model that is trained federatedly and shared.
 
-The classification head is not part of it: clients make a fresh one every round and keep it.
+The classification head is not part of it: clients make a fresh one every round and keep it. The one
+exception is the DP-FedAvg baseline (client.head = "shared"): there a classifier over all classes is
+part of the model, aggregated and noised with everything else.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
 
 class EmbeddingNet(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, shared_classes: int = 0):
         super().__init__()
         self.backbone = backbone
         self.embedding = nn.Linear(feature_dim, embedding_dim)
+        self.classifier = nn.Linear(embedding_dim, shared_classes, bias=False) if shared_classes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.backbone(x).flatten(1))
@@ -65,7 +68,9 @@ def _replace_batchnorm_subclasses(module: nn.Module) -> None:
             _replace_batchnorm_subclasses(child)
 
 
-def build_embedding_net(model_cfg, image_shape: tuple[int, int, int], dp_enabled: bool) -> EmbeddingNet:
+def build_embedding_net(model_cfg, image_shape: tuple[int, int, int], dp_enabled: bool,
+                        shared_classes: int = 0) -> EmbeddingNet:
+    """`shared_classes` > 0: with a shared classifier over that many classes (client.head = "shared")."""
     backbone = create_backbone(model_cfg.name, image_shape[0], model_cfg.norm, model_cfg.pretrained_file)
     if dp_enabled and has_batchnorm(backbone) and not model_cfg.batchnorm_in_update:
         raise ConfigError(
@@ -76,10 +81,13 @@ def build_embedding_net(model_cfg, image_shape: tuple[int, int, int], dp_enabled
         backbone.eval()
         feature_dim = backbone(torch.zeros(2, *image_shape)).flatten(1).shape[1]
         backbone.train()
-    net = EmbeddingNet(backbone, feature_dim, model_cfg.embedding_dim)
+    net = EmbeddingNet(backbone, feature_dim, model_cfg.embedding_dim, shared_classes)
     if model_cfg.init_checkpoint:
         load_checkpoint(net, model_cfg.init_checkpoint)
     return net
+
+
+SHARED_CLASSIFIER = "classifier."  # a checkpoint without it (public pretraining) starts it fresh
 
 
 def shared_state(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,6 +109,6 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> None:
         net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise ConfigError(f"checkpoint {p} does not fit the model: {str(exc).splitlines()[0]}") from None
-    missing = set(shared_state(net)) - set(state)
+    missing = {k for k in set(shared_state(net)) - set(state) if not k.startswith(SHARED_CLASSIFIER)}
     if missing:
         raise ConfigError(f"checkpoint {p} lacks {len(missing)} tensors of the model, e.g. {sorted(missing)[0]}")

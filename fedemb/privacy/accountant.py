@@ -110,6 +110,7 @@ class PrivacyPlan:
     mechanism: str = "gaussian"  # gaussian | tree
     limits: ParticipationLimits = field(default_factory=ParticipationLimits)
     restart_every: int = 0
+    projection: dict | None = None  # privacy.projection: the projected deployment's figures
 
     def epsilon_after(self, rounds: int) -> float:
         if self.mechanism == "tree":
@@ -131,8 +132,8 @@ def participation_limits(sampling_cfg) -> ParticipationLimits:
     return ParticipationLimits(1, 0)
 
 
-def make_privacy_plan(cfg, population: int) -> PrivacyPlan:
-    """From a validated Config and the number of training users N.
+def make_privacy_plan(cfg, population: int, virtual_clients: int = 0) -> PrivacyPlan:
+    """From a validated Config, the number of training users N and (for a projection) the run's M.
 
     With `privacy.target_epsilon` > 0 and `privacy.calibrate_noise`, z is calibrated so that
     `run.rounds` rounds spend the target; without calibration the configured z runs until the target
@@ -156,6 +157,8 @@ def make_privacy_plan(cfg, population: int) -> PrivacyPlan:
                            p.tree.restart_every)
     q = s.rate if s.method == "poisson" else 1.0  # fixed-size: no amplification by sampling
     sens = sensitivity_in_clip_norms(s.users_per_client, s.method)
+    if p.enabled and p.projection.population:
+        return projected_plan(cfg, q, sens, delta, virtual_clients)
     if not p.enabled:
         return PrivacyPlan(p.accountant, q, 0.0, 0.0, sens, delta, 0.0)
     if p.target_epsilon > 0 and p.calibrate_noise:
@@ -165,3 +168,25 @@ def make_privacy_plan(cfg, population: int) -> PrivacyPlan:
         z = p.noise_multiplier
         acc_z = accounting_noise_multiplier(z, s.users_per_client, s.method)
     return PrivacyPlan(p.accountant, q, z, acc_z, sens, delta, p.target_epsilon)
+
+
+def projected_plan(cfg, q: float, sens: float, delta: float, virtual_clients: int) -> PrivacyPlan:
+    """z for the projected deployment (target ε at its cohort / population rate), scaled so that this
+    run's mean update gets the same noise std: z_run = z_projected x M / M_projected. The plan's own
+    figures (and so the run's ledger) are those of the real population; the projection rides along."""
+    p, pr, k = cfg.privacy, cfg.privacy.projection, cfg.sampling.users_per_client
+    if virtual_clients < 1:
+        raise ValueError("a projected plan needs the run's virtual clients per round")
+    q_projected = pr.cohort / pr.population
+    delta_projected = pr.delta or default_delta(pr.population)
+    acc_z_projected = calibrate_accounting_z(p.accountant, p.target_epsilon, delta_projected, q_projected, cfg.run.rounds)
+    z_projected = noise_multiplier_for(acc_z_projected, k, "poisson")
+    projected_slots = pr.cohort / k
+    z = z_projected * virtual_clients / projected_slots
+    projection = {
+        "population": pr.population, "cohort": pr.cohort, "sampling_rate": q_projected, "delta": delta_projected,
+        "noise_multiplier": z_projected, "virtual_clients_per_round": projected_slots,
+        "epsilon": epsilon_for(p.accountant, q_projected, acc_z_projected, cfg.run.rounds, delta_projected),
+        "valid_for": f"a deployment of {pr.population} users with {pr.cohort} per round; not this population",
+    }
+    return PrivacyPlan(p.accountant, q, z, z / sens, sens, delta, 0.0, projection=projection)

@@ -64,8 +64,8 @@ def make_task(cfg, num_classes: int, image_shape, training_key: int) -> dict:
 
 
 @lru_cache(maxsize=2)
-def _model_for(model_json: str, image_shape: tuple[int, ...], dp: bool) -> EmbeddingNet:
-    return build_embedding_net(ModelConfig(**json.loads(model_json)), image_shape, dp)
+def _model_for(model_json: str, image_shape: tuple[int, ...], dp: bool, shared_classes: int) -> EmbeddingNet:
+    return build_embedding_net(ModelConfig(**json.loads(model_json)), image_shape, dp, shared_classes)
 
 
 CraftedUpdate = Callable[[tuple[int, ...]], "dict[str, torch.Tensor] | None"]
@@ -84,7 +84,8 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
         pop = device
     else:
         pop = load_splits(DataConfig(**task["data"])).train
-    net = _model_for(json.dumps(task["model"], sort_keys=True), tuple(task["image_shape"]), task["dp"])
+    shared_classes = task["num_classes"] if task["client"]["head"] == "shared" else 0
+    net = _model_for(json.dumps(task["model"], sort_keys=True), tuple(task["image_shape"]), task["dp"], shared_classes)
     local_cfg = LocalTrainingConfig(**ClientConfig(**task["client"]).__dict__, num_classes=task["num_classes"])
     faults = task["faults"]
     key = task["training_key"]

@@ -83,9 +83,13 @@ def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: Loca
     initial = {k: v.detach().clone() for k, v in shared_state(net).items()}
     if len(schedule) == 0:
         return LocalResult({k: torch.zeros_like(v) for k, v in initial.items()}, 0, 0.0)
-    head, targets = make_head(net.embedding.out_features, pop.labels[schedule], cfg, anchors)
+    if cfg.head == "shared":  # DP-FedAvg baseline: the server's classifier, trained and sent back
+        head, targets = net.classifier, np.asarray(pop.labels[schedule], dtype=np.int64)
+    else:
+        head, targets = make_head(net.embedding.out_features, pop.labels[schedule], cfg, anchors)
     targets = torch.from_numpy(targets)
-    body_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    body = [p for name, p in net.named_parameters() if not name.startswith("classifier.")]
+    body_opt = torch.optim.SGD(body, lr=cfg.lr, momentum=cfg.momentum)
     head_opt = torch.optim.SGD(head.parameters(), lr=cfg.lr * cfg.head_lr_scale, momentum=cfg.momentum)
     loss_fn = nn.CrossEntropyLoss()
     net.train()

@@ -55,7 +55,7 @@ def train_virtual_clients(net: EmbeddingNet, pop: Population, clients: list[tupl
         log.warning("client.vectorize = %s would not fit %.1f GiB for this model; training groups of %s",
                     group_size, GROUP_MEMORY_BYTES / 2**30, capped)
     group_size = capped
-    if group_size < 2 or len(clients) < 2 or model_key in _refused:
+    if group_size < 2 or len(clients) < 2 or model_key in _refused or cfg.head == "shared":
         return _sequential(net, pop, clients, cfg, seeds, anchors, initial)
     prepared = [_prepare(net, pop, users, cfg, seed, anchors) for users, seed in zip(clients, seeds)]
     order = sorted(range(len(clients)), key=lambda i: len(prepared[i]["schedule"]))
