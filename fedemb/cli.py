@@ -269,6 +269,19 @@ def centralized(config: ConfigOpt = None, set_: SetOpt = None,
 
 @app.command()
 @friendly_errors
+def report(runs: Annotated[list[Path], typer.Argument(help="Run directories, or folders holding them (searched recursively).")],
+           out: Annotated[Path, typer.Option(help="Where report.md, the PNG figures and points.json go.")] = Path("docs/results")):
+    """Tables and figures from finished runs: utility against ε per method, ablations, synthetic-data
+    accuracy against the end-to-end ledger ε, and the privacy ledger per stage. Runs of one grid point
+    (experiment.json from scripts/run_experiments.py) are averaged over their seeds."""
+    from fedemb.report.writer import write_report
+
+    path = write_report(runs, out)
+    console.print(f"report: {path}", highlight=False)
+
+
+@app.command()
+@friendly_errors
 def audit(config: ConfigOpt = None, set_: SetOpt = None,
           trials: Annotated[int, typer.Option(help="Short runs per world (with and without the canary).")] = 200,
           rounds: Annotated[int, typer.Option(help="Rounds per short run; the claim is the ε of that many rounds.")] = 1,

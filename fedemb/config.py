@@ -255,22 +255,24 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"malformed TOML in {p}: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file is not UTF-8 text: {p}") from None
+    raw: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's table, or a ConfigError naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text: {path}") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

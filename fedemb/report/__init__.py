@@ -1,0 +1,1 @@
+"""`fedemb report`: tables and figures from run directories (fedemb.report.writer)."""

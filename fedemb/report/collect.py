@@ -1,0 +1,147 @@
+"""Read run directories into flat records: what was run (experiment.json, or the run's own config),
+what it achieved (results.json), what it spent (privacy.json, per stage), and what the synthesis steps
+under RUN/synth/ measured."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedemb.config import read_toml
+from fedemb.errors import FedembError
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.run_dir import LEDGER_FILE
+
+METRICS = ("recall_at_1", "tar_at_far_1e-3", "tar_at_far_1e-1")
+
+
+@dataclass
+class Synthesis:
+    kind: str  # gmm | invert | custom
+    folder: str
+    accuracy: dict[str, float]  # method -> accuracy on real held-out data
+    epsilon_total: float  # the run's ledger after this stage (training + synthesis); custom: see unit
+    unit: str = "user"  # custom synthesis: "reference image" (the device's own budget, not the run's ledger)
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    experiment: str
+    group: str
+    params: dict
+    seed: int | None
+    method: str
+    initial: dict[str, float]
+    final: dict[str, float]
+    epsilon: float  # training, on the real population (the run's ledger before synthesis)
+    delta: float
+    projected_epsilon: float | None
+    wall_seconds: float
+    stages: list[tuple[str, float, float]] = field(default_factory=list)  # stage, its own ε, ledger ε after it
+    synthesis: list[Synthesis] = field(default_factory=list)
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories (holding results.json) at or under the given paths, in a stable order."""
+    found: set[Path] = set()
+    for path in paths:
+        if not path.exists():
+            raise FedembError(f"{path} does not exist")
+        if (path / "results.json").is_file():
+            found.add(path.resolve())
+        found.update(p.parent.resolve() for p in path.rglob("results.json") if p.parent.name != "synth")
+    if not found:
+        raise FedembError(f"no run directories (with results.json) under {', '.join(map(str, paths))}")
+    return sorted(found)
+
+
+def load_run(path: Path) -> RunRecord:
+    results = _json(path / "results.json")
+    config = _toml(path / "config.toml")
+    facts = _json(path / "experiment.json") if (path / "experiment.json").is_file() else {}
+    method = method_of(results, config)
+    privacy = results.get("privacy", {})
+    try:
+        final = {m: float(results["final"][m]) for m in METRICS}
+        initial = {m: float(results.get("initial", {}).get(m, math.nan)) for m in METRICS}
+    except (KeyError, TypeError, ValueError):
+        raise FedembError(f"{path}/results.json lacks the final metrics ({', '.join(METRICS)})") from None
+    stages, training_epsilon = _stages(path, privacy)
+    projection = privacy.get("projection") or None
+    return RunRecord(
+        path=path, experiment=facts.get("experiment", config.get("run", {}).get("name", path.name)),
+        group=facts.get("group", method), params=facts.get("params", {}), seed=facts.get("seed"), method=method,
+        initial=initial, final=final, epsilon=training_epsilon, delta=float(privacy.get("delta", math.nan)),
+        projected_epsilon=float(projection["epsilon"]) if projection else None,
+        wall_seconds=float(facts.get("wall_seconds", results.get("wall_seconds", math.nan))),
+        stages=stages, synthesis=_synthesis(path))
+
+
+def method_of(results: dict, config: dict) -> str:
+    if results.get("method") == "centralized":
+        return "centralized (non-private)"
+    if not results.get("privacy", {}).get("enabled", True):
+        return "federated (non-private)"
+    if config.get("client", {}).get("head") == "shared":
+        return "DP-FedAvg (shared head)"
+    return "DP-FedEmb"
+
+
+def _stages(path: Path, privacy: dict) -> tuple[list[tuple[str, float, float]], float]:
+    """Per stage of the ledger: its own ε and the ledger's after it; and training's ε."""
+    if not (path / LEDGER_FILE).is_file():
+        return [], float(privacy.get("epsilon", math.inf))
+    try:
+        ledger = PrivacyLedger.load(path / LEDGER_FILE)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FedembError(f"{path / LEDGER_FILE} is not a readable privacy ledger: {exc}") from None
+    stages, seen = [], []
+    for entry in ledger.entries:
+        if entry.stage not in seen:
+            seen.append(entry.stage)
+    for stage in seen:
+        own = [e for e in ledger.entries if e.stage == stage]
+        upto = ledger.entries[:ledger.entries.index(own[-1]) + 1]
+        stages.append((stage, ledger.epsilon_of(own), ledger.epsilon_of(upto)))
+    training = next((own for stage, own, _ in stages if stage == "training"), math.inf)
+    return stages, training
+
+
+def _synthesis(path: Path) -> list[Synthesis]:
+    out = []
+    for file in sorted((path / "synth").glob("*/*_results.json")) if (path / "synth").is_dir() else []:
+        data = _json(file)
+        folder = file.parent.name
+        if file.name == "synth_results.json":
+            out.append(Synthesis("gmm", folder, {"DP-GMM + MLP": float(data["released"]["gmm_mlp_accuracy"]),
+                                                 "non-private MLP": float(data["nonprivate_mlp_accuracy"])},
+                                 float(data["ledger_epsilon_total"])))
+        elif file.name == "invert_results.json":
+            ev = data["evaluation"]
+            acc = {"inverted, from scratch": ev["inverted"]["from_scratch_accuracy"],
+                   "inverted, distilled": ev["inverted"]["distilled_accuracy"]}
+            if "no_statistics" in ev:
+                acc["no statistics, from scratch"] = ev["no_statistics"]["from_scratch_accuracy"]
+            out.append(Synthesis("invert", folder, {k: float(v) for k, v in acc.items()},
+                                 float(data["ledger_epsilon_total"])))
+        elif file.name == "custom_results.json":
+            acc = {"customized": float(data["customized"]["accuracy"])}
+            if "l0_baseline" in data:
+                acc["L0-only baseline"] = float(data["l0_baseline"]["accuracy"])
+            out.append(Synthesis("custom", folder, acc, float(data["privacy"]["epsilon_per_reference_image"]),
+                                 "reference image"))
+    return out
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FedembError(f"cannot read {path}: {exc}") from None
+
+
+def _toml(path: Path) -> dict:
+    return read_toml(path, "run config") if path.is_file() else {}

@@ -1,0 +1,117 @@
+"""PNG figures of aggregated points (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedemb.report.aggregate import Point  # noqa: E402
+from fedemb.report.collect import METRICS  # noqa: E402
+
+LABELS = {"recall_at_1": "recall@1", "tar_at_far_1e-3": "TAR@FAR=1e-3", "tar_at_far_1e-1": "TAR@FAR=1e-1"}
+
+
+def epsilon_curves(points: list[Point], title: str, path: Path) -> Path | None:
+    """Each metric against ε, one line per group on the ε grid; groups without noise as dashed levels.
+    Projected groups are placed at their projected ε, and their legend says so."""
+    curves: dict[str, list[Point]] = {}
+    for p in points:
+        if p.on_epsilon_grid:
+            curves.setdefault(p.group, []).append(p)
+    if not curves:
+        return None
+    levels = [p for p in points if not p.params and math.isinf(p.epsilon.mean)]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4), squeeze=False)
+    for ax, metric in zip(axes[0], METRICS):
+        for group, pts in curves.items():
+            pts = sorted(pts, key=lambda p: p.plotted_epsilon)
+            projected = any(p.projected_epsilon for p in pts)
+            ax.errorbar([p.plotted_epsilon for p in pts], [p.metrics[metric].mean for p in pts],
+                        yerr=[p.metrics[metric].std for p in pts], marker="o", capsize=3,
+                        label=f"{group} ({'projected ε' if projected else 'ε on this population'})")
+        for i, p in enumerate(levels):
+            ax.axhline(p.metrics[metric].mean, linestyle="--", color=f"C{len(curves) + i}", label=f"{p.group} (ε = ∞)")
+        ax.set_xscale("log")
+        ax.set_xlabel("ε (training)")
+        ax.set_ylabel(LABELS[metric])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ablation_bars(points: list[Point], title: str, path: Path) -> Path | None:
+    """One bar per grid point of a group that varies something other than ε."""
+    pts = [p for p in points if p.params and not p.on_epsilon_grid]
+    if not pts:
+        return None
+    shown = ("recall_at_1", "tar_at_far_1e-3")
+    fig, axes = plt.subplots(1, len(shown), figsize=(max(6, 0.9 * len(pts) + 3) * len(shown) / 1.5, 4.5), squeeze=False)
+    names = [f"{p.group}\n{p.label}" for p in pts]
+    for ax, metric in zip(axes[0], shown):
+        ax.bar(range(len(pts)), [p.metrics[metric].mean for p in pts], yerr=[p.metrics[metric].std for p in pts],
+               capsize=3, color=[f"C{sorted({q.group for q in pts}).index(p.group)}" for p in pts])
+        ax.set_xticks(range(len(pts)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(LABELS[metric])
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def synthesis_curves(points: list[Point], title: str, path: Path) -> Path | None:
+    """Synthetic-data accuracy against the end-to-end ledger ε (training + synthesis)."""
+    lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for p in points:
+        for (kind, _, label), (acc, eps, unit) in p.synthesis.items():
+            if unit == "user" and math.isfinite(eps.mean):  # on the run's ledger, so comparable
+                lines.setdefault((kind, label), []).append((eps.mean, acc.mean, acc.std))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (kind, label), values in sorted(lines.items()):
+        values.sort()
+        ax.errorbar([v[0] for v in values], [v[1] for v in values], yerr=[v[2] for v in values], marker="o",
+                    capsize=3, label=f"{kind}: {label}")
+    ax.set_xscale("log")
+    ax.set_xlabel("ledger ε (training + synthesis)")
+    ax.set_ylabel("accuracy on real held-out data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ledger_bars(points: list[Point], title: str, path: Path) -> Path | None:
+    """The ε of each ledger stage, for each point whose run has synthesis stages."""
+    pts = [p for p in points if len(p.runs[0].stages) > 1]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.5 * sum(len(p.runs[0].stages) for p in pts) + 1.5))
+    labels, values = [], []
+    for p in pts:
+        for stage, own, _ in p.runs[0].stages:
+            labels.append(f"{p.group} {p.label}: {stage}")
+            values.append(own)
+    ax.barh(range(len(values)), values)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ε of the stage")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
