@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedemb.report.aggregate import Point  # noqa: E402
-from fedemb.report.collect import METRICS  # noqa: E402
+from fedemb.report.collect import METRICS, NON_PRIVATE_MLP  # noqa: E402
 
 LABELS = {"recall_at_1": "recall@1", "tar_at_far_1e-3": "TAR@FAR=1e-3", "tar_at_far_1e-1": "TAR@FAR=1e-1"}
 
@@ -36,7 +36,7 @@ def epsilon_curves(points: list[Point], title: str, path: Path) -> Path | None:
                         label=f"{group} ({'projected ε' if projected else 'ε on this population'})")
         for i, p in enumerate(levels):
             ax.axhline(p.metrics[metric].mean, linestyle="--", color=f"C{len(curves) + i}", label=f"{p.group} (ε = ∞)")
-        ax.set_xscale("log")
+        _epsilon_ticks(ax, [p.plotted_epsilon for pts in curves.values() for p in pts])
         ax.set_xlabel("ε (training)")
         ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3)
@@ -74,7 +74,7 @@ def synthesis_curves(points: list[Point], title: str, path: Path) -> Path | None
     lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for p in points:
         for (kind, _, label), (acc, eps, unit) in p.synthesis.items():
-            if unit == "user" and math.isfinite(eps.mean):  # on the run's ledger, so comparable
+            if unit == "user" and math.isfinite(eps.mean) and label != NON_PRIVATE_MLP:  # DP, on the run's ledger
                 lines.setdefault((kind, label), []).append((eps.mean, acc.mean, acc.std))
     if not lines:
         return None
@@ -83,7 +83,7 @@ def synthesis_curves(points: list[Point], title: str, path: Path) -> Path | None
         values.sort()
         ax.errorbar([v[0] for v in values], [v[1] for v in values], yerr=[v[2] for v in values], marker="o",
                     capsize=3, label=f"{kind}: {label}")
-    ax.set_xscale("log")
+    _epsilon_ticks(ax, [v[0] for values in lines.values() for v in values])
     ax.set_xlabel("ledger ε (training + synthesis)")
     ax.set_ylabel("accuracy on real held-out data")
     ax.grid(alpha=0.3)
@@ -115,3 +115,11 @@ def ledger_bars(points: list[Point], title: str, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _epsilon_ticks(ax, values: list[float]) -> None:
+    """A log axis labelled at the ε values themselves (1, 2, 4, 8), not at powers of ten."""
+    ax.set_xscale("log")
+    ticks = sorted({round(v, 2) for v in values if math.isfinite(v) and v > 0})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()

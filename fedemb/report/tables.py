@@ -40,7 +40,7 @@ def synthesis_table(points: list[Point]) -> str:
     rows = []
     for p in points:
         for (kind, folder, label), (acc, eps, unit) in p.synthesis.items():
-            spent = _eps(eps.mean) if unit == "user" else f"{_eps(eps.mean)} per {unit} (device budget)"
+            spent = _eps(eps.mean) if unit == "user" else f"{_eps(eps.mean)} per {unit} (the device's own budget)"
             rows.append([p.group, p.label, f"{kind} ({folder})", label, acc.text(), spent])
     if not rows:
         return ""

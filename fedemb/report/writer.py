@@ -38,7 +38,8 @@ def write_report(paths: list[Path], out: Path) -> Path:
             lines += ["### Privacy ledger per stage", "", ledger, ""]
             figures.append(ledger_bars(pts, f"{experiment}: ε per ledger stage", out / f"{name}-ledger.png"))
         lines += [f"![{f.stem}]({f.name})" for f in figures if f is not None] + [""]
-        lines += ["Runs:", ""] + [f"- `{r.path}` ({r.group}, {p.label}, seed {r.seed})" for p in pts for r in p.runs] + [""]
+        lines += ["Runs:", ""] + [f"- `{os.path.relpath(r.path)}` ({r.group}, {p.label}, seed {r.seed})"
+                                  for p in pts for r in p.runs] + [""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     write_json(out / "points.json", {"points": [_point_json(p) for p in points]})
