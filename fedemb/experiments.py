@@ -99,7 +99,7 @@ def load_spec(path: Path, variables: dict[str, str], root: Path, runs: Path) -> 
         after = [[fill(str(arg), experiment_dir, keep=("run",)) for arg in args] for args in _steps(group, "after", where)]
         before = [[fill(str(arg), experiment_dir) for arg in args] for args in _steps(group, "before", where)]
         for point in itertools.product(*grid.values()):
-            params = dict(zip(grid.keys(), point))
+            params = {k: fill(v, experiment_dir) if isinstance(v, str) else v for k, v in zip(grid.keys(), point)}
             for seed in _seeds(group.get("seeds", seeds), f"{where}: seeds"):
                 overrides = common + own + [f"{k}={_toml(v)}" for k, v in params.items()] + [f"run.seed={seed}"]
                 run_dir = runs / name / slug(label) / (point_name(params) or "default") / f"seed-{seed}"

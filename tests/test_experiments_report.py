@@ -39,15 +39,18 @@ label = "centralized"
 command = "centralized"
 seeds = [0]
 before = [["pretrain", "--out", "{experiment_dir}/p.pt"]]
+grid = { "model.init_checkpoint" = ["", "{experiment_dir}/p.pt"] }
 ''')
     cells = load_spec(spec, {"data": "/d"}, REPO, tmp_path / "runs").cells
-    assert len(cells) == 2 * 2 * 2 + 1
+    assert len(cells) == 2 * 2 * 2 + 2
     first = cells[0]
     assert first.overrides == ["data.path=/d/x", "privacy.target_epsilon=1.0", "sampling.users_per_client=1", "run.seed=0"]
     assert first.run_dir == tmp_path / "runs" / "demo" / "dp-fedemb" / "target_epsilon=1.0,users_per_client=1" / "seed-0"
     assert first.after == [["synth", "gmm", "{run}", "--out", "{run}/synth/gmm"]]
     central = cells[-1]
-    assert central.command == "centralized" and central.seed == 0 and central.params == {}
+    assert central.command == "centralized" and central.seed == 0
+    assert central.params == {"model.init_checkpoint": str(tmp_path / "runs" / "demo" / "p.pt")}  # filled in grids too
+    assert central.run_dir.parent.name == "init_checkpoint=p.pt" and cells[-2].run_dir.parent.name == "init_checkpoint=none"
     assert central.before == [["pretrain", "--out", str(tmp_path / "runs" / "demo" / "p.pt")]]
     assert len({c.run_dir for c in cells}) == len(cells)
 
