@@ -39,7 +39,6 @@ Pixels: uint8 is scaled by 1/255, uint16 by 1/65535, floats must already lie in 
 from __future__ import annotations
 
 import math
-import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fedemb.config import read_toml
 from fedemb.errors import ConfigError, DataError
 
 OBJECTS = ("foreground", "background")
@@ -131,14 +131,7 @@ def load_task(path: Path, image_shape: tuple[int, int, int]) -> CustomTask:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"task file not found: {path}")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"task file is not UTF-8 text: {path}") from None
+    return read_toml(path, "task file")
 
 
 class _Spec:
