@@ -79,14 +79,13 @@ class DPFedEmb(Strategy):
         if not node_ids:
             raise RuntimeError("no nodes connected: cannot train")
         self.online = len(node_ids)
+        users = node_user_ids(node_ids) if self.placement == "devices" else self.user_ids
+        plan = self.sampler.plan(server_round, users)
         if self.placement == "devices":
-            plan = self.sampler.plan(server_round, node_user_ids(node_ids))
             per_node = assign_to_own_node(plan.virtual_clients)
         elif self.placement == "by_slot":
-            plan = self.sampler.plan(server_round, self.user_ids)
             per_node = assign_by_slot(plan.virtual_clients, node_ids)
         else:
-            plan = self.sampler.plan(server_round, self.user_ids)
             per_node = assign_balanced(plan.virtual_clients, [self._cost(vc) for vc in plan.virtual_clients], node_ids)
         task = self.task | {"round_timeout_s": self.round_timeout_s}
         self.assignments = {node: TrainAssignment(server_round, self.clip_norm, task,
