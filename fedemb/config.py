@@ -27,7 +27,7 @@ HEAD_INITS = ("random", "anchors")
 SYNTH_COVARIANCES = ("isotropic", "diag", "full", "lowrank")
 SYNTH_INITS = ("mean", "random", "public")
 SYNTH_CENTRES = ("none", "public")
-NORM_KINDS = ("group", "keep")
+NORM_KINDS = ("group", "keep", "affine")
 INVERT_STATISTICS = ("dp", "batchnorm")
 
 
@@ -63,7 +63,8 @@ class DataConfig:
 class ModelConfig:
     name: str = "fedemb_lenet"
     embedding_dim: int = 128
-    norm: str = "group"  # group: BatchNorm converted to GroupNorm; keep: the model's own layers
+    norm: str = "group"  # group: BatchNorm converted to GroupNorm; keep: the model's own layers; affine: BatchNorm
+    # replaced by the per-channel affine map it computes in eval mode (pretrained weights), trainable, no batch statistics
     batchnorm_in_update: bool = False  # allow BatchNorm in DP mode; its buffers travel in the clipped update
     init_checkpoint: str = ""  # state dict of backbone + embedding (e.g. from `fedemb pretrain`)
     pretrained_file: str = ""  # backbone weights via timm's pretrained_cfg_overlay=dict(file=...)

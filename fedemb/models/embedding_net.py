@@ -44,28 +44,60 @@ def create_backbone(name: str, in_chans: int, norm: str, pretrained_file: str = 
     if pretrained_file:
         if not Path(pretrained_file).is_file():
             raise ConfigError(f"model.pretrained_file not found: {pretrained_file}")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file), "num_classes": 0}
+        # timm drops the checkpoint's classifier when the architecture's default class count is not 0
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     try:
         backbone = timm.create_model(name, pretrained=bool(pretrained_file), **kwargs)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot build model {name!r}: {exc}") from None
     if norm == "group" and has_batchnorm(backbone):
         backbone = ModuleValidator.fix(backbone)  # BatchNorm -> GroupNorm
-        _replace_batchnorm_subclasses(backbone)
+        _replace_batchnorm(backbone, _as_group_norm)
+    elif norm == "affine":
+        _replace_batchnorm(backbone, _as_channel_affine)
     return backbone
 
 
-def _replace_batchnorm_subclasses(module: nn.Module) -> None:
-    """Opacus converts the torch BatchNorm classes only; timm's BatchNormAct2d (BatchNorm followed by
-    its own dropout and activation) becomes GroupNorm followed by the same dropout and activation."""
+class ChannelAffine(nn.Module):
+    """y = x * scale + shift per channel: what a BatchNorm computes in eval mode, with its statistics folded
+    into trainable parameters. Keeps a pretrained BatchNorm's function without learning from batch
+    statistics, which would leave a client outside its clipped update."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.scale = nn.Parameter(scale.detach().clone())
+        self.shift = nn.Parameter(shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+
+def _as_group_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    return nn.GroupNorm(math.gcd(32, bn.num_features), bn.num_features, affine=bn.affine)
+
+
+def _as_channel_affine(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    with torch.no_grad():
+        mean = bn.running_mean if bn.running_mean is not None else torch.zeros(bn.num_features)
+        var = bn.running_var if bn.running_var is not None else torch.ones(bn.num_features)
+        scale = torch.rsqrt(var + bn.eps)
+        shift = -mean * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return ChannelAffine(scale, shift)
+
+
+def _replace_batchnorm(module: nn.Module, replacement) -> None:
+    """Every BatchNorm (torch's and subclasses such as timm's BatchNormAct2d, which adds its own dropout
+    and activation) becomes `replacement(bn)` followed by the same dropout and activation."""
     for name, child in module.named_children():
         if isinstance(child, _BATCHNORM):
-            groups = math.gcd(32, child.num_features)
-            norm = nn.GroupNorm(groups, child.num_features, affine=child.affine)
+            norm = replacement(child)
             extra = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None]
             setattr(module, name, nn.Sequential(norm, *extra) if extra else norm)
         else:
-            _replace_batchnorm_subclasses(child)
+            _replace_batchnorm(child, replacement)
 
 
 def build_embedding_net(model_cfg, image_shape: tuple[int, int, int], dp_enabled: bool,
