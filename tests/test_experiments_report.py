@@ -134,3 +134,14 @@ after = [["synth", "gmm", "{run}", "--set", "synth.seed=0", "--set", "synth.mlp_
     dp = [p for p in points if p["group"] == "DP-FedEmb"]
     assert sorted(p["params"]["privacy.target_epsilon"] for p in dp) == [2.0, 8.0]
     assert all(p["epsilon"] <= p["params"]["privacy.target_epsilon"] * 1.001 for p in dp)  # training stays within the target
+
+
+@pytest.mark.parametrize("spec", sorted((REPO / "scripts" / "experiments").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_expands_into_valid_configs(spec, tmp_path):
+    """A typo in a shipped spec (a key, a value out of range) fails here, not an hour into a sweep."""
+    from fedemb.config import load_config
+
+    cells = load_spec(spec, {"data": "/data", "qmnist": "/qmnist", "task": "/task.toml"}, REPO, tmp_path).cells
+    assert cells
+    for cell in cells:
+        load_config(cell.config, cell.overrides)
