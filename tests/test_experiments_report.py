@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fedemb.config import load_config
 from fedemb.errors import ConfigError
 from fedemb.experiments import load_spec
 from fedemb.report.aggregate import Stat, aggregate
@@ -139,8 +140,6 @@ after = [["synth", "gmm", "{run}", "--set", "synth.seed=0", "--set", "synth.mlp_
 @pytest.mark.parametrize("spec", sorted((REPO / "scripts" / "experiments").glob("*.toml")), ids=lambda p: p.stem)
 def test_every_shipped_spec_expands_into_valid_configs(spec, tmp_path):
     """A typo in a shipped spec (a key, a value out of range) fails here, not an hour into a sweep."""
-    from fedemb.config import load_config
-
     cells = load_spec(spec, {"data": "/data", "qmnist": "/qmnist", "task": "/task.toml"}, REPO, tmp_path).cells
     assert cells
     for cell in cells:

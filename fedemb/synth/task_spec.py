@@ -104,7 +104,7 @@ def object_masks(masks: np.ndarray, objects: tuple[str, ...] = OBJECTS) -> dict[
 
 def load_task(path: Path, image_shape: tuple[int, int, int]) -> CustomTask:
     path = Path(path)
-    raw = _read_toml(path)
+    raw = read_toml(path, "task file")
     spec = _Spec(path)
     spec.no_unknown(raw, TOP_KEYS, "top level")
     name = spec.string(raw, "name", None)
@@ -128,10 +128,6 @@ def load_task(path: Path, image_shape: tuple[int, int, int]) -> CustomTask:
                       prototypes=prototypes, references=images, reference_labels=labels, masks=masks,
                       policy=policy, test_images=test_images, test_labels=test_labels, delta=delta,
                       seed=seed, synthesis=spec.synthesis(raw), mask_rule=mask_rule)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    return read_toml(path, "task file")
 
 
 class _Spec:
