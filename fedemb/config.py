@@ -38,6 +38,7 @@ class RunConfig:
     seed: int = -1  # -1: draw from the OS's secure randomness
     eval_every: int = 5
     checkpoint_every: int = 10  # resumable state every n rounds (0: only the final model)
+    keep_private_state: bool = False  # keep a finished run's complete state.pt (sampling key, tree noise) to extend it
 
 
 @dataclass
@@ -109,6 +110,16 @@ class AdaptiveClippingConfig:
 
 
 @dataclass
+class TrainingMetricsConfig:
+    """DP training metrics: each round also releases a noisy sum of the virtual clients' bounded losses
+    and a noisy clipped count, accounted jointly with the update (the update noise grows to pay)."""
+    enabled: bool = False
+    loss_bound: float = 5.0  # B: each virtual client's mean loss is clamped to [0, B] (non-finite: B)
+    loss_noise_std: float = 0.0  # std on the centred loss sum; 0: B * M / 20
+    count_noise_std: float = 0.0  # std on the centred clipped count; 0: M / 20 (adaptive clipping's count is reused)
+
+
+@dataclass
 class TreeConfig:
     restart_every: int = 0  # start a new tree every n rounds (0: one tree for the run)
 
@@ -137,6 +148,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     fixed_size_accounting: str = "refuse"
     adaptive: AdaptiveClippingConfig = field(default_factory=AdaptiveClippingConfig)
+    metrics: TrainingMetricsConfig = field(default_factory=TrainingMetricsConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
 
@@ -168,6 +180,13 @@ class DeploymentConfig:
     devices: int = 0  # N: registered devices, the population the accountant and the denominator use; 0: no deployment
     min_devices: int = 0  # wait until this many are online before round 1 (0: all N)
     wait_s: float = 300.0  # how long to wait for them
+
+
+@dataclass
+class MonitoringConfig:
+    """Server-private telemetry is always written to RUN/private/; these only add views of it."""
+    private_tensorboard: bool = False  # also a separate TensorBoard run of the exact figures in private/tensorboard/
+    private_console: bool = False  # also print server-private events on the console, marked [server-private]
 
 
 @dataclass
@@ -249,6 +268,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     invert: InvertConfig = field(default_factory=InvertConfig)
@@ -419,6 +439,13 @@ def validate(cfg: Config) -> None:
     _check(0 < a.target_quantile < 1, f"privacy.adaptive.target_quantile must be in (0, 1), got {a.target_quantile}")
     _check(a.learning_rate > 0, f"privacy.adaptive.learning_rate must be > 0, got {a.learning_rate}")
     _check(a.count_noise_std >= 0, f"privacy.adaptive.count_noise_std must be >= 0 (0: M / 20), got {a.count_noise_std}")
+    tm = p.metrics
+    _check(tm.loss_bound > 0, f"privacy.metrics.loss_bound must be > 0, got {tm.loss_bound}")
+    _check(tm.loss_noise_std >= 0, f"privacy.metrics.loss_noise_std must be >= 0 (0: B * M / 20), got {tm.loss_noise_std}")
+    _check(tm.count_noise_std >= 0, f"privacy.metrics.count_noise_std must be >= 0 (0: M / 20), got {tm.count_noise_std}")
+    if p.enabled and p.mechanism == "tree" and tm.enabled:
+        raise ConfigError("privacy.metrics works with privacy.mechanism = 'gaussian' only (its queries are "
+                          "accounted with the round's sampled Gaussian)")
     validate_projection(cfg)
     _check(p.tree.restart_every >= 0, f"privacy.tree.restart_every must be >= 0, got {p.tree.restart_every}")
     if p.enabled and p.mechanism == "tree" and p.clipping == "adaptive":

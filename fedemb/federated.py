@@ -8,7 +8,6 @@ privacy ledger continue where they were.
 from __future__ import annotations
 
 import copy
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,15 +27,19 @@ from fedemb.evaluation.embed import embed
 from fedemb.evaluation.metrics import embedding_metrics
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net, shared_state
 from fedemb.monitoring.callback import RoundCallback
+from fedemb.monitoring.outputs import public_round_metrics
+from fedemb.monitoring.private_log import PrivateLog, private_log
 from fedemb.monitoring.progress import ProgressReporter
+from fedemb.monitoring.telemetry import TELEMETRY_FILE, PrivateTelemetry, read_telemetry
 from fedemb.monitoring.tensorboard import TensorBoardLogger
 from fedemb.privacy.accountant import PrivacyPlan, make_privacy_plan
-from fedemb.privacy.keyed_random import keyed_seed
+from fedemb.privacy.keyed_random import keyed_seed, run_secret
 from fedemb.privacy.ledger import PrivacyLedger
-from fedemb.privacy.mechanisms import make_mechanism
+from fedemb.privacy.mechanisms import STAGE, make_mechanism
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.sampling import make_sampler, virtual_client_slots
-from fedemb.run_dir import LEDGER_FILE, STATE_FILE, save_checkpoint, save_state, write_json
+from fedemb.run_dir import (LEDGER_FILE, PRIVATE_DIR, STATE_FILE, save_checkpoint, save_state, write_json,
+                            write_private_json)
 from fedemb.training.client_task import make_task
 
 STREAM_TRAINING_KEY = 21
@@ -96,31 +99,54 @@ class Evaluator:
 
 
 class History(RoundCallback):
+    """The per-round figures results.json publishes: releases and data-independent figures only
+    (fedemb.monitoring.outputs); the exact ones are in the server-private telemetry."""
+
     def __init__(self, rounds: list[dict] | None = None):
         self.rounds: list[dict] = list(rounds or [])
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
-        self.rounds.append({"round": server_round, **train_metrics, **({"eval": eval_metrics} if eval_metrics else {})})
+        self.rounds.append({"round": server_round, **public_round_metrics(train_metrics),
+                            **({"eval": eval_metrics} if eval_metrics else {})})
 
 
 class Checkpointer(RoundCallback):
     """Every n rounds: the model (checkpoints/round-NNNNN.pt) and what a resumed run needs
-    (checkpoints/state.pt: server optimizer, mechanism, sampler, seed, history). state.pt is
+    (checkpoints/state.pt: server optimizer, mechanism, sampler, server secret, history). state.pt is
     server-private: it holds the sampling key (and for DP-FTRL the tree's noise); publish models only.
     Must come after History among the callbacks, so the state holds the round's figures."""
 
-    def __init__(self, run_dir: Path, every: int, history: History, run_facts: dict):
+    def __init__(self, run_dir: Path, every: int, history: History, run_facts: dict, keep_private_state: bool = True):
         self.run_dir, self.every, self.history, self.run_facts = run_dir, every, history, run_facts
+        self.keep_private_state = keep_private_state
         self.strategy = None
+        self.rounds = 0
 
     def on_run_start(self, strategy, num_rounds):
-        self.strategy = strategy
+        self.strategy, self.rounds = strategy, num_rounds
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         if self.every and server_round % self.every == 0:
             save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:05d}.pt", arrays.to_torch_state_dict())
-            save_state(self.run_dir / STATE_FILE, {"version": 1, "strategy": self.strategy.state_dict(),
-                                                   "history": self.history.rounds, **self.run_facts})
+            save_state(self.run_dir / STATE_FILE, self.run_state())
+
+    def run_state(self) -> dict:
+        return {"version": 1, "strategy": self.strategy.state_dict(), "history": self.history.rounds, **self.run_facts}
+
+    def settle(self, strategy) -> None:
+        """Once a run's results and final model are written: a finished run (all its rounds, or its ε
+        budget spent) keeps its complete last state only with run.keep_private_state (so it can be
+        extended). Otherwise state.pt becomes a stub that says the run finished: the secret key, the
+        tree's noise and the noise generator are deleted, and --resume says so. A run stopped early for
+        another reason (too few devices) keeps its state."""
+        if not (strategy.rounds_completed >= self.rounds or strategy.budget_spent):
+            return
+        if self.keep_private_state:
+            if self.every:
+                save_state(self.run_dir / STATE_FILE, self.run_state())
+            return
+        save_state(self.run_dir / STATE_FILE, {"version": 1, "finished": True, "private_state_removed": True,
+                                               "strategy": {"round": strategy.rounds_completed}})
 
 
 def load_run_state(run_dir: Path) -> dict | None:
@@ -133,20 +159,48 @@ def load_run_state(run_dir: Path) -> dict | None:
         raise ConfigError(f"cannot read the run state {path}: {exc}") from None
 
 
+def check_resume(run_dir: Path, cfg: Config, setup: RunSetup) -> tuple[dict | None, PrivacyLedger]:
+    """The state and ledger a resumed run continues from, or a ConfigError naming why the run cannot
+    be continued without losing track of what it has already released. Changes nothing."""
+    def refuse(why: str):
+        raise ConfigError(f"cannot resume {run_dir}: {why} (nothing was changed)")
+
+    state = load_run_state(run_dir)
+    if state and state.get("private_state_removed"):
+        refuse(f"it finished after round {state['strategy']['round']} and its server-private state was deleted "
+               "(run.keep_private_state = false); start a new run")
+    if not (run_dir / LEDGER_FILE).is_file():
+        refuse(f"its privacy ledger {LEDGER_FILE} is missing" + (
+            f", so the {state['strategy']['round']} rounds in {STATE_FILE} would go unaccounted" if state
+            else "; if it never ran a round, start it again without --resume"))
+    try:
+        ledger = PrivacyLedger.load(run_dir / LEDGER_FILE)
+    except (ValueError, KeyError, TypeError) as exc:
+        refuse(f"{LEDGER_FILE} is not a readable privacy ledger ({exc})")
+    expected = make_mechanism(cfg, setup.privacy, GaussianNoise(0.0, 0), setup.virtual_clients)
+    problem = ledger.continuation_problem(delta=setup.privacy.delta, accountant=setup.privacy.accountant, stage=STAGE,
+                                          completed_round=int(state["strategy"]["round"]) if state else 0,
+                                          expected_entry=expected.ledger_entry)
+    if problem:
+        refuse(problem)
+    return state, ledger
+
+
 def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
     started = time.monotonic()
     setup = prepare_run(cfg)
-    state = load_run_state(run_dir) if resume else None
     ledger_path = run_dir / LEDGER_FILE
-    if resume and ledger_path.is_file():
-        ledger = PrivacyLedger.load(ledger_path)
+    if resume:
+        state, ledger = check_resume(run_dir, cfg, setup)
     elif ledger_path.exists():
         raise ConfigError(f"{run_dir} already holds a run ({LEDGER_FILE}); resume it or choose another run directory")
     else:
-        ledger = PrivacyLedger(ledger_path, setup.privacy.delta, setup.privacy.accountant)
+        state, ledger = None, PrivacyLedger(ledger_path, setup.privacy.delta, setup.privacy.accountant)
 
     seeded = cfg.run.seed >= 0
-    seed = cfg.run.seed if seeded else (state["seed"] if state else secrets.randbits(63))
+    # the server secret keys every draw (sampling, grouping, noise, the training key); 256 bits of OS
+    # randomness kept in the server-private state.pt, or derived from run.seed (predictable)
+    secret = run_secret(cfg.run.seed) if seeded or not state else state.get("secret", state.get("seed"))
     done_round = int(state["strategy"]["round"]) if state else 0
     # a seeded run replays its releases exactly; otherwise rounds re-run after a crash are new releases
     recorded_after = any((e.round or 0) > done_round for e in ledger.entries)
@@ -155,11 +209,11 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         warnings.warn("run.seed is set: the DP noise is predictable from it; use this for tests and "
                       "reproduction only, never for a release", stacklevel=2)
     privacy = setup.privacy
-    noise = GaussianNoise(privacy.noise_multiplier * cfg.privacy.clip_norm, seed if seeded else None)
+    noise = GaussianNoise(privacy.noise_multiplier * cfg.privacy.clip_norm, secret if seeded else None)
     mechanism = make_mechanism(cfg, privacy, noise, setup.virtual_clients)
-    sampler = make_sampler(seed, cfg.sampling, setup.virtual_clients)
+    sampler = make_sampler(secret, cfg.sampling, setup.virtual_clients)
     task = make_task(cfg, setup.splits.train.num_classes, setup.splits.train.image_shape,
-                     keyed_seed(seed, STREAM_TRAINING_KEY))
+                     keyed_seed(secret, STREAM_TRAINING_KEY))  # a PRF output: reveals nothing of the secret
     from strategies.dp_fedemb import DPFedEmb
     from strategies.server_optimizer import ServerOptimizer
 
@@ -168,8 +222,10 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     history = History(state["history"] if state else None)
     evaluator = Evaluator(setup.net, setup.splits)
     initial_eval = state["initial_eval"] if state else dict(evaluator(0, ArrayRecord(initial_state)))
-    run_facts = {"seed": seed, "initial_eval": initial_eval}
-    callbacks: list[RoundCallback] = [tensorboard, history, Checkpointer(run_dir, cfg.run.checkpoint_every, history, run_facts)]
+    run_facts = {"secret": secret, "initial_eval": initial_eval}
+    telemetry = PrivateTelemetry(run_dir, cfg.monitoring.private_tensorboard, purge_step=done_round + 1 if state else None)
+    checkpointer = Checkpointer(run_dir, cfg.run.checkpoint_every, history, run_facts, cfg.run.keep_private_state)
+    callbacks: list[RoundCallback] = [tensorboard, telemetry, history, checkpointer]
     if show_progress:
         callbacks.append(ProgressReporter())
     strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, mechanism=mechanism,
@@ -177,7 +233,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
                         ledger=ledger, target_epsilon=privacy.target_epsilon, attempt=attempt,
                         eval_every=cfg.run.eval_every, round_timeout_s=cfg.simulation.round_timeout_s,
                         callbacks=callbacks, placement=_placement(cfg), user_examples=setup.splits.train.examples_per_user(),
-                        min_devices=cfg.deployment.min_devices or cfg.deployment.devices, wait_s=cfg.deployment.wait_s)
+                        min_devices=cfg.deployment.min_devices or cfg.deployment.devices, wait_s=cfg.deployment.wait_s,
+                        verify_replays=seeded)
     if state:
         strategy.load_state_dict(state["strategy"])
         start_arrays = ArrayRecord(strategy.server_optimizer.state())
@@ -185,8 +242,9 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     else:
         start_arrays = ArrayRecord(initial_state)
         tensorboard.log_eval(0, initial_eval)
-    result = strategy.start(grid, start_arrays, num_rounds=cfg.run.rounds,
-                            timeout=cfg.simulation.round_timeout_s, evaluate_fn=evaluator)
+    with PrivateLog(run_dir, cfg.monitoring.private_console):
+        result = strategy.start(grid, start_arrays, num_rounds=cfg.run.rounds,
+                                timeout=cfg.simulation.round_timeout_s, evaluate_fn=evaluator)
     final_state = result.arrays.to_torch_state_dict()
     final = strategy.rounds_completed
     if final not in result.evaluate_metrics_serverapp:
@@ -196,9 +254,15 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     tensorboard.close()
     save_checkpoint(run_dir / "checkpoints" / "final.pt", final_state)
 
-    totals = {key: int(sum(r.get(key, 0) for r in history.rounds)) for key in
+    telemetry_rounds = read_telemetry(run_dir)
+    totals = {key: int(sum(r.get(key, 0) for r in telemetry_rounds)) for key in
               ("virtual-clients-planned", "virtual-clients-accepted", "virtual-clients-failed",
-               "virtual-clients-rejected", "virtual-clients-missing", "virtual-clients-nonfinite")}
+               "virtual-clients-rejected", "virtual-clients-missing", "virtual-clients-nonfinite",
+               "replies-projected", "users", "examples")}
+    nodes = len(list(grid.get_node_ids()))
+    write_private_json(run_dir, "summary.json", {
+        "totals": totals, "wall_seconds": time.monotonic() - started, "nodes": nodes,
+        "telemetry": f"{PRIVATE_DIR}/{TELEMETRY_FILE}", "events": f"{PRIVATE_DIR}/events.log"})
     results = {
         "rounds_planned": cfg.run.rounds,
         "rounds_completed": final,
@@ -225,22 +289,25 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
             "virtual_clients_per_round": setup.virtual_clients,
             "population": setup.population,
             "unit": "device" if setup.on_devices else "user",
+            "neighbouring": ledger.relations(ledger.entries),
+            "epsilon_by_relation": ledger.epsilon_by_relation(),
             "noise_predictable_from_seed": noise.predictable,
             "projection": privacy.projection,
         },
-        "totals": totals,
-        "nodes": len(list(grid.get_node_ids())),
+        **({} if setup.on_devices else {"nodes": nodes}),  # simulation workers: from the resources, not the data
         "simulation_mode": "deployment" if setup.on_devices else cfg.simulation.mode,
         "history": history.rounds,
         "checkpoint": "checkpoints/final.pt",
         "tensorboard": "tensorboard",
         "resumed": bool(resume),
-        "wall_seconds": time.monotonic() - started,
+        "server_private": f"{PRIVATE_DIR}/ (exact telemetry, timings and failure counts: never publish)",
     }
     write_json(run_dir / "results.json", results)
-    if totals["virtual-clients-failed"] or totals["virtual-clients-rejected"] or totals["virtual-clients-missing"]:
-        log(WARNING, "%s virtual clients failed, %s were rejected and %s missing over the run (see results.json)",
-            totals["virtual-clients-failed"], totals["virtual-clients-rejected"], totals["virtual-clients-missing"])
+    checkpointer.settle(strategy)  # last: a crash before it leaves a state that resumes to these results
+    with PrivateLog(run_dir, cfg.monitoring.private_console):
+        private_log.info("%s virtual clients failed, %s were rejected and %s missing over the run",
+                         totals["virtual-clients-failed"], totals["virtual-clients-rejected"],
+                         totals["virtual-clients-missing"])
     return results
 
 

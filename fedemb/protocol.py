@@ -31,6 +31,7 @@ NUM_NONFINITE = "num-nonfinite"
 NUM_CLIPPED = "num-clipped"
 NUM_FAILED = "num-failed"  # virtual clients whose training raised: they add nothing
 LOSS_SUM = "train-loss-sum"
+BOUNDED_LOSS_SUM = "bounded-loss-sum"  # Σ over the virtual clients of min(max(mean loss, 0), B); non-finite: B
 UPDATE_NORMS = "update-norms"
 
 

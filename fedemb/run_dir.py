@@ -1,4 +1,10 @@
-"""The run directory: config.toml (resolved), results.json, checkpoints/, tensorboard/."""
+"""The run directory: config.toml (resolved), results.json, checkpoints/, tensorboard/, private/.
+
+What a user may publish (results.json, privacy.json, tensorboard/, the final model, report tables) holds
+only DP releases recorded in the ledger and data-independent facts. Exact statistics of the private data
+(per-round telemetry, timings, failure counts, non-private baselines) go under private/, which is
+server-private and never to be published; checkpoints/state.pt is server-private too.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ from fedemb.config import Config, to_toml
 
 LEDGER_FILE = "privacy.json"
 STATE_FILE = "checkpoints/state.pt"
+PRIVATE_DIR = "private"
+PRIVATE_README = """Server-private: exact statistics of the private data (telemetry, timings, failure counts,
+non-private baselines). Nothing here is a DP release: never publish this folder.
+"""
 
 
 def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
@@ -38,6 +48,30 @@ def write_json(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def private_dir(run_dir: Path) -> Path:
+    """The run's server-private folder, created with a README that says what it is."""
+    path = Path(run_dir) / PRIVATE_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    readme = path / "README.txt"
+    if not readme.exists():
+        readme.write_text(PRIVATE_README)
+    return path
+
+
+def write_private_json(run_dir: Path, name: str, data: dict) -> Path:
+    """Server-private JSON (atomic), e.g. the exact accuracy of a non-private baseline."""
+    path = private_dir(run_dir) / name
+    write_json(path, {"server_private": True, **data})
+    return path
+
+
+def append_private_jsonl(run_dir: Path, name: str, record: dict) -> None:
+    """One server-private JSON line, flushed (e.g. a round's exact telemetry)."""
+    with open(private_dir(run_dir) / name, "a") as f:
+        f.write(json.dumps(_finite(record), sort_keys=True) + "\n")
+        f.flush()
 
 
 def _finite(x):

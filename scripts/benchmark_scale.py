@@ -198,12 +198,15 @@ def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: in
 
     cfg = load_config(None, fedemb_overrides(data, users, workload, rounds, vectorize))
     setup = prepare_run(cfg)
+    from fedemb.monitoring.telemetry import read_telemetry
+
     with tempfile.TemporaryDirectory() as run_dir:
-        results = run_simulation(cfg, Path(run_dir), setup.virtual_clients, show_progress=False)
+        run_simulation(cfg, Path(run_dir), setup.virtual_clients, show_progress=False)
+        rounds = read_telemetry(Path(run_dir))  # the round timeline is server-private telemetry
     created = psutil.Process().create_time()
-    first = results["history"][0]
+    first = rounds[0]
     MARKS["first_round_started"] = first["finished-at"] - first["round-seconds"] - created
-    return [r["finished-at"] - created for r in results["history"]]
+    return [r["finished-at"] - created for r in rounds]
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -22,6 +22,8 @@ from threadpoolctl import threadpool_info
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedemb.config import SynthConfig  # noqa: E402
+from fedemb.privacy.ledger import PrivacyLedger  # noqa: E402
+from fedemb.privacy.release import LedgerStage, NoiseSource  # noqa: E402
 from fedemb.synth.embedded import Embedded, to_sphere  # noqa: E402
 from fedemb.synth.gmm import fit_dp_gmm  # noqa: E402
 
@@ -37,7 +39,8 @@ def population(n: int, dim: int, rng: np.random.Generator) -> Embedded:
 
 def time_fit(emb: Embedded, cfg: SynthConfig) -> float:
     start = time.perf_counter()
-    fit_dp_gmm(emb, CLASSES, cfg, 1.0, np.random.default_rng(0), lambda *a: None)
+    stage = LedgerStage(PrivacyLedger(None, 1e-6), "benchmark", NoiseSource(0))  # in memory: a measurement
+    fit_dp_gmm(emb, CLASSES, cfg, 1.0, stage, np.random.default_rng(0))
     return time.perf_counter() - start
 
 

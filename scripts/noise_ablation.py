@@ -56,18 +56,17 @@ def report(config_name: str, args, variants: dict[str, list[str]], rows: dict, s
              "split, the initial model, sampling and noise.", ""]
     if len(variants) > 1:
         lines += ["Variants:", ""] + [f"- **{v}**: {' '.join(o) or 'the config as it is'}" for v, o in variants.items()] + [""]
-    lines += ["| variant | model | ε | " + " | ".join(METRICS) + " | seconds |",
-              "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+    lines += ["| variant | model | ε | " + " | ".join(METRICS) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
     for variant in variants:
         untrained = rows[variant]["DP"].values()  # both arms start from the same model for a given seed
         lines.append(f"| {variant} | untrained | – | "
-                     + " | ".join(mean_std([r["initial"][m] for r in untrained]) for m in METRICS) + " | |")
+                     + " | ".join(mean_std([r["initial"][m] for r in untrained]) for m in METRICS) + " |")
         for arm in ARMS:
             by_seed = rows[variant][arm]
             eps = {float(r["privacy"]["epsilon"]) for r in by_seed.values()}
             lines.append(f"| {variant} | {arm} | {', '.join(f'{e:.3g}' for e in sorted(eps))} | "
-                         + " | ".join(mean_std([r["final"][m] for r in by_seed.values()]) for m in METRICS)
-                         + f" | {statistics.mean(r['wall_seconds'] for r in by_seed.values()):.0f} |")
+                         + " | ".join(mean_std([r["final"][m] for r in by_seed.values()]) for m in METRICS) + " |")
     lines += ["", "Per seed (final metrics; DP − untrained, and noise off − DP):", "",
               "| variant | seed | comparison | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
     for variant in variants:
@@ -102,7 +101,7 @@ def main() -> None:
                     rows[variant][arm][seed] = res
                     print(f"{variant}: seed {seed} {arm:9s} initial recall@1 {res['initial']['recall_at_1']:.3f} -> "
                           + "  ".join(f"{m} {res['final'][m]:.3f}" for m in METRICS)
-                          + f"  epsilon {float(res['privacy']['epsilon']):.3g}  ({res['wall_seconds']:.0f} s)", flush=True)
+                          + f"  epsilon {float(res['privacy']['epsilon']):.3g}", flush=True)
 
     name = args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
     text = report(str(name), args, variants, rows, time.monotonic() - started)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from fedemb.errors import FedembError  # noqa: E402
 from fedemb.experiments import Cell, load_spec  # noqa: E402
-from fedemb.run_dir import write_json  # noqa: E402
+from fedemb.run_dir import PRIVATE_DIR, write_json, write_private_json  # noqa: E402
 
 
 def fedemb_command(args: list[str]) -> list[str]:
@@ -67,9 +67,9 @@ def run_cell(cell: Cell, log) -> float:
             continue
         _call(command, log)
     seconds = time.monotonic() - started
-    facts = json.loads((cell.run_dir / "experiment.json").read_text()) if (cell.run_dir / "experiment.json").is_file() else cell.facts
-    facts["wall_seconds"] = facts.get("wall_seconds", 0.0) + seconds
-    write_json(cell.run_dir / "experiment.json", facts)
+    timing = cell.run_dir / PRIVATE_DIR / "experiment-timing.json"  # run times are server-private
+    before = json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else 0.0
+    write_private_json(cell.run_dir, timing.name, {"wall_seconds": before + seconds})
     return seconds
 
 

@@ -1,8 +1,12 @@
 """Accuracy against ε for the DP mixture and its baselines, over several seeds, on one trained run.
 
-Embeds the run's private and held-out users once, then for every seed and ε runs every method
-(MLP on DP-GMM samples, DP-SGD linear probe, DP prototypes) at that ε, plus the non-private MLP, and
-writes a markdown table with the command to --out. A measurement: nothing goes to the run's ledger.
+Embeds the run's private and held-out users once, then for every seed and ε releases every method
+(MLP on DP-GMM samples, DP-SGD linear probe, DP prototypes) at that ε, and writes a markdown table with
+the command to --out. Every point is a release of its own, with fresh OS noise, recorded in the run's
+ledger (stages `synthesis/sweep N` and `synthesis/sweep N baselines`) before its noise is drawn: the
+page this writes is publishable at the ledger's ε after the sweep, which it states. The seeds drive the
+post-processing only (sampling, training). The non-private MLP on the private embeddings goes to
+RUN/private/, never to the page.
 
     .venv/bin/python scripts/synth_sweep.py runs/quickstart-... --seeds 0 1 2 --out docs/synthesis-digits.md
 """
@@ -23,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedemb.config import load_config  # noqa: E402
 from fedemb.privacy.accountant import default_delta  # noqa: E402
 from fedemb.privacy.ledger import PrivacyLedger  # noqa: E402
+from fedemb.privacy.release import LedgerStage, NoiseSource  # noqa: E402
+from fedemb.run_dir import LEDGER_FILE, write_private_json  # noqa: E402
 from fedemb.synth.classifier import accuracy, train_mlp  # noqa: E402
 from fedemb.synth.from_run import embed_for_synthesis  # noqa: E402
-from fedemb.synth.pipeline import METHODS, evaluate_methods  # noqa: E402
+from fedemb.synth.pipeline import METHODS, release_point  # noqa: E402
 
 NAMES = {"gmm_mlp": "MLP on DP-GMM samples", "dpsgd_linear_probe": "DP-SGD linear probe",
          "dp_prototypes": "DP prototypes"}
@@ -43,10 +49,14 @@ def main() -> None:
     started = time.time()
     cfg = load_config(args.run / "config.toml", args.overrides)
     data = embed_for_synthesis(cfg, args.run / "checkpoints" / "final.pt")
-    ledger_path = args.run / "privacy.json"
     users = len(np.unique(data.private.users))
-    delta = PrivacyLedger.load(ledger_path).delta if ledger_path.is_file() else default_delta(users)
-    training_epsilon = PrivacyLedger.load(ledger_path).epsilon if ledger_path.is_file() else float("nan")
+    ledger_path = args.run / LEDGER_FILE
+    ledger = (PrivacyLedger.load(ledger_path) if ledger_path.is_file()
+              else PrivacyLedger(ledger_path, default_delta(users), cfg.privacy.accountant))
+    delta = ledger.delta
+    training_epsilon = ledger.epsilon_of([e for e in ledger.entries if e.stage == "training"])
+    epsilon_before = ledger.epsilon
+    noise = NoiseSource()  # OS randomness: the seeds below are published with the page
     epsilons = [float(e) for e in args.epsilons.split(",")]
     acc = {m: np.zeros((len(args.seeds), len(epsilons))) for m in METHODS}
     upper = []
@@ -55,12 +65,17 @@ def main() -> None:
         upper.append(accuracy(train_mlp(data.private.x, data.private.labels, data.num_classes, cfg.synth.mlp_hidden,
                                          cfg.synth.mlp_epochs, cfg.synth.mlp_lr, seed=seed), data.test.x, data.test.labels))
         for j, eps in enumerate(epsilons):
-            point = evaluate_methods(data.private, data.test, data.num_classes, cfg.synth, eps, delta,
-                                     cfg.privacy.accountant, seed, data.public)
+            stage = LedgerStage.new(ledger, "synthesis/sweep", noise)
+            point, _, _ = release_point(data.private, data.test, data.num_classes, cfg.synth, eps, stage, seed,
+                                        data.public)
             for m in METHODS:
                 acc[m][i, j] = point[m]["accuracy"]
-            print(json.dumps({"seed": seed, "epsilon": eps, **{m: round(point[m]["accuracy"], 4) for m in METHODS}}),
-                  flush=True)
+            print(json.dumps({"seed": seed, "epsilon": eps, "stage": stage.name,
+                              **{m: round(point[m]["accuracy"], 4) for m in METHODS}}), flush=True)
+    private_file = write_private_json(args.run, "synth_sweep_nonprivate.json", {
+        "what": "not DP: an MLP trained on the private embeddings, per seed; never publish",
+        "seeds": args.seeds, "nonprivate_mlp_accuracy": upper,
+        "private_set": {"examples": len(data.private), "users": users}, "wall_seconds": time.time() - started})
     command = "    .venv/bin/python scripts/synth_sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         f"# DP synthetic embeddings{': ' + args.title if args.title else ''}",
@@ -69,14 +84,19 @@ def main() -> None:
         "",
         command,
         "",
-        f"Encoder: the run's final checkpoint (training ε = {training_epsilon:.3g}). Private set: its "
-        f"{len(data.private):,} training embeddings from {users} users; test set: {len(data.test):,} embeddings of "
+        f"Encoder: the run's final checkpoint (training ε = {training_epsilon:.3g}). Private set: its training "
+        f"users' embeddings (their sizes are server-private); test set: {len(data.test):,} embeddings of "
         f"{len(np.unique(data.test.users))} held-out users. {data.num_classes} classes, dimension {data.private.dim}. "
         f"Synthesis ε is per method and per point, user-level, δ = {delta:.3g}, "
         f"{cfg.privacy.accountant} accountant; settings: {cfg.synth.clusters} clusters per class, "
         f"{cfg.synth.iterations} DP-Lloyd iterations, {cfg.synth.covariance} covariances, "
         f"{cfg.synth.samples_per_class} samples per class. Mean ± standard deviation over seeds "
-        f"{', '.join(map(str, args.seeds))} (noise, sampling and training).",
+        f"{', '.join(map(str, args.seeds))} (sampling and training; the noise is fresh OS randomness per point).",
+        "",
+        f"Every point (each method at each ε and seed) is a release of its own, recorded in the run's ledger "
+        f"before its noise was drawn: publishing this page costs the run ε = {ledger.epsilon:.3g} in all (training "
+        f"and every synthesis release so far; it was {epsilon_before:.3g} before this sweep). Accuracies are measured "
+        "on the held-out users, a population separate from the private training users and never trained on.",
         "",
         "| synthesis ε | " + " | ".join(NAMES[m] for m in METHODS) + " | DP-GMM − DP-SGD |",
         "|---:|" + "---:|" * (len(METHODS) + 1),
@@ -85,13 +105,12 @@ def main() -> None:
         cells = [f"{acc[m][:, j].mean():.3f} ± {acc[m][:, j].std():.3f}" for m in METHODS]
         diff = acc["gmm_mlp"][:, j] - acc["dpsgd_linear_probe"][:, j]
         lines.append(f"| {eps:g} | " + " | ".join(cells) + f" | {diff.mean():+.3f} |")
-    lines += ["", f"Non-private MLP on the real private embeddings: {np.mean(upper):.3f} ± {np.std(upper):.3f}.",
-              "", "Per seed (rows: seeds; columns: ε):", ""]
+    lines += ["", "Per seed (rows: seeds; columns: ε):", ""]
     for m in METHODS:
         lines.append(f"- {NAMES[m]}: " + "; ".join(" ".join(f"{v:.3f}" for v in row) for row in acc[m]))
-    lines += ["", f"Wall time {time.time() - started:.0f} s."]
     args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}; the run's ledger is now at ε = {ledger.epsilon:.3g}; server-private (never publish): "
+          f"{private_file}")
 
 
 if __name__ == "__main__":

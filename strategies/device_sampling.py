@@ -1,25 +1,30 @@
 """On real devices the users are the SuperNodes: each holds one user's data and trains itself.
 
 Each round the server draws the round's devices among those online with the run's sampler, keyed by
-(seed, round, node id) and never shown to anyone: with Poisson sampling every device takes part with
-probability q, independently of every other device and of all data. A device that is offline, or drops
-out after being drawn, takes part with a lower probability, which never weakens the guarantee, so the
-accountant's q is what the deployment delivers. The denominator stays round(q x registered devices)
-whatever turns up. With node authentication a node id is a registered key, so one device cannot join
-as several; the privacy unit is that key (docs/deployment.md).
+(server secret, round, node id) and never shown to anyone: with Poisson sampling every device takes
+part with probability q, independently of every other device and of all data. A device that is
+offline, or drops out after being drawn, takes part with a lower probability, which never weakens the
+guarantee, so the accountant's q is what the deployment delivers. The denominator stays
+round(q x registered devices) whatever turns up. With node authentication a node id is a registered
+key, so one device cannot join as several; the privacy unit is that key (docs/deployment.md).
+
+What a device receives depends on nobody else's participation: the model, the round number, the clip
+norm, the run's static task (with a training key that is a PRF output, revealing nothing of the
+server's secret) and the virtual client made of itself, indexed by its own id. The sampler's index
+of a virtual client (with k = 1 its rank among the round's sampled users) would tell it how many
+devices with smaller ids were drawn, so it never leaves the server.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import INFO
 
 import numpy as np
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedemb.errors import FedembError
+from fedemb.monitoring.private_log import private_log
 from fedemb.privacy.sampling import VirtualClient
 
 
@@ -29,13 +34,14 @@ def node_user_ids(node_ids: Iterable[int]) -> np.ndarray:
 
 
 def assign_to_own_node(virtual_clients: list[VirtualClient]) -> dict[int, list[VirtualClient]]:
-    """Each sampled device trains the virtual client made of itself (k = 1)."""
+    """Each sampled device trains the virtual client made of itself (k = 1), indexed by its own id."""
     out: dict[int, list[VirtualClient]] = {}
     for vc in virtual_clients:
         if len(vc.user_ids) != 1:
             raise ValueError("on devices every virtual client is one device (users_per_client = 1)")
-        node = int(np.asarray(vc.user_ids[0], dtype=np.int64).view(np.uint64))
-        out[node] = [vc]
+        (user,) = vc.user_ids
+        node = int(np.asarray(user, dtype=np.int64).view(np.uint64))
+        out[node] = [VirtualClient(int(user), (int(user),))]
     return out
 
 
@@ -49,5 +55,5 @@ def wait_for_devices(grid: Grid, minimum: int, timeout_s: float, poll_s: float =
                               f"online after {timeout_s:.0f} s (deployment.wait_s)")
         time.sleep(poll_s)
         online = len(list(grid.get_node_ids()))
-    log(INFO, "%s devices online", online)
+    private_log.info("%s devices online", online)
     return online

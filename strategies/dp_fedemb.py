@@ -22,10 +22,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.monitoring.private_log import private_log
+from fedemb.privacy.ledger import LedgerEntry, PrivacyLedger, release_digest
 from fedemb.privacy.mechanisms import RoundMechanism
 from fedemb.privacy.sampling import UserSampler
-from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
+from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
 from fedemb.errors import FedembError
 from strategies.device_sampling import assign_to_own_node, node_user_ids, wait_for_devices
@@ -39,7 +40,7 @@ class DPFedEmb(Strategy):
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
                  attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = (),
                  placement: str = "balanced", user_examples: np.ndarray | None = None, min_devices: int = 0,
-                 wait_s: float = 300.0):
+                 wait_s: float = 300.0, verify_replays: bool = False):
         self.sampler = sampler
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
         # balanced: worker mode; by_slot: one node per virtual-client slot; devices: the users are the
@@ -51,12 +52,15 @@ class DPFedEmb(Strategy):
         self.user_examples = (np.asarray(user_examples, dtype=np.int64) if user_examples is not None
                               else np.ones(len(self.user_ids), dtype=np.int64))
         self.task = task
+        self.loss_bound = float(task.get("loss_bound", 0.0))  # B of the DP training loss (privacy.metrics)
         self.mechanism = mechanism
         self.denominator = sampler.virtual_clients
         self.server_optimizer = server_optimizer
         self.ledger = ledger
         self.target_epsilon = target_epsilon
         self.attempt = attempt  # > 0: a resumed run whose re-run rounds count again (fresh noise)
+        self.verify_replays = verify_replays  # seeded runs: a replayed round is free only if its release is identical
+        self.budget_spent = False  # stopped because the next round would pass the target ε
         self.eval_every = eval_every
         self.round_timeout_s = round_timeout_s
         self.callbacks = list(callbacks)
@@ -120,14 +124,19 @@ class DPFedEmb(Strategy):
             assignment = pending.pop(node, None)
             if assignment is None:
                 stats["rejected"] += 1
-                log(WARNING, "round %s: reply from node %s that was not assigned (or twice): rejected",
-                    server_round, node)
+                private_log.warning("round %s: reply from node %s that was not assigned (or twice): rejected",
+                                    server_round, node)
                 continue
             checked = check_reply(reply, self.shapes, assignment, self.clip_norm)
             if checked.rejected:
                 stats["failed" if reply.has_error() else "rejected"] += len(assignment.virtual_clients)
-                log(WARNING, "round %s: node %s: %s", server_round, node, checked.rejected)
+                private_log.warning("round %s: node %s: %s", server_round, node, checked.rejected)
                 continue
+            if checked.projected:
+                stats["projected"] += 1
+                private_log.warning("round %s: node %s: update norm %.9g above %s x clip norm %.6g: projected onto "
+                                    "the ball", server_round, node, checked.projected,
+                                    len(assignment.virtual_clients), self.clip_norm)
             for k in total:
                 total[k] += checked.update[k]
             m = checked.metrics
@@ -138,15 +147,18 @@ class DPFedEmb(Strategy):
             stats["nonfinite"] += m[NUM_NONFINITE]
             stats["clipped"] += m[NUM_CLIPPED]
             stats["loss_sum"] += m[LOSS_SUM]
+            trained = m[NUM_VIRTUAL_CLIENTS] - m.get(NUM_FAILED, 0)  # a device's claim is clamped to what it may add
+            stats["bounded_loss_sum"] += min(max(float(m.get(BOUNDED_LOSS_SUM, 0.0)), 0.0), trained * self.loss_bound)
             norms.extend(float(n) for n in m[UPDATE_NORMS])
         stats["missing"] = sum(len(a.virtual_clients) for a in pending.values())
         for node in pending:
-            log(WARNING, "round %s: node %s did not reply in time", server_round, node)
+            private_log.warning("round %s: node %s did not reply in time", server_round, node)
 
         self.last_clipped_sum = total  # server-side only: what the mechanism is about to noise
         accepted = stats["accepted"]
         centred_unclipped = (accepted - stats["clipped"]) - accepted / 2
-        noisy = self.mechanism.privatize(total, centred_unclipped)
+        centred_loss = stats["bounded_loss_sum"] - accepted * self.loss_bound / 2
+        noisy = self.mechanism.privatize(total, centred_unclipped, centred_loss)
         mean_delta = {k: v / self.denominator for k, v in noisy.items()}
         self.last_release = mean_delta
         new_state = self.server_optimizer.step(mean_delta)
@@ -159,6 +171,7 @@ class DPFedEmb(Strategy):
             "virtual-clients-rejected": int(stats["rejected"]),
             "virtual-clients-missing": int(stats["missing"]),
             "virtual-clients-nonfinite": int(stats["nonfinite"]),
+            "replies-projected": int(stats["projected"]),  # server-private: over count x C by rounding, scaled back
             "users": int(stats["users"]),
             "examples": int(stats["examples"]),
             "train-loss": (stats["loss_sum"] / (accepted - stats["nonfinite"])
@@ -183,6 +196,21 @@ class DPFedEmb(Strategy):
         log(INFO, "DP-FedEmb: q=%s k=%s M=%s C=%s mechanism %s, denominator %s",
             self.sampler.rate, self.sampler.users_per_client, self.sampler.virtual_clients, self.clip_norm,
             self.mechanism.name, self.denominator)
+
+    def _account_replay(self, server_round: int, entry: LedgerEntry) -> None:
+        """Seeded runs: store the release's digest in its ledger entry. A resumed run replays recorded
+        rounds for free only if the digest matches; a release that differs (code, data or config
+        changed) is recorded as a new release under a new attempt, as are the rounds after it."""
+        if not self.verify_replays or self.last_release is None:
+            return
+        digest = release_digest(self.last_release, self.mechanism.round_metrics())
+        if self.ledger.confirm_release(entry, digest):
+            return
+        self.attempt = max(e.attempt for e in self.ledger.entries) + 1
+        log(WARNING, "round %s: the replayed release differs from the one recorded in the ledger: "
+            "it counts as a new release (attempt %s)", server_round, self.attempt)
+        fresh = self.ledger.record(self.mechanism.ledger_entry(server_round, self.attempt))
+        self.ledger.confirm_release(fresh, digest)
 
     # ---------------------------------------------------------------- resumable state
     def state_dict(self) -> dict:
@@ -215,8 +243,10 @@ class DPFedEmb(Strategy):
                 try:
                     wait_for_devices(grid, self.min_devices if server_round == 1 else 1, self.wait_s)
                 except FedembError as exc:
-                    self.stop_reason = f"round {server_round} not run: {exc}"
+                    # how many devices were online is a statistic of the users: the detail stays private
+                    self.stop_reason = f"round {server_round} not run: too few devices online (deployment.min_devices)"
                     log(WARNING, self.stop_reason)
+                    private_log.warning("round %s not run: %s", server_round, exc)
                     break
             entry = self.mechanism.ledger_entry(server_round, self.attempt)
             epsilon = self.ledger.epsilon_with(entry)
@@ -224,12 +254,14 @@ class DPFedEmb(Strategy):
                 self.stop_reason = (f"round {server_round} not run: it would raise epsilon to {epsilon:.3f}, "
                                     f"past the target {self.target_epsilon}")
                 log(WARNING, self.stop_reason)
+                self.budget_spent = True
                 break
-            self.ledger.record(entry)
+            entry = self.ledger.record(entry)
             started = time.monotonic()
             replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid),
                                             timeout=timeout)
             arrays, train_metrics = self.aggregate_train(server_round, replies)
+            self._account_replay(server_round, entry)  # before anything of the release leaves the server
             self.rounds_completed = server_round
             seconds = time.monotonic() - started
             train_metrics["epsilon"] = self.ledger.epsilon

@@ -9,7 +9,7 @@ import torch
 
 from fedemb.errors import ConfigError
 from fedemb.privacy.accountant import PrivacyPlan
-from fedemb.privacy.adaptive_clipping import AdaptiveClipping, update_noise_multiplier
+from fedemb.privacy.adaptive_clipping import AdaptiveClipping
 from fedemb.privacy.mechanisms import SampledGaussian
 from fedemb.privacy.noise import GaussianNoise
 
@@ -50,8 +50,9 @@ def test_update_and_count_noise_together_are_the_accounted_gaussian(k_sensitivit
 
 
 def test_count_noise_too_small_for_the_budget_is_refused():
-    with pytest.raises(ConfigError, match="count_noise_std"):
-        update_noise_multiplier(accounting_z=2.0, count_sensitivity=0.5, count_std=0.9)
+    plan = PrivacyPlan("rdp", 0.1, 2.0, 2.0, 1.0, 1e-5, 0.0)
+    with pytest.raises(ConfigError, match="privacy.adaptive.count_noise_std"):
+        SampledGaussian(plan, 1.0, GaussianNoise(0.0, seed=0), 10, AdaptiveClipping(1.0, 0.5, 0.2, 0.9))
 
 
 def test_the_noisy_count_moves_c_after_the_round_and_is_reported():

@@ -196,3 +196,66 @@ def test_the_dp_fedavg_baseline_sends_its_shared_classifier_clipped_with_everyth
     assert global_norm(total) <= 0.01 * (1 + 1e-5)  # clipped together with the backbone and embedding
     with pytest.raises(Exception, match="head_init must be 'random'"):
         tiny_config("client.head=shared", "client.head_init=anchors")
+
+
+class ClipOnly:
+    """A mechanism that clips to C and adds no noise, so the aggregate shows exactly what was accepted."""
+    name = "clip only"
+    clip_norm = 0.01
+
+    def privatize(self, total, *scalars):
+        return {k: v.clone() for k, v in total.items()}
+
+    def round_metrics(self):
+        return {}
+
+
+def server_for(state, assignment, node):
+    from fedemb.privacy.ledger import PrivacyLedger
+    from fedemb.privacy.sampling import UserSampler
+    from strategies.dp_fedemb import DPFedEmb
+    from strategies.server_optimizer import ServerOptimizer
+
+    strategy = DPFedEmb(sampler=UserSampler(0, 0.5, 4, 1), user_ids=np.arange(8), task={}, mechanism=ClipOnly(),
+                        server_optimizer=ServerOptimizer(state, 1.0, 0.0), ledger=PrivacyLedger(None, 1e-5))
+    strategy.assignments = {node: assignment}
+    return strategy
+
+
+def device_reply(cfg, scale):
+    """A device's real reply for one virtual client clipped to C = 0.01, its update then scaled by
+    `scale` (what float rounding, or a broken clipping, on the device would send)."""
+    state, assignment = setup_message(cfg, clip=0.01, users_per_vc=((0, 1, 2, 3),))
+    reply = client_train(train_message(state, assignment, dst_node_id=3),
+                         Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={}))
+    sent = {k: torch.from_numpy(reply.content[UPDATE][k].numpy()) * scale for k in reply.content[UPDATE].keys()}
+    reply.content[UPDATE] = ArrayRecord(sent)
+    return state, assignment, reply, global_norm(sent)
+
+
+def test_a_reply_over_count_times_c_by_rounding_is_projected_onto_the_ball_and_counted(flower_identity, caplog):
+    """The accountant is told sensitivity C: what enters the sum must be at most count x C, not
+    count x C x (1 + slack). A reply just over it (float rounding on a device) is scaled back onto the
+    ball, counted in the round's replies-projected, and still used."""
+    state, assignment, reply, norm = device_reply(tiny_config("client.lr=0.5"), 1 + 1e-5)
+    assert 0.01 < norm <= 0.01 * (1 + 2e-5)
+    server = server_for(state, assignment, 3)
+    _, metrics = server.aggregate_train(1, [reply])
+    assert metrics["replies-projected"] == 1 and "node 3: update norm" in caplog.text
+    assert metrics["virtual-clients-accepted"] == 1 and metrics["virtual-clients-rejected"] == 0
+    summed = global_norm(server.last_clipped_sum)
+    assert summed <= 0.01 and summed == pytest.approx(0.01, rel=1e-6)  # on the sphere, not inside it
+
+    state, assignment, reply, norm = device_reply(tiny_config("client.lr=0.5"), 1.0 - 1e-3)
+    server = server_for(state, assignment, 3)
+    _, metrics = server.aggregate_train(1, [reply])  # within the bound: untouched
+    assert metrics["replies-projected"] == 0 and global_norm(server.last_clipped_sum) == pytest.approx(norm, rel=1e-9)
+
+
+def test_a_reply_over_count_times_c_beyond_rounding_is_rejected_not_projected(flower_identity):
+    """2% over C is no rounding error: the device did not clip as told; its reply is left out."""
+    state, assignment, reply, _ = device_reply(tiny_config("client.lr=0.5"), 1.02)
+    server = server_for(state, assignment, 3)
+    _, metrics = server.aggregate_train(1, [reply])
+    assert metrics["virtual-clients-rejected"] == 1 and metrics["replies-projected"] == 0
+    assert all(torch.count_nonzero(v) == 0 for v in server.last_clipped_sum.values())

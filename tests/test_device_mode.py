@@ -116,7 +116,7 @@ def test_the_server_samples_online_devices_poisson_each_trains_itself_and_the_de
     assert set().union(*seen) == set(nodes)  # every online device gets drawn, huge ids included
     rate = np.mean([len(x) for x in seen]) / len(nodes)
     assert 0.35 < rate < 0.65  # Poisson at q = 0.5 over the online devices
-    assert len({frozenset(x) for x in seen}) > 30  # a fresh draw each round
+    assert len({frozenset(x) for x in seen}) > 20  # a fresh draw each round: 40 draws of 64 subsets give ~30
     assert s.denominator == 2  # round(q x 4 registered), not what was online or drawn
     with pytest.raises(ValueError, match="one device"):
         assign_to_own_node([VirtualClient(0, (1, 2))])
@@ -136,11 +136,25 @@ def test_the_superlinks_error_for_a_lost_device_counts_as_that_devices_failure(f
     assert metrics["devices-online"] == 2
 
 
-def test_a_run_without_enough_devices_stops_and_says_why(tmp_path, flower_identity):
+def test_a_run_without_enough_devices_stops_and_says_why_without_publishing_how_many(tmp_path, flower_identity):
+    import logging
+
+    from fedemb.monitoring.private_log import private_log
+
     s = device_strategy()
     s.min_devices = 3
-    result = s.start(Nodes([1, 2]), ArrayRecord(STATE), num_rounds=2)
-    assert s.rounds_completed == 0 and "only 2 of the 3 devices" in s.stop_reason
+    events = []
+    handler = logging.Handler()
+    handler.emit = lambda record: events.append(record.getMessage())
+    private_log.addHandler(handler)
+    try:
+        result = s.start(Nodes([1, 2]), ArrayRecord(STATE), num_rounds=2)
+    finally:
+        private_log.removeHandler(handler)
+    # the public reason names the setting; how many devices were online is a statistic of the users
+    assert s.rounds_completed == 0 and "too few devices online (deployment.min_devices)" in s.stop_reason
+    assert "2" not in s.stop_reason.replace("round 1", "")
+    assert any("only 2 of the 3 devices" in e for e in events)  # the operator still learns it, privately
     assert result.arrays is not None
 
 

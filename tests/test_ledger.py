@@ -3,6 +3,7 @@ Opacus composes the mechanisms; and `fedemb privacy report`."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from scipy.stats import norm
 from typer.testing import CliRunner
 
 from fedemb.cli import app
-from fedemb.privacy.ledger import PrivacyLedger, LedgerEntry
+from fedemb.privacy.ledger import ADD_REMOVE, ZERO_OUT, LedgerEntry, PrivacyLedger, release_digest
 
 
 def gaussian_entry(r, z=1.0, q=0.1, attempt=0):
@@ -120,3 +121,67 @@ def test_privacy_report_prints_the_table_and_one_line(tmp_path):
 def test_privacy_report_on_a_directory_without_a_ledger_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["privacy", "report", str(tmp_path)])
     assert result.exit_code == 2 and "no privacy ledger" in result.output and "Traceback" not in result.output
+
+
+def test_every_entry_states_its_neighbouring_relation_and_old_ledgers_load_with_their_default(tmp_path):
+    """Ledgers written before entries stated a relation: sampled-Gaussian and noiseless releases are
+    add/remove, a tree is zero-out."""
+    ledger = PrivacyLedger(tmp_path / "privacy.json", delta=1e-5)
+    ledger.record(gaussian_entry(1))
+    ledger.record(LedgerEntry("training", "round 2", "none", {"kind": "none"}, round=2))
+    ledger.record(tree_entry(3, z=3.0))
+    assert [e.neighbouring for e in ledger.entries] == [ADD_REMOVE, ADD_REMOVE, ZERO_OUT]
+    old = json.loads((tmp_path / "privacy.json").read_text())
+    for key in ("neighbouring", "epsilon_by_relation"):
+        old.pop(key)
+    for e in old["entries"]:
+        e.pop("neighbouring"), e.pop("release_sha256")
+    (tmp_path / "privacy.json").write_text(json.dumps(old))
+    again = PrivacyLedger.load(tmp_path / "privacy.json")
+    assert [e.neighbouring for e in again.entries] == [ADD_REMOVE, ADD_REMOVE, ZERO_OUT]
+    with pytest.raises(ValueError, match="neighbouring relation"):
+        LedgerEntry("training", "round 1", "x", {"kind": "none"}, neighbouring="replace-one")
+
+
+def test_releases_under_different_neighbouring_relations_get_an_epsilon_each_and_no_single_one(tmp_path):
+    """A DP-FTRL run (zero-out) followed by an add/remove release: their guarantees are about different
+    pairs of data sets, so the ledger composes each relation on its own and never claims one ε."""
+    ledger = PrivacyLedger(tmp_path / "privacy.json", delta=1e-5)
+    ledger.record(tree_entry(1, z=4.0))
+    ledger.record(tree_entry(2, z=3.0))
+    zero_out = ledger.epsilon
+    assert math.isfinite(zero_out)
+    synthesis = LedgerEntry("synthesis 1", "means", "Gaussian noise on the means", {"kind": "sampled_gaussian",
+                            "z": 2.0, "q": 1.0, "steps": 1})
+    ledger.record(synthesis)
+    add_remove = PrivacyLedger(None, delta=1e-5)
+    add_remove.record(LedgerEntry(**{**synthesis.to_json(), "epsilon": math.nan}))
+    assert ledger.epsilon_by_relation() == {ADD_REMOVE: pytest.approx(add_remove.epsilon), ZERO_OUT: zero_out}
+    assert synthesis.epsilon == pytest.approx(add_remove.epsilon)  # cumulative within its own relation
+    assert math.isinf(ledger.epsilon) and math.isinf(ledger.epsilon_with(tree_entry(3, z=3.0)))  # no mixed claim
+    on_disk = json.loads((tmp_path / "privacy.json").read_text())
+    assert on_disk["neighbouring"] == [ADD_REMOVE, ZERO_OUT] and on_disk["epsilon"] == "inf"
+    result = CliRunner().invoke(app, ["privacy", "report", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert f"({zero_out:.4g}, 1e-05) under zero-out neighbours: 2 releases (training)" in out
+    assert f"({add_remove.epsilon:.4g}, 1e-05) under add/remove neighbours: 1 releases (synthesis 1)" in out
+    assert "no single (ε, δ) for the whole run" in out and not re.search(r"= \([^)]*\) for the whole run", out)
+
+
+def test_a_release_digest_confirms_a_replay_only_when_every_bit_is_the_same():
+    import torch
+
+    release = {"w": torch.linspace(-1, 1, 50), "b": torch.zeros(3)}
+    digest = release_digest(release, {"clip-norm": 1.0})
+    flipped = {"w": release["w"].clone(), "b": release["b"]}
+    flipped["w"].view(torch.int32)[7] ^= 1  # the last bit of one coordinate
+    assert release_digest(flipped, {"clip-norm": 1.0}) != digest
+    assert release_digest(release, {"clip-norm": 1.0 + 1e-12}) != digest  # released scalars count too
+    assert release_digest({k: v.clone() for k, v in release.items()}, {"clip-norm": 1.0}) == digest
+    ledger = PrivacyLedger(None, delta=1e-5)
+    entry = ledger.record(gaussian_entry(1))
+    assert ledger.confirm_release(entry, digest) and entry.release_sha256 == digest
+    assert ledger.confirm_release(ledger.record(gaussian_entry(1)), digest)  # the replay: same bits, free
+    assert not ledger.confirm_release(ledger.record(gaussian_entry(1)), release_digest(flipped))
+    assert entry.release_sha256 == digest  # the recorded digest is never overwritten

@@ -1,9 +1,14 @@
 """Real processes, real signals: a run killed with SIGKILL at several points and resumed ends with the
 same model and the same privacy ledger as an uninterrupted run (seeded mode); nodes that time out or
-drop out do not stop a run, change its denominator or touch its ledger."""
+drop out do not stop a run, change its denominator or touch its ledger.
+
+In process (InProcessGrid, about a second per run): a resume never drops releases already made (a
+missing or foreign ledger is refused, nothing deleted), a seeded replay is free only if it releases the
+same bits, and a finished run deletes its server-private state unless asked to keep it."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +20,7 @@ import pytest
 import torch
 
 from tests.test_simulation_integration import ray_like_processes
+from tests.helpers import SMALL_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "simulations/configs/quickstart.toml"
@@ -111,8 +117,9 @@ def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp
     from fedemb.federated import prepare_run
 
     before = ray_like_processes()
-    # the deadline leaves room for the ClientApp actors' start-up (torch imports) in round 1
-    overrides = ["run.rounds=3", "run.eval_every=0", "run.seed=5", "data.num_users=100", "sampling.rate=0.08",
+    # the deadline leaves room for the ClientApp actors' start-up (torch imports) in round 1; seed 15's
+    # fault draws hit one node in rounds 1 and 3 (a drop, a timeout) and leave the other one clean
+    overrides = ["run.rounds=3", "run.eval_every=0", "run.seed=15", "data.num_users=100", "sampling.rate=0.08",
                  "simulation.num_supernodes=2", "simulation.round_timeout_s=12",
                  "simulation.faults.timeout_rate=0.15", "simulation.faults.drop_rate=0.1"]
     run_dir = tmp_path / "run"
@@ -121,10 +128,150 @@ def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rounds_completed"] == 3
-    assert results["totals"]["virtual-clients-missing"] > 0
-    assert results["totals"]["virtual-clients-accepted"] > 0
+    totals = json.loads((run_dir / "private" / "summary.json").read_text())["totals"]  # server-private counts
+    assert totals["virtual-clients-missing"] > 0 and totals["virtual-clients-accepted"] > 0
     assert all(r["denominator"] == results["privacy"]["virtual_clients_per_round"] for r in results["history"])
     plan = prepare_run(load_config(QUICKSTART, overrides)).privacy
     ledger = json.loads((run_dir / "privacy.json").read_text())
     assert [float(e["epsilon"]) for e in ledger["entries"]] == pytest.approx([plan.epsilon_after(r) for r in range(1, 4)])
     assert_nothing_left(before)
+
+
+# ---------------------------------------------------------------- in process
+
+
+def run_in_process(run_dir: Path, *overrides: str, resume: bool = False) -> dict:
+    from fedemb.config import load_config, to_toml
+    from fedemb.federated import run_federated
+    from fedemb.inprocess import InProcessGrid
+    from simulations.client_app import train
+
+    cfg = load_config(None, SMALL_RUN + list(overrides))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    return run_federated(InProcessGrid(train, 2), cfg, run_dir, show_progress=False, resume=resume)
+
+
+KEEP = ["run.checkpoint_every=1", "run.keep_private_state=true"]
+
+
+def files_of(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_without_the_ledger_is_refused_in_one_line_and_deletes_nothing(tmp_path):
+    """state.pt says 2 rounds ran; without privacy.json a resume would start an empty ledger and
+    drop the ε those rounds spent."""
+    from typer.testing import CliRunner
+
+    from fedemb.cli import app
+    from fedemb.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    run_in_process(run_dir, *KEEP)
+    (run_dir / "privacy.json").unlink()
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match=r"privacy ledger privacy.json is missing, so the 2 rounds in "
+                                          r"checkpoints/state.pt would go unaccounted"):
+        run_in_process(run_dir, *KEEP, resume=True)
+    result = CliRunner().invoke(app, ["simulate", "--resume", str(run_dir)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "privacy.json is missing" in result.output and result.output.count("error:") == 1
+    assert files_of(run_dir) == before
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("drop-last-entry", r"no entry for round 2"),
+    ("privacy.delta=1e-3", r"the ledger's δ is .*, the config's 0.001"),
+    ('privacy.accountant="prv"', r"the ledger composes with the rdp accountant, the config with prv"),
+    ('privacy.clipping="adaptive"', r"training releases are sampled_gaussian, the config's are "
+                                    r"sampled_gaussian\+adaptive_clipping"),
+    ("privacy.noise_multiplier=2.0", r"the ledger accounts round 2 as .* the config would account it as"),
+])
+def test_resume_with_a_ledger_that_does_not_match_the_state_or_config_is_refused(tmp_path, change, reason):
+    from fedemb.config import load_config
+    from fedemb.errors import ConfigError
+    from fedemb.federated import check_resume, prepare_run
+
+    run_dir = tmp_path / "run"
+    run_in_process(run_dir, *KEEP)
+    overrides = KEEP
+    if change == "drop-last-entry":  # e.g. another run's ledger, or an older copy
+        ledger = json.loads((run_dir / "privacy.json").read_text())
+        ledger["entries"] = ledger["entries"][:-1]
+        (run_dir / "privacy.json").write_text(json.dumps(ledger))
+    else:
+        overrides = KEEP + [change]
+    before = files_of(run_dir)
+    cfg = load_config(None, SMALL_RUN + overrides)
+    with pytest.raises(ConfigError, match=f"cannot resume {re.escape(str(run_dir))}: .*{reason}"):
+        check_resume(run_dir, cfg, prepare_run(cfg))
+    assert files_of(run_dir) == before
+
+
+def ledger_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "privacy.json").read_text())
+
+
+def test_a_seeded_replay_is_free_only_if_it_releases_the_same_bits(tmp_path):
+    """Round 2 was released and recorded, then the run is resumed from the state after round 1 (a
+    crash before round 2's checkpoint). The same code and config replay round 2 bit for bit: nothing new
+    is spent. A change that alters round 2's release (here the clients' learning rate) makes it a new
+    release: the ledger grows by an entry under a new attempt, and ε with it."""
+    run_dir = tmp_path / "run"
+    state = run_dir / "checkpoints/state.pt"
+    run_in_process(run_dir, *KEEP, "run.rounds=1")
+    after_round_1 = state.read_bytes()
+    run_in_process(run_dir, *KEEP, "run.rounds=2", resume=True)
+    recorded = ledger_of(run_dir)
+    assert [(e["round"], e["attempt"]) for e in recorded["entries"]] == [(1, 0), (2, 0)]
+    assert all(len(e["release_sha256"]) == 64 for e in recorded["entries"])
+
+    state.write_bytes(after_round_1)
+    run_in_process(run_dir, *KEEP, "run.rounds=2", resume=True)
+    assert ledger_of(run_dir) == recorded
+
+    state.write_bytes(after_round_1)
+    run_in_process(run_dir, *KEEP, "run.rounds=2", "client.lr=0.02", resume=True)
+    grown = ledger_of(run_dir)
+    assert [(e["round"], e["attempt"]) for e in grown["entries"]] == [(1, 0), (2, 0), (2, 1)]
+    assert grown["entries"][2]["release_sha256"] != grown["entries"][1]["release_sha256"]
+    assert grown["entries"][:2] == recorded["entries"]
+    assert float(grown["epsilon"]) > float(recorded["epsilon"])
+
+
+TREE = ['privacy.mechanism="tree"', 'sampling.method="limited"', "sampling.min_separation=1",
+        "run.checkpoint_every=1"]
+
+
+def tensors_in(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return 1
+    if isinstance(x, dict):
+        return sum(tensors_in(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensors_in(v) for v in x)
+    return 0
+
+
+def test_a_finished_run_deletes_its_tree_noise_and_secret_unless_asked_to_keep_them(tmp_path):
+    """DP-FTRL's node noise (and the server secret that keys sampling and noise) would let anyone
+    holding state.pt subtract the noise from the released models. By default a finished run keeps only
+    a stub that says it finished, and --resume says why it cannot continue; with
+    run.keep_private_state = true the complete state stays and the run can be extended."""
+    from fedemb.errors import ConfigError
+
+    deleted = tmp_path / "deleted"
+    run_in_process(deleted, *TREE)
+    stub = torch.load(deleted / "checkpoints/state.pt", weights_only=False)
+    assert stub == {"version": 1, "finished": True, "private_state_removed": True, "strategy": {"round": 2}}
+    with pytest.raises(ConfigError, match="finished after round 2 and its server-private state was deleted"):
+        run_in_process(deleted, *TREE, "run.rounds=3", resume=True)
+
+    kept = tmp_path / "kept"
+    run_in_process(kept, *TREE, "run.keep_private_state=true")
+    state = torch.load(kept / "checkpoints/state.pt", weights_only=False)
+    assert state["strategy"]["round"] == 2 and tensors_in(state["strategy"]["mechanism"]["tree"]["nodes"]) > 0
+    results = run_in_process(kept, *TREE, "run.keep_private_state=true", "run.rounds=3", resume=True)
+    assert results["rounds_completed"] == 3
+    assert [(e["round"], e["attempt"]) for e in ledger_of(kept)["entries"]] == [(1, 0), (2, 0), (3, 0)]

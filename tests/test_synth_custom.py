@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from fedemb.cli import app
 from fedemb.errors import ConfigError
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.synth.custom import (CustomSettings, class_anchors, copy_targets, custom_settings, release_reliability,
                                  sobel_magnitude, synthesize)
 from fedemb.synth.custom_run import nothing_shared
@@ -46,7 +48,9 @@ def encode_fn(net):
 
 
 def received(t, net, seed=0):
-    return payload_from_bytes(payload_to_bytes(sanitize(t, encode_fn(net), np.random.default_rng(seed))))
+    stage = LedgerStage(PrivacyLedger(None, t.delta, unit="reference image"), "customized synthesis/embeddings",
+                        NoiseSource(seed))
+    return payload_from_bytes(payload_to_bytes(sanitize(t, encode_fn(net), stage)))
 
 
 def test_the_servers_edge_filter_is_the_clients():

@@ -1,6 +1,7 @@
 """`fedemb synth gmm`: the mixture fits what it should, its samples train a classifier that works on
-real data, the CLI writes every output and adds the release to the run's ledger, and bad input is a
-one-line error."""
+real data, the CLI writes every output and adds every release (mixture, baselines, sweep points) to the
+run's ledger, publishes only those releases and non-private figures only under private/, and bad input
+is a one-line error."""
 
 import json
 
@@ -11,10 +12,13 @@ from typer.testing import CliRunner
 from fedemb.cli import app
 from fedemb.config import SynthConfig
 from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.synth.classifier import accuracy, train_mlp
 from fedemb.synth.embedded import Embedded, to_sphere
-from fedemb.synth.gmm import fit_dp_gmm
+from fedemb.synth.gmm import fit_dp_gmm, release_shares
 from tests.helpers import train_small_run
+from tests.test_synth_release import (assert_published_accuracies_are_releases_or_private,
+                                      independently_composed_epsilon)
 
 FAST = ["synth.seed=0", "synth.mlp_epochs=5", "synth.probe_epochs=3", "synth.samples_per_class=300"]
 
@@ -34,7 +38,7 @@ def test_without_noise_the_mixture_recovers_the_class_modes_and_its_samples_clas
     private, centres = clustered(rng)
     private, test = split_users(private, 300)
     cfg = SynthConfig(clusters=2, iterations=5, covariance="full")
-    gmm = fit_dp_gmm(private, 4, cfg, 0.0, np.random.default_rng(2), lambda *a: None)
+    gmm = fit_dp_gmm(private, 4, cfg, 0.0, memory_stage(), np.random.default_rng(2))
     assert gmm.weights.shape == (4, 2) and np.allclose(gmm.weights.sum(1), 1)
     for c in range(4):  # every true mode has a fitted mean close to it (up to the sphere's curvature)
         dist = np.linalg.norm(gmm.means[c][:, None, :] - centres[c][None, :, :], axis=2)
@@ -55,10 +59,14 @@ def test_under_dp_the_samples_still_train_a_good_classifier(covariance):
     private, test = split_users(clustered(rng, users=3500, per_user=2)[0], 3000)
     real = accuracy(train_mlp(private.x, private.labels, 4, hidden=64, epochs=10), test.x, test.labels)
     cfg = SynthConfig(clusters=2, covariance=covariance, rank=2)
-    gmm = fit_dp_gmm(private, 4, cfg, 3.0, np.random.default_rng(6), lambda *a: None)
+    gmm = fit_dp_gmm(private, 4, cfg, 3.0, memory_stage(), np.random.default_rng(6))
     x, y = gmm.sample(500, np.random.default_rng(7))
     synthetic = accuracy(train_mlp(x, y, 4, hidden=64, epochs=10), test.x, test.labels)
     assert synthetic >= real - 0.05, (synthetic, real)
+
+
+def memory_stage():
+    return LedgerStage(PrivacyLedger(None, 1e-5), "synthesis/gmm 1", NoiseSource(0))
 
 
 def split_users(emb, first):
@@ -82,7 +90,7 @@ def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
-def test_cli_writes_every_output_and_a_ledger_at_the_target(tmp_path):
+def test_cli_writes_every_output_and_records_every_sweep_point_and_baseline_as_a_release(tmp_path):
     private, test = split_users(clustered(np.random.default_rng(8), users=700, per_user=3)[0], 600)
     out = tmp_path / "out"
     code, output = _cli("synth", "gmm", "--embeddings", _write(tmp_path / "p.npz", private), "--test-embeddings",
@@ -91,38 +99,62 @@ def test_cli_writes_every_output_and_a_ledger_at_the_target(tmp_path):
     assert code == 0, output
     results = json.loads(output.strip().splitlines()[-1])
     for name in ("gmm.npz", "synthetic.npz", "classifier.pt", "synth_results.json", "accuracy_vs_epsilon.png",
-                 "privacy.json"):
+                 "privacy.json", "private/synth_private.json"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").rglob("projector_config.pbtxt"))
     assert [p["epsilon"] for p in results["sweep"]] == [1.0, 2.0, 4.0]
+    ledger = PrivacyLedger.load(out / "privacy.json")
+    by_stage = {}
+    for e in ledger.entries:
+        by_stage.setdefault(e.stage, []).append(e)
+    assert set(by_stage) == {f"synthesis/gmm 1{point}{side}" for point in ("", " sweep ε=1.0", " sweep ε=4.0")
+                             for side in ("", " baselines")}
     for point in results["sweep"]:
         for method in ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes"):
             assert 0 <= point[method]["accuracy"] <= 1
-            assert point[method]["spent_epsilon"] <= point["epsilon"] * 1.01
-    ledger = PrivacyLedger.load(out / "privacy.json")
-    assert ledger.epsilon == pytest.approx(2.0, rel=0.01) and ledger.epsilon <= 2.0 * 1.001
-    assert {e.stage for e in ledger.entries} == {"synthesis/gmm 1"}  # the sweep is not a release
+            assert point[method]["spent_epsilon"] == pytest.approx(point["epsilon"], rel=0.01)
+            assert point[method]["spent_epsilon"] <= point["epsilon"] * 1.001
+        assert ledger.epsilon_of(by_stage[point["gmm_mlp"]["stage"]]) == pytest.approx(point["epsilon"], rel=0.01)
+    assert results["released"]["epsilon"] == pytest.approx(2.0, rel=0.01)
+    assert ledger.epsilon == pytest.approx(independently_composed_epsilon(ledger))
+    assert ledger.epsilon > 4 * 1.5  # nine releases of up to ε = 4 each: far more than any one of them
+    assert_published_accuracies_are_releases_or_private(out, "synth_results.json", output, ledger)
     with np.load(out / "synthetic.npz") as f:
         assert f["embeddings"].shape == (4 * 300, 8)
     assert results["released"]["gmm_mlp_accuracy"] > 0.5
 
 
-def test_synthesis_on_a_run_composes_with_the_training_in_its_ledger(tmp_path):
+def test_synthesis_on_a_run_publishes_only_ledger_releases_and_composes_them_with_the_training(tmp_path):
+    """A default `synth gmm` (mixture and both baselines) on a run: every accuracy it publishes is backed
+    by a ledger stage, the non-private MLP is only in private/, and the ledger counts every release."""
     run = train_small_run(tmp_path / "run")
     trained_epsilon = PrivacyLedger.load(run / "privacy.json").epsilon
-    code, output = _cli("synth", "gmm", run, *_sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]), "--json")
+    out = run / "synth" / "gmm"
+    code, output = _cli("synth", "gmm", run, *_sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]), "--out", out)
     assert code == 0, output
-    results = json.loads(output.strip().splitlines()[-1])
+    results = json.loads((out / "synth_results.json").read_text())
     ledger = PrivacyLedger.load(run / "privacy.json")
-    stages = [e.stage for e in ledger.entries]
-    assert stages.count("training") == 2 and stages.count("synthesis/gmm 1") == 3
+    releases = {}
+    for e in ledger.entries:
+        releases.setdefault(e.stage, []).append(e.release)
+    assert len(releases.pop("training")) == 2
+    assert releases == {"synthesis/gmm 1": list(release_shares(SynthConfig(clusters=1))),
+                        "synthesis/gmm 1 baselines": ["prototype sums", "dp-sgd linear probe"]}
     assert results["ledger_epsilon_before"] == pytest.approx(trained_epsilon)
-    assert ledger.epsilon > trained_epsilon and ledger.epsilon == pytest.approx(results["ledger_epsilon_total"])
+    assert results["ledger_epsilon_total"] == pytest.approx(ledger.epsilon)
+    assert ledger.epsilon == pytest.approx(independently_composed_epsilon(ledger))
     assert results["released"]["epsilon"] == pytest.approx(1.0, rel=0.01)
+    assert results["baselines"]["epsilon"] > results["released"]["epsilon"]  # two releases at ε = 1
+    assert_published_accuracies_are_releases_or_private(out, "synth_results.json", output, ledger)
+    nonprivate = json.loads((out / "private" / "synth_private.json").read_text())
+    assert 0 <= nonprivate["nonprivate_mlp_accuracy"] <= 1
     # a second synthesis is a new release and counts again
-    code, output = _cli("synth", "gmm", run, *_sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]), "--json")
+    code, output = _cli("synth", "gmm", run, *_sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]),
+                        "--no-baselines", "--json")
     assert code == 0, output
-    assert PrivacyLedger.load(run / "privacy.json").epsilon > ledger.epsilon
+    again = PrivacyLedger.load(run / "privacy.json")
+    assert again.epsilon > ledger.epsilon
+    assert {e.stage for e in again.entries[len(ledger.entries):]} == {"synthesis/gmm 2"}
 
 
 @pytest.mark.parametrize("case,needle", [

@@ -14,11 +14,14 @@ from typer.testing import CliRunner
 from fedemb.cli import app
 from fedemb.data.population import Population
 from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.synth.activation_stats import (ActivationStatistics, batchnorm_statistics, bounded_sums,
                                           per_example_moments, recorded_outputs, reference_scales,
                                           release_activation_statistics, statistics_sensitivities, watched_layers)
 from fedemb.synth.inversion import InversionSettings, StatisticsTarget, invert
 from tests.helpers import train_small_run
+from tests.test_synth_release import (assert_published_accuracies_are_releases_or_private,
+                                      independently_composed_epsilon)
 
 FAST = ["invert.seed=0", "invert.steps=4", "invert.images_per_class=2", "invert.train_epochs=1"]
 
@@ -66,12 +69,13 @@ def test_each_statistic_gets_its_share_of_the_noise_and_the_shares_compose_to_th
     rng = np.random.default_rng(1)
     pop = population(rng)
     net = small_net()
-    recorded = []
+    ledger = PrivacyLedger(None, 1e-5)
     z = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1.0, steps=1, accountant="rdp",
                              epsilon_tolerance=0.005)
     stats = release_activation_statistics(net, "conv", pop, 3.0, 1.0, z, {"count": 1, "means": 2, "squares": 2},
-                                          np.random.default_rng(2), lambda *a: recorded.append(a))
-    zs = {name.split()[-1]: z_i for name, z_i, _, _ in recorded}
+                                          LedgerStage(ledger, "synthesis/invert 1", NoiseSource(2)))
+    zs = {e.release.split()[-1]: e.noise_multiplier for e in ledger.entries}
+    assert ledger.epsilon == pytest.approx(2.0, rel=0.01)
     assert set(zs) == {"count", "means", "squares"}
     assert sum(1 / v**2 for v in zs.values()) == pytest.approx(1 / z**2)
     assert zs["count"] == pytest.approx(z / np.sqrt(0.2))
@@ -84,14 +88,16 @@ def test_the_release_noise_has_the_recorded_scale():
     rng = np.random.default_rng(3)
     pop = population(rng, users=10, per_user=1)
     net = small_net()
-    draws, recorded = [], []
-    for i in range(400):
+    draws = []
+    for i in range(200):
+        ledger = PrivacyLedger(None, 1e-5)
         stats = release_activation_statistics(net, "conv", pop, 3.0, 1.0, 1.0, {"count": 1e4, "means": 1,
                                                                                  "squares": 1},
-                                              np.random.default_rng(100 + i), lambda *a: recorded.append(a))
+                                              LedgerStage(ledger, "synthesis/invert 1", NoiseSource(100 + i)))
         draws.append(np.concatenate(stats.means))
     # the count takes nearly all of the budget share, so its noise is negligible next to the means'
-    (_, z_means, sens_means, _), = [r for r in recorded[:3] if r[0] == "activation means"]
+    means, = [e for e in ledger.entries if e.release == "activation means"]
+    z_means, sens_means = means.noise_multiplier, means.sensitivity
     spread = np.std(np.stack(draws), axis=0).mean()
     count = 10.0
     assert spread == pytest.approx(z_means * sens_means / count, rel=0.15)
@@ -102,7 +108,7 @@ def test_inversion_moves_images_toward_the_statistics():
     pop = population(rng)
     net = small_net()
     stats = release_activation_statistics(net, "conv", pop, 10.0, 100.0, 0.0, {"count": 1, "means": 1, "squares": 1},
-                                          np.random.default_rng(0))
+                                          LedgerStage(PrivacyLedger(None, 1e-5), "no noise", NoiseSource(0)))
     target = StatisticsTarget(net, stats)
 
     def distance(images01):
@@ -151,14 +157,18 @@ def trained_run(tmp_path_factory):
     return train_small_run(tmp_path_factory.mktemp("invert") / "run")
 
 
-def test_invert_on_a_run_writes_its_outputs_and_adds_one_stage_at_its_epsilon(trained_run):
+def test_invert_on_a_run_adds_one_stage_at_its_epsilon_and_publishes_only_its_post_processing(trained_run):
     trained = PrivacyLedger.load(trained_run / "privacy.json").epsilon
     out = trained_run / "inv"
-    code, output = _cli("synth", "invert", trained_run, *_sets(FAST + ["invert.epsilon=1.5"]), "--out", out,
-                        "--json")
+    code, output = _cli("synth", "invert", trained_run, *_sets(FAST + ["invert.epsilon=1.5"]), "--out", out)
     assert code == 0, output
-    results = json.loads(output.strip().splitlines()[-1])
+    results = json.loads((out / "invert_results.json").read_text())
     ledger = PrivacyLedger.load(trained_run / "privacy.json")
+    assert_published_accuracies_are_releases_or_private(out, "invert_results.json", output, ledger)
+    assert ledger.epsilon == pytest.approx(independently_composed_epsilon(ledger))
+    assert results["ledger_epsilon_total"] == pytest.approx(ledger.epsilon)
+    nonprivate = json.loads((out / "private" / "invert_private.json").read_text())
+    assert 0 <= nonprivate["real_images_same_count_nonprivate"] <= 1
     stage = [e for e in ledger.entries if e.stage == "synthesis/invert 1"]
     assert [e.release for e in stage] == ["activation count", "activation means", "activation squares",
                                           "prototype sums"]

@@ -16,6 +16,8 @@ from PIL import Image
 from scipy import ndimage
 
 from fedemb.errors import ConfigError, DataError
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.synth.budget import stage_noise_multiplier
 from fedemb.synth.object_privacy import (embedding_channel_bound_bits, object_privacy_report,
                                          pixel_mutual_information)
@@ -39,6 +41,12 @@ def make_task(levels, epsilons=None, n=4, shape=SHAPE, seed=0):
                       delta=1e-5, seed=0, synthesis={})
 
 
+def task_stage(seed=0, ledger=None):
+    """Where a task's DP embeddings are released: its own ledger (in memory here)."""
+    ledger = ledger or PrivacyLedger(None, 1e-5, unit="reference image")
+    return LedgerStage(ledger, "customized synthesis/embeddings", NoiseSource(seed))
+
+
 def fake_embed(dim=32, scale=1e3, seed=1):
     projection = np.random.default_rng(seed).standard_normal((int(np.prod(SHAPE)), dim))
     return lambda x: scale * np.tanh(x.reshape(len(x), -1) @ projection)
@@ -53,7 +61,7 @@ def scramble(task, obj, seed=5):
 
 
 def payload_bytes(task, embed=None, seed=3):
-    return payload_to_bytes(sanitize(task, embed, np.random.default_rng(seed)))
+    return payload_to_bytes(sanitize(task, embed, task_stage(seed)))
 
 
 @pytest.mark.parametrize("other_level", ["L0", "L1", "L2"])
@@ -70,7 +78,7 @@ def test_changing_an_l0_objects_pixels_leaves_the_payload_identical_byte_for_byt
 
 
 def test_all_l0_payload_has_no_image_derived_arrays():
-    payload = sanitize(make_task({"foreground": "L0", "background": "L0"}), None, np.random.default_rng(0))
+    payload = sanitize(make_task({"foreground": "L0", "background": "L0"}), None, task_stage(0))
     assert not (payload.masks or payload.edges or payload.segments or payload.embeddings)
     names = zipfile.ZipFile(io.BytesIO(payload_to_bytes(payload))).namelist()
     assert sorted(names) == ["labels.npy", "metadata.json"]
@@ -86,7 +94,7 @@ def test_test_images_never_enter_the_payload():
 
 def test_l2_payload_reproduces_the_segment_exactly_and_nothing_outside():
     task = make_task({"foreground": "L2", "background": "L0"})
-    payload = sanitize(task, None, np.random.default_rng(0))
+    payload = sanitize(task, None, task_stage(0))
     np.testing.assert_array_equal(payload.masks["foreground"], task.masks)
     np.testing.assert_array_equal(payload.segments["foreground"], np.where(task.masks[:, None], task.references, 0))
     assert payload.segment(1, "background") is None and payload.mask(1, "background") is None
@@ -95,7 +103,7 @@ def test_l2_payload_reproduces_the_segment_exactly_and_nothing_outside():
 def test_l1_payload_holds_the_mask_and_edges_but_not_absolute_intensities():
     task = make_task({"foreground": "L1", "background": "L0"})
     task.references *= 0.5
-    payload = sanitize(task, None, np.random.default_rng(0))
+    payload = sanitize(task, None, task_stage(0))
     assert set(payload.masks) == {"foreground"} and not payload.segments
     np.testing.assert_array_equal(payload.masks["foreground"], task.masks)
     edges = payload.edges["foreground"]
@@ -103,7 +111,7 @@ def test_l1_payload_holds_the_mask_and_edges_but_not_absolute_intensities():
 
     brighter = make_task({"foreground": "L1", "background": "L0"})
     brighter.references = np.where(task.masks[:, None], task.references * 1 + 0.4, task.references)
-    shifted = sanitize(brighter, None, np.random.default_rng(0)).edges["foreground"]
+    shifted = sanitize(brighter, None, task_stage(0)).edges["foreground"]
     interior = np.stack([ndimage.binary_erosion(m, np.ones((3, 3))) for m in task.masks])
     np.testing.assert_allclose(shifted[interior], edges[interior], atol=1e-5)
     assert not np.allclose(shifted[task.masks & ~interior], edges[task.masks & ~interior])
@@ -114,9 +122,9 @@ def test_dp_embedding_is_unit_norm_plus_noise_of_std_twice_the_opacus_noise_mult
     direction = np.random.default_rng(0).standard_normal(dim)
     unit = direction / np.linalg.norm(direction)
     task = make_task({"foreground": "L0", "background": "L0"}, {"foreground": epsilon}, n=6)
-    heard = []
-    payload = sanitize(task, lambda x: 1e9 * direction[None], np.random.default_rng(0),
-                       record=lambda name, z, s, details: heard.append((name, z, s)))
+    stage = task_stage(0)
+    payload = sanitize(task, lambda x: 1e9 * direction[None], stage)
+    heard = [(e.release, e.noise_multiplier, e.sensitivity) for e in stage.ledger.entries]
     z = stage_noise_multiplier(epsilon, task.delta, "rdp")
     noise = payload.embeddings["foreground"].astype(np.float64) - unit
     assert noise.std() == pytest.approx(2 * z, rel=0.02)
@@ -134,8 +142,27 @@ def test_dp_embedding_does_not_depend_on_the_embedding_norm():
 
 def test_embedding_epsilon_without_an_embedding_model_is_a_config_error():
     with pytest.raises(ConfigError, match="embedding_epsilon.foreground"):
-        sanitize(make_task({"foreground": "L0", "background": "L0"}, {"foreground": 1.0}), None,
-                 np.random.default_rng(0))
+        sanitize(make_task({"foreground": "L0", "background": "L0"}, {"foreground": 1.0}), None, task_stage(0))
+
+
+def test_embedding_epsilon_without_a_ledger_is_a_config_error():
+    with pytest.raises(ConfigError, match="no ledger"):
+        sanitize(make_task({"foreground": "L0", "background": "L0"}, {"foreground": 1.0}), fake_embed())
+
+
+def test_a_dp_embedding_whose_ledger_cannot_be_written_is_never_noised(tmp_path):
+    drawn = []
+
+    class Counting(NoiseSource):
+        def for_entry(self, entry):
+            drawn.append(entry.key)
+            return super().for_entry(entry)
+
+    ledger = PrivacyLedger(tmp_path / "missing" / "privacy.json", 1e-5, unit="reference image")
+    with pytest.raises(OSError):
+        sanitize(make_task({"foreground": "L0", "background": "L0"}, {"foreground": 1.0}), fake_embed(),
+                 LedgerStage(ledger, "customized synthesis/embeddings", Counting(0)))
+    assert drawn == []
 
 
 def test_payload_bytes_are_deterministic_even_when_the_clock_moves(monkeypatch):
@@ -148,7 +175,7 @@ def test_payload_bytes_are_deterministic_even_when_the_clock_moves(monkeypatch):
 
 def test_payload_round_trips_through_bytes():
     task = make_task({"foreground": "L2", "background": "L1"}, {"background": 2.0})
-    payload = sanitize(task, fake_embed(), np.random.default_rng(0))
+    payload = sanitize(task, fake_embed(), task_stage(0))
     back = payload_from_bytes(payload_to_bytes(payload))
     assert payload_to_bytes(back) == payload_to_bytes(payload)
     assert back.levels == {"foreground": "L2", "background": "L1"} and back.image_shape == SHAPE
@@ -189,8 +216,7 @@ def rewrite(data, drop=(), replace=None, metadata=None, add=None):
     (lambda d: d[: len(d) // 2], "not a payload archive"),
 ])
 def test_corrupted_payload_is_a_one_line_data_error(corrupt, needle):
-    data = payload_to_bytes(sanitize(make_task({"foreground": "L2", "background": "L1"}), None,
-                                     np.random.default_rng(0)))
+    data = payload_to_bytes(sanitize(make_task({"foreground": "L2", "background": "L1"}), None, task_stage(0)))
     with pytest.raises(DataError) as err:
         payload_from_bytes(corrupt(data))
     assert str(err.value).startswith("payload: ") and needle in str(err.value) and "\n" not in str(err.value)
@@ -319,7 +345,7 @@ def test_object_privacy_report_ranks_l0_below_l1_below_l2():
     reports = {}
     for level in ("L1", "L2"):
         task = make_task({"foreground": level, "background": "L0"}, {"background": 1.0}, n=8)
-        payload = sanitize(task, fake_embed(), np.random.default_rng(0))
+        payload = sanitize(task, fake_embed(), task_stage(0))
         reports[level] = report = object_privacy_report(task, payload)
         assert report["background"]["mi_bits"] == 0.0 and report["background"]["level"] == "L0"
         assert report["foreground"]["embedding_mi_bound_bits"] is None

@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 
 from fedemb.config import SynthConfig
 from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.synth.budget import stage_noise_multiplier
 from fedemb.synth.contribution import (cell_statistics, count_sensitivity, second_moment_sensitivity,
                                        sum_sensitivity, user_weights)
 from fedemb.synth.embedded import Embedded, to_sphere
 from fedemb.synth.gmm import fit_dp_gmm, release_shares
-from fedemb.synth.pipeline import ledger_recorder
 
 
 def random_population(rng, n, users, cells, dim):
@@ -86,7 +86,7 @@ def test_the_releases_spend_exactly_the_stage_budget(clusters, covariance, init)
         ledger = PrivacyLedger(None, delta, "rdp")
         z = stage_noise_multiplier(epsilon, delta, "rdp")
         public = Embedded(to_sphere(rng.standard_normal((60, 6))), np.arange(60) % 3, np.arange(60))
-        fit_dp_gmm(emb, 3, cfg, z, rng, ledger_recorder(ledger, "synthesis/gmm 1"), public)
+        fit_dp_gmm(emb, 3, cfg, z, LedgerStage(ledger, "synthesis/gmm 1", NoiseSource(0)), rng, public)
         assert len(ledger.entries) == len(shares)
         assert {e.release for e in ledger.entries} == set(shares)
         assert ledger.epsilon <= epsilon * 1.001
@@ -101,11 +101,13 @@ def test_the_noise_has_the_recorded_scale():
     labels = np.repeat(np.arange(classes), 5)
     users = rng.integers(0, 700, len(labels))
     emb = Embedded(to_sphere(rng.standard_normal((len(labels), dim))), labels, users)
-    recorded = {}
+    ledger = PrivacyLedger(None, 1e-5)
     cfg = SynthConfig(clusters=1, covariance="diag")
-    gmm = fit_dp_gmm(emb, classes, cfg, 2.0, np.random.default_rng(2),
-                     lambda name, z, sens, details: recorded.setdefault(name, z * sens))
+    gmm = fit_dp_gmm(emb, classes, cfg, 2.0, LedgerStage(ledger, "synthesis/gmm 1", NoiseSource(2)),
+                     np.random.default_rng(2))
+    entry, = [e for e in ledger.entries if e.release == "final counts"]
+    recorded_std = entry.noise_multiplier * entry.sensitivity
     true = cell_statistics(emb.x, labels, user_weights(users, labels, classes, 1.0), classes).counts
     noise = gmm.counts[:, 0] - true
-    assert np.std(noise) == pytest.approx(recorded["final counts"], rel=0.12)
-    assert abs(np.mean(noise)) < 4 * recorded["final counts"] / math.sqrt(classes)
+    assert np.std(noise) == pytest.approx(recorded_std, rel=0.12)
+    assert abs(np.mean(noise)) < 4 * recorded_std / math.sqrt(classes)

@@ -9,7 +9,7 @@ from fedemb.config import load_config
 from fedemb.federated import STREAM_TRAINING_KEY, prepare_run
 from fedemb.inprocess import InProcessGrid
 from fedemb.models.embedding_net import shared_state
-from fedemb.privacy.keyed_random import keyed_seed
+from fedemb.privacy.keyed_random import keyed_seed, run_secret
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.mechanisms import make_mechanism
 from fedemb.privacy.noise import GaussianNoise
@@ -25,7 +25,7 @@ from tests.helpers import tiny_config
 
 def clipped_sums(cfg, placement, nodes, rounds=2):
     setup = prepare_run(cfg)
-    seed = cfg.run.seed
+    secret = run_secret(cfg.run.seed)  # as run_federated derives it
     sums = []
 
     class Capture:
@@ -38,11 +38,11 @@ def clipped_sums(cfg, placement, nodes, rounds=2):
         def on_run_end(self, *args):
             pass
 
-    noise = GaussianNoise(setup.privacy.noise_multiplier * cfg.privacy.clip_norm, seed)
-    strategy = DPFedEmb(sampler=make_sampler(seed, cfg.sampling, setup.virtual_clients),
+    noise = GaussianNoise(setup.privacy.noise_multiplier * cfg.privacy.clip_norm, secret)
+    strategy = DPFedEmb(sampler=make_sampler(secret, cfg.sampling, setup.virtual_clients),
                         user_ids=setup.splits.train.user_ids,
                         task=make_task(cfg, setup.splits.train.num_classes, setup.splits.train.image_shape,
-                                       keyed_seed(seed, STREAM_TRAINING_KEY)),
+                                       keyed_seed(secret, STREAM_TRAINING_KEY)),
                         mechanism=make_mechanism(cfg, setup.privacy, noise, setup.virtual_clients),
                         server_optimizer=ServerOptimizer(shared_state(setup.net), 1.0, 0.9),
                         ledger=PrivacyLedger(None, setup.privacy.delta), eval_every=0, callbacks=[Capture()],

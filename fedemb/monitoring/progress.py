@@ -1,4 +1,5 @@
-"""A rich progress bar over rounds showing loss, recall@1 and ε."""
+"""A rich progress bar over rounds showing the DP training loss (when released), recall@1 on held-out
+users and ε. The console is a public output: it shows releases only, never a round's exact loss."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fedemb.monitoring.callback import RoundCallback
 class ProgressReporter(RoundCallback):
     def __init__(self, console: Console | None = None):
         self.progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("recall@1 {task.fields[recall]}"),
+                                 TextColumn("DP loss {task.fields[loss]}"), TextColumn("recall@1 {task.fields[recall]}"),
                                  TextColumn("ε {task.fields[eps]}"), TimeElapsedColumn(),
                                  console=console or Console(stderr=True), transient=False)
         self.task = None
@@ -22,8 +23,8 @@ class ProgressReporter(RoundCallback):
                                            loss="-", recall="-", eps="0")
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
-        fields = {"loss": f"{train_metrics.get('train-loss', float('nan')):.3f}",
-                  "eps": f"{train_metrics.get('epsilon', 0.0):.3g}"}
+        dp_loss = train_metrics.get("dp-train-loss")
+        fields = {"loss": "-" if dp_loss is None else f"{dp_loss:.3f}", "eps": f"{train_metrics.get('epsilon', 0.0):.3g}"}
         if eval_metrics:
             fields["recall"] = f"{eval_metrics['recall_at_1']:.3f}"
         self.progress.update(self.task, completed=server_round, **fields)

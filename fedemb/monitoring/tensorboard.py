@@ -1,5 +1,5 @@
-"""TensorBoard event files in the run directory: per-round training, privacy and evaluation scalars,
-and the final evaluation embeddings in the projector with image sprites."""
+"""TensorBoard event files in the run directory: per-round privacy figures, DP training metrics and
+evaluation scalars, and the final evaluation embeddings in the projector with image sprites."""
 
 from __future__ import annotations
 
@@ -11,37 +11,31 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fedemb.monitoring.callback import RoundCallback
 
-TRAIN_SCALARS = {
-    "train/loss": "train-loss",
-    "train/delta_norm_median": "delta-norm-median",
-    "train/delta_norm_max": "delta-norm-max",
-    "train/fraction_clipped": "fraction-clipped",
-    "train/virtual_clients_accepted": "virtual-clients-accepted",
-    "train/virtual_clients_failed": "virtual-clients-failed",
-    "train/virtual_clients_rejected": "virtual-clients-rejected",
-    "train/virtual_clients_nonfinite": "virtual-clients-nonfinite",
-    "train/virtual_clients_missing": "virtual-clients-missing",
+# what the published tensorboard/ shows: releases and data-independent figures only
+# (fedemb.monitoring.outputs); exact round statistics go to the server-private telemetry
+PUBLIC_SCALARS = {
+    "train/dp_loss": "dp-train-loss",
+    "train/dp_fraction_clipped": "dp-fraction-clipped",
     "privacy/noise_std": "noise-std",
     "privacy/clip_norm": "clip-norm",
     "privacy/effective_noise_multiplier": "effective-noise-multiplier",
     "privacy/unclipped_fraction_estimate": "unclipped-fraction-estimate",
     "privacy/epsilon": "epsilon",
-    "time/round_seconds": "round-seconds",
-    "time/virtual_clients_per_second": "virtual-clients-per-second",
 }
 
 
 class TensorBoardLogger(RoundCallback):
-    def __init__(self, log_dir: Path, purge_step: int | None = None):
+    def __init__(self, log_dir: Path, purge_step: int | None = None, scalars: dict[str, str] | None = None):
         # a resumed run hides what the crashed attempt logged after its checkpoint
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.scalars = PUBLIC_SCALARS if scalars is None else scalars
 
     def log_eval(self, step: int, eval_metrics: dict) -> None:
         for key, value in eval_metrics.items():
             self.writer.add_scalar(f"eval/{key}", float(value), step)
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
-        for tag, key in TRAIN_SCALARS.items():
+        for tag, key in self.scalars.items():
             value = train_metrics.get(key)
             if value is not None and np.isfinite(value):
                 self.writer.add_scalar(tag, float(value), server_round)

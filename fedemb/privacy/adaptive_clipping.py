@@ -7,15 +7,14 @@ quantile γ:  C ← C · exp(−η (b̃ − γ)).
 
 The count is a second Gaussian query on the same users in the same round. The two together are one
 Gaussian mechanism whose squared sensitivity is (S_Δ/σ_Δ)² + (S_b/σ_b)², so to keep the accounted
-noise multiplier z the update noise is inflated:  σ_Δ = S_Δ / sqrt(z⁻² − (S_b/σ_b)²).
+noise multiplier z the update noise is inflated:  σ_Δ = S_Δ / sqrt(z⁻² − (S_b/σ_b)²)
+(fedemb.privacy.mechanisms.joint_update_noise_multiplier).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from fedemb.errors import ConfigError
 
 
 @dataclass
@@ -36,17 +35,3 @@ class AdaptiveClipping:
 
     def load_state_dict(self, state: dict) -> None:
         self.clip_norm = float(state["clip_norm"])
-
-
-def update_noise_multiplier(accounting_z: float, count_sensitivity: float, count_std: float) -> float:
-    """The noise multiplier of the update query (std / its sensitivity) that keeps the joint query at
-    `accounting_z`. Raises when the count noise alone already spends more than that."""
-    if accounting_z == 0:
-        return 0.0
-    spare = accounting_z ** -2 - (count_sensitivity / count_std) ** 2
-    if spare <= 0:
-        raise ConfigError(
-            f"privacy.adaptive.count_noise_std = {count_std:g} is too small for noise multiplier "
-            f"{accounting_z:g}: the clipped-count query alone would spend the budget (it needs more "
-            f"than {count_sensitivity * accounting_z:g})")
-    return spare ** -0.5

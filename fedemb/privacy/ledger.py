@@ -8,25 +8,45 @@ Opacus accountant (RDP or PRV):
 - a tree-aggregation release (DP-FTRL) states the whole tree so far as one Gaussian mechanism
   (z_eq, q = 1, 1 step); a later entry of the same tree replaces the earlier one.
 
+Every entry states its neighbouring relation: add/remove (one user's data present or absent: sampled
+Gaussian rounds, synthesis releases) or zero-out (one user's data replaced by nothing while the user
+keeps its place in a public schedule: DP-FTRL). Guarantees under different relations do not compose
+into one ε: a ledger that mixes them states a composed ε per relation (`epsilon_by_relation`) and no
+single one (`epsilon` is then ∞, which no budget check can pass).
+
 Entries are keyed by (stage, release, attempt). Recording a key that is already there with the same
 accounting is a no-op: a seeded run resumed from a checkpoint replays bit-identical releases, which
-reveal nothing new. A run with OS-seeded noise resumes under a new attempt number instead, so a
-re-run round counts again.
+reveal nothing new. Whether the replay really is identical is checked: a seeded release's SHA-256 is
+stored in its entry before anything of it leaves the server (`confirm_release`), and a replay with
+another digest is recorded again under a new attempt. A run with OS-seeded noise resumes under a new
+attempt number instead, so a re-run round counts again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from fedemb.privacy.accountant import composed_epsilon
 from fedemb.run_dir import write_json
 
 SAMPLED_GAUSSIAN = "sampled_gaussian"
 TREE = "tree"
+ADD_REMOVE = "add/remove"  # neighbours: one user's data present or absent
+ZERO_OUT = "zero-out"  # neighbours: one user's data replaced by nothing, its participation schedule unchanged
+NEIGHBOURING = (ADD_REMOVE, ZERO_OUT)
+
+
+def default_neighbouring(accounting: Mapping) -> str:
+    """The relation of an entry that does not state one (ledgers written before entries did)."""
+    return ZERO_OUT if accounting.get("kind") == TREE else ADD_REMOVE
 
 
 @dataclass
@@ -43,8 +63,15 @@ class LedgerEntry:
     sensitivity: float = 0.0  # absolute L2 sensitivity of the release
     attempt: int = 0
     details: dict = field(default_factory=dict)
-    epsilon: float = math.nan  # cumulative, after this entry
+    epsilon: float = math.nan  # cumulative over the entries of the same neighbouring relation, after this one
     delta: float = math.nan
+    neighbouring: str = ""  # ADD_REMOVE or ZERO_OUT; "": the default of the accounting kind
+    release_sha256: str = ""  # seeded runs: the digest of what was released (see release_digest)
+
+    def __post_init__(self):
+        self.neighbouring = self.neighbouring or default_neighbouring(self.accounting)
+        if self.neighbouring not in NEIGHBOURING:
+            raise ValueError(f"neighbouring relation must be one of {NEIGHBOURING}, got {self.neighbouring!r}")
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -52,6 +79,18 @@ class LedgerEntry:
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
+
+
+def release_digest(update: Mapping, scalars: Mapping[str, float] | None = None) -> str:
+    """SHA-256 of a release: every tensor's name, dtype, shape and bytes (in name order) and the
+    released scalars. Equal digests: the same bits were released."""
+    h = hashlib.sha256()
+    for name in sorted(update):
+        arr = np.ascontiguousarray(update[name].detach().cpu().numpy())
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    h.update(json.dumps({k: float(v) for k, v in (scalars or {}).items()}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 class PrivacyLedger:
@@ -86,9 +125,24 @@ class PrivacyLedger:
                 counts[(z, 1.0)] += 1
         return [(z, q, steps) for (z, q), steps in sorted(counts.items())]
 
+    @staticmethod
+    def relations(entries: list[LedgerEntry]) -> list[str]:
+        return sorted({e.neighbouring for e in entries})
+
     def epsilon_of(self, entries: list[LedgerEntry]) -> float:
+        """The composed ε of the entries; ∞ when they mix neighbouring relations (no single ε)."""
+        if len(self.relations(entries)) > 1:
+            return math.inf
         history = self.history(entries)
         return math.inf if history is None else composed_epsilon(self.accountant, history, self.delta)
+
+    def epsilon_by_relation(self, entries: list[LedgerEntry] | None = None) -> dict[str, float]:
+        entries = self.entries if entries is None else entries
+        return {r: self.epsilon_of([e for e in entries if e.neighbouring == r]) for r in self.relations(entries)}
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.relations(self.entries)) > 1
 
     @property
     def epsilon(self) -> float:
@@ -104,28 +158,75 @@ class PrivacyLedger:
     def _existing(self, entry: LedgerEntry) -> LedgerEntry | None:
         for e in self.entries:
             if e.key == entry.key:
-                if e.accounting != entry.accounting:
+                if e.accounting != entry.accounting or e.neighbouring != entry.neighbouring:
                     raise RuntimeError(f"ledger already holds {entry.key} with other accounting: "
-                                       f"{e.accounting} != {entry.accounting}")
+                                       f"{e.accounting} ({e.neighbouring}) != {entry.accounting} ({entry.neighbouring})")
                 return e
         return None
 
     def record(self, entry: LedgerEntry) -> LedgerEntry:
         """Add the entry (unless it is a replay of one already there) and write the ledger to disk
-        before returning: call this before the release is computed."""
+        before returning: call this before the release is computed. Returns the entry held."""
         existing = self._existing(entry)
         if existing is not None:
             return existing
-        entry.epsilon = self.epsilon_with(entry)
+        entry.epsilon = self.epsilon_of([e for e in self.entries if e.neighbouring == entry.neighbouring] + [entry])
         entry.delta = self.delta
         self.entries.append(entry)
         self.save()
         return entry
 
+    def confirm_release(self, entry: LedgerEntry, digest: str) -> bool:
+        """Store the digest of the release `entry` (an entry of this ledger) accounts for, on disk
+        before returning: call this after the release is computed and before any of it leaves the
+        server. False, and nothing stored, when the entry holds another digest: the release is not the
+        one accounted for, so it must be recorded as a new release before it is used."""
+        if entry.release_sha256 == digest:
+            return True
+        if entry.release_sha256:
+            return False
+        entry.release_sha256 = digest
+        self.save()
+        return True
+
+    # ------------------------------------------------------------------ resuming
+    def continuation_problem(self, *, delta: float, accountant: str, stage: str, completed_round: int,
+                             expected_entry: Callable[[int, int], LedgerEntry]) -> str | None:
+        """Why this ledger cannot account for a run continued after `completed_round` with the given
+        settings (None when it can). `expected_entry(round, attempt)` is the entry the run's mechanism
+        would write for that round."""
+        if accountant != self.accountant:
+            return f"the ledger composes with the {self.accountant} accountant, the config with {accountant}"
+        if not math.isclose(delta, self.delta, rel_tol=1e-9):
+            return f"the ledger's δ is {self.delta:.6g}, the config's {delta:.6g}"
+        own = [e for e in self.entries if e.stage == stage]
+        expected = expected_entry(max(completed_round, 1), 0)
+        mechanisms = sorted({e.mechanism for e in own})
+        if own and mechanisms != [expected.mechanism]:
+            return f"the ledger's {stage} releases are {', '.join(mechanisms)}, the config's are {expected.mechanism}"
+        relations = self.relations(own)
+        if own and relations != [expected.neighbouring]:
+            return (f"the ledger's {stage} releases are under {', '.join(relations)} neighbours, "
+                    f"the config's under {expected.neighbouring}")
+        recorded = {e.round for e in own}
+        missing = [r for r in range(1, completed_round + 1) if r not in recorded]
+        if missing:
+            shown = ", ".join(str(r) for r in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            return (f"the run state has completed round {completed_round} but the ledger has no entry for "
+                    f"round{'s' if len(missing) > 1 else ''} {shown} (the ledger does not belong to this state)")
+        if own:
+            last = max(own, key=lambda e: (e.round or 0, e.attempt))
+            again = expected_entry(last.round or 0, last.attempt)
+            if again.accounting != last.accounting:
+                return (f"the ledger accounts {last.release} as {last.accounting}, the config would account it as "
+                        f"{again.accounting} (the noise, sampling or participation settings changed)")
+        return None
+
     # ------------------------------------------------------------------ persistence
     def to_json(self) -> dict:
         return {"unit": self.unit, "accountant": self.accountant, "delta": self.delta,
-                "epsilon": self.epsilon, "releases": len(self.entries),
+                "epsilon": self.epsilon, "neighbouring": self.relations(self.entries),
+                "epsilon_by_relation": self.epsilon_by_relation(), "releases": len(self.entries),
                 "entries": [e.to_json() for e in self.entries]}
 
     def save(self) -> None:

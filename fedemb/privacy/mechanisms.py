@@ -2,7 +2,10 @@
 and the ledger entry that accounts for it. The strategy composes one of these with a sampler, the
 ledger and the server optimizer; it does not branch on which one it has.
 
-- SampledGaussian: N(0, (z·C)²) on the sum, fixed C or adaptive C (with its noised clipped-count query).
+- SampledGaussian: N(0, (z·C)²) on the sum, fixed C or adaptive C (with its noised clipped-count query),
+  optionally with DP training metrics (a noised sum of bounded losses and a noised clipped count).
+  The scalar queries and the update are one Gaussian mechanism: the update noise grows so that the
+  joint noise multiplier stays the accountant's z.
 - TreeAggregation: DP-FTRL; the released sum is the difference of consecutive noisy prefix sums.
 - NoPrivacy: no clipping, no noise (the non-private baseline); its ledger entries say ε = ∞.
 """
@@ -10,14 +13,42 @@ ledger and the server optimizer; it does not branch on which one it has.
 from __future__ import annotations
 
 from fedemb.privacy.accountant import PrivacyPlan
-from fedemb.privacy.adaptive_clipping import AdaptiveClipping, update_noise_multiplier
+from dataclasses import dataclass
+
+from fedemb.errors import ConfigError
+from fedemb.privacy.adaptive_clipping import AdaptiveClipping
 from fedemb.privacy.clipping import Update
-from fedemb.privacy.ledger import SAMPLED_GAUSSIAN, TREE, LedgerEntry
+from fedemb.privacy.ledger import SAMPLED_GAUSSIAN, TREE, ZERO_OUT, LedgerEntry
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.tree_accountant import equivalent_noise_multiplier
 from fedemb.privacy.tree_noise import TreeNoise
 
 STAGE = "training"
+CENTRED_UNCLIPPED = "centred-unclipped"  # Σ over accepted virtual clients of (1 if unclipped else 0) − ½
+CENTRED_LOSS = "centred-loss"  # Σ over accepted virtual clients of (min(max(loss, 0), B) − B/2)
+
+
+@dataclass(frozen=True)
+class ScalarQuery:
+    """A centred sum over the round's virtual clients, released with Gaussian noise of `std`."""
+    name: str
+    sensitivity: float
+    std: float
+    setting: str  # the config key that sets its noise
+
+
+def joint_update_noise_multiplier(accounting_z: float, queries: list[ScalarQuery]) -> float:
+    """The update's noise multiplier (std / its sensitivity) that keeps the update and the scalar
+    queries together one Gaussian mechanism with noise multiplier `accounting_z`:
+    (1/z_update)² + Σ (S_j/σ_j)² = 1/z²."""
+    if accounting_z == 0 or not queries:
+        return accounting_z
+    spare = accounting_z ** -2 - sum((q.sensitivity / q.std) ** 2 for q in queries)
+    if spare <= 0:
+        settings = " and ".join(f"{q.setting} = {q.std:g}" for q in queries)
+        raise ConfigError(f"{settings} leave no budget for the update at noise multiplier {accounting_z:g}: "
+                          f"the round's scalar queries alone would spend it (raise their noise)")
+    return spare ** -0.5
 
 
 class RoundMechanism:
@@ -27,9 +58,9 @@ class RoundMechanism:
     def ledger_entry(self, server_round: int, attempt: int) -> LedgerEntry:
         raise NotImplementedError
 
-    def privatize(self, total: Update, centred_unclipped: float) -> Update:
-        """The noisy clipped sum. `centred_unclipped` = Σ over accepted virtual clients of
-        (1 if unclipped else 0) − ½, for mechanisms that query it."""
+    def privatize(self, total: Update, centred_unclipped: float, centred_loss: float = 0.0) -> Update:
+        """The noisy clipped sum. `centred_unclipped` and `centred_loss` (see CENTRED_*) are the
+        scalar sums for mechanisms that query them."""
         raise NotImplementedError
 
     def round_metrics(self) -> dict:
@@ -45,30 +76,51 @@ class RoundMechanism:
 class NoPrivacy(RoundMechanism):
     name = "none"
 
+    def __init__(self, expected_clients: int = 1, metrics=None):
+        self.expected_clients = expected_clients
+        self.metrics = metrics if metrics is not None and metrics.enabled else None
+        self._last: dict = {}
+
     def ledger_entry(self, server_round, attempt):
         return LedgerEntry(STAGE, f"round {server_round}", "unclipped, noiseless sum (not private)",
                            {"kind": "none"}, round=server_round, attempt=attempt)
 
-    def privatize(self, total, centred_unclipped):
+    def privatize(self, total, centred_unclipped, centred_loss=0.0):
+        self._last = {}
+        if self.metrics:  # not private anyway (ε = ∞ in the ledger): the same estimates, without noise
+            m = self.expected_clients
+            self._last = {"dp-train-loss": centred_loss / m + self.metrics.loss_bound / 2,
+                          "dp-fraction-clipped": 0.5 - centred_unclipped / m}
         return {k: v.clone() for k, v in total.items()}
 
     def round_metrics(self):
-        return {"noise-std": 0.0}
+        return {"noise-std": 0.0, **self._last}
 
 
 class SampledGaussian(RoundMechanism):
     def __init__(self, plan: PrivacyPlan, clip_norm: float, noise: GaussianNoise, expected_clients: int,
-                 adaptive: AdaptiveClipping | None = None):
+                 adaptive: AdaptiveClipping | None = None, metrics=None):
         self.plan = plan
         self.noise = noise
         self.expected_clients = expected_clients
         self.adaptive = adaptive
+        self.metrics = metrics if metrics is not None and metrics.enabled else None
         self.fixed_clip_norm = clip_norm
-        self.name = SAMPLED_GAUSSIAN + ("+adaptive_clipping" if adaptive else "")
-        # the count of unclipped virtual clients moves by ½ (a k = 1 client comes or goes) or 1 (a bit flips)
+        self.name = SAMPLED_GAUSSIAN + ("+adaptive_clipping" if adaptive else "") + ("+metrics" if self.metrics else "")
+        # a centred count moves by ½ (a k = 1 client comes or goes) or 1 (a bit flips); a centred loss
+        # clamped to [0, B] by B/2 or B
         self.count_sensitivity = plan.sensitivity / 2
-        self.update_z = (update_noise_multiplier(plan.accounting_noise_multiplier, self.count_sensitivity,
-                                                 adaptive.count_std) if adaptive else plan.accounting_noise_multiplier)
+        self.queries: list[ScalarQuery] = []
+        if adaptive or self.metrics:
+            setting = "privacy.adaptive.count_noise_std" if adaptive else "privacy.metrics.count_noise_std"
+            count_std = adaptive.count_std if adaptive else (self.metrics.count_noise_std or expected_clients / 20)
+            self.queries.append(ScalarQuery(CENTRED_UNCLIPPED, self.count_sensitivity, count_std, setting))
+        if self.metrics:
+            bound = self.metrics.loss_bound
+            self.queries.append(ScalarQuery(CENTRED_LOSS, plan.sensitivity * bound / 2,
+                                            self.metrics.loss_noise_std or bound * expected_clients / 20,
+                                            "privacy.metrics.loss_noise_std"))
+        self.update_z = joint_update_noise_multiplier(plan.accounting_noise_multiplier, self.queries)
         self._last: dict = {}
 
     @property
@@ -81,9 +133,12 @@ class SampledGaussian(RoundMechanism):
 
     def ledger_entry(self, server_round, attempt):
         details = {"clip_norm": self.clip_norm, "noise_std": self.update_std}
+        if self.queries:
+            details |= {"update_noise_multiplier": self.update_z,
+                        "scalar_queries": [{"name": q.name, "sensitivity": q.sensitivity, "noise_std": q.std}
+                                           for q in self.queries]}
         if self.adaptive:
-            details |= {"count_noise_std": self.adaptive.count_std, "count_sensitivity": self.count_sensitivity,
-                        "update_noise_multiplier": self.update_z}
+            details |= {"count_noise_std": self.adaptive.count_std, "count_sensitivity": self.count_sensitivity}
         return LedgerEntry(STAGE, f"round {server_round}", self.name,
                            {"kind": SAMPLED_GAUSSIAN, "z": self.plan.accounting_noise_multiplier,
                             "q": self.plan.sampling_rate, "steps": 1},
@@ -91,13 +146,21 @@ class SampledGaussian(RoundMechanism):
                            noise_multiplier=self.plan.accounting_noise_multiplier,
                            sensitivity=self.plan.sensitivity * self.clip_norm, attempt=attempt, details=details)
 
-    def privatize(self, total, centred_unclipped):
+    def privatize(self, total, centred_unclipped, centred_loss=0.0):
         clip, std = self.clip_norm, self.update_std
         noisy = self.noise.add(total, std)
         self._last = {"clip-norm": clip, "noise-std": std, "effective-noise-multiplier": std / clip if clip else 0.0}
-        if self.adaptive:
-            noisy_count = centred_unclipped + self.noise.draw_scalar(self.adaptive.count_std)
-            self._last["unclipped-fraction-estimate"] = self.adaptive.update(noisy_count, self.expected_clients)
+        exact = {CENTRED_UNCLIPPED: centred_unclipped, CENTRED_LOSS: centred_loss}
+        released = {q.name: exact[q.name] + self.noise.draw_scalar(q.std) for q in self.queries}
+        m = self.expected_clients
+        if CENTRED_UNCLIPPED in released:
+            unclipped = released[CENTRED_UNCLIPPED] / m + 0.5
+            if self.metrics:
+                self._last["dp-fraction-clipped"] = 1.0 - unclipped
+            if self.adaptive:
+                self._last["unclipped-fraction-estimate"] = self.adaptive.update(released[CENTRED_UNCLIPPED], m)
+        if CENTRED_LOSS in released:
+            self._last["dp-train-loss"] = released[CENTRED_LOSS] / m + self.metrics.loss_bound / 2
         return noisy
 
     def round_metrics(self):
@@ -129,13 +192,14 @@ class TreeAggregation(RoundMechanism):
                            round=server_round, sampling_rate=1.0,
                            noise_multiplier=self.plan.accounting_noise_multiplier,
                            sensitivity=self.plan.sensitivity * self.clip_norm, attempt=attempt,
+                           neighbouring=ZERO_OUT,  # the same users take part; one user's data is zeroed out
                            details={"clip_norm": self.clip_norm, "node_noise_std": self.tree.std,
                                     "equivalent_noise_multiplier": z_eq,
                                     "min_separation": self.plan.limits.min_separation,
                                     "max_participations": self.plan.limits.max_participations,
                                     "restart_every": self.plan.restart_every})
 
-    def privatize(self, total, centred_unclipped):
+    def privatize(self, total, centred_unclipped, centred_loss=0.0):
         return self.tree.residual(total)
 
     def round_metrics(self):
@@ -144,6 +208,7 @@ class TreeAggregation(RoundMechanism):
 
     def state_dict(self):
         # the tree's node noise is state the prefix sums depend on: it is kept even for OS-seeded noise
+        # (server-private; a finished run deletes it unless run.keep_private_state)
         return {"noise": self.noise.state_dict(), "tree": self.tree.state_dict()}
 
     def load_state_dict(self, state):
@@ -154,7 +219,7 @@ class TreeAggregation(RoundMechanism):
 def make_mechanism(cfg, plan: PrivacyPlan, noise: GaussianNoise, expected_clients: int) -> RoundMechanism:
     p = cfg.privacy
     if not p.enabled:
-        return NoPrivacy()
+        return NoPrivacy(expected_clients, p.metrics)
     if p.mechanism == "tree":
         return TreeAggregation(plan, p.clip_norm, noise)
     adaptive = None
@@ -162,4 +227,4 @@ def make_mechanism(cfg, plan: PrivacyPlan, noise: GaussianNoise, expected_client
         a = p.adaptive
         adaptive = AdaptiveClipping(p.clip_norm, a.target_quantile, a.learning_rate,
                                     a.count_noise_std or expected_clients / 20)
-    return SampledGaussian(plan, p.clip_norm, noise, expected_clients, adaptive)
+    return SampledGaussian(plan, p.clip_norm, noise, expected_clients, adaptive, p.metrics)

@@ -1,5 +1,6 @@
 """Reading a run's privacy ledger for people: consecutive releases with the same mechanism and
-parameters become one row."""
+parameters become one row; each row says its neighbouring relation, and ε is composed per relation
+(a ledger that mixes relations has no single ε)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _fmt(x: float) -> str:
 def ledger_rows(ledger: PrivacyLedger) -> list[tuple[str, ...]]:
     rows: list[list] = []
     for e in ledger.entries:
-        signature = (e.stage, e.mechanism, e.sampling_rate, e.noise_multiplier, e.attempt)
+        signature = (e.stage, e.mechanism, e.neighbouring, e.sampling_rate, e.noise_multiplier, e.attempt)
         if rows and rows[-1][0] == signature:
             rows[-1][2] = e
         else:
@@ -40,6 +41,26 @@ def ledger_rows(ledger: PrivacyLedger) -> list[tuple[str, ...]]:
             span += f" (attempt {first.attempt + 1})"
         sens = sorted({e.sensitivity for e in ledger.entries[ledger.entries.index(first):ledger.entries.index(last) + 1]})
         sens_text = f"{sens[0]:.4g}" if len(sens) == 1 else f"{sens[0]:.4g}–{sens[-1]:.4g}"
-        out.append((first.stage, span, first.mechanism, f"{first.sampling_rate:g}", _fmt(first.noise_multiplier),
-                    sens_text, _fmt(last.epsilon)))
+        out.append((first.stage, span, f"{first.mechanism} ({first.neighbouring} neighbours)",
+                    f"{first.sampling_rate:g}", _fmt(first.noise_multiplier), sens_text, _fmt(last.epsilon)))
     return out
+
+
+def summary_lines(ledger: PrivacyLedger) -> list[str]:
+    """The whole run's (ε, δ) in one line; for a ledger that mixes neighbouring relations, one line
+    per relation and a line saying there is no single (ε, δ)."""
+    by_relation = ledger.epsilon_by_relation()
+    how = f"{ledger.unit}-level, {ledger.accountant} accountant"
+    if len(by_relation) <= 1:
+        relation = next(iter(by_relation), "no")
+        return [f"(ε, δ) = ({_fmt(ledger.epsilon)}, {ledger.delta:.3g}) for the whole run: {len(ledger.entries)} "
+                f"releases, {how}, {relation} neighbours"]
+    lines = []
+    for relation, eps in by_relation.items():
+        own = [e for e in ledger.entries if e.neighbouring == relation]
+        stages = ", ".join(dict.fromkeys(e.stage for e in own))
+        lines.append(f"(ε, δ) = ({_fmt(eps)}, {ledger.delta:.3g}) under {relation} neighbours: {len(own)} releases "
+                     f"({stages}), {how}")
+    lines.append("no single (ε, δ) for the whole run: its releases are under different neighbouring relations, "
+                 "whose guarantees do not compose into one")
+    return lines

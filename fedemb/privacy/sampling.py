@@ -8,6 +8,8 @@ least `min_separation` rounds after their last participation. The tree accountan
 these limits, and this sampler is what enforces them.
 Grouping: each sampled user independently picks one of M virtual-client slots; with k = 1 every
 sampled user is its own virtual client. Either way one user's presence changes one virtual client only.
+Every draw is the keyed PRF of (server secret, round, user id, stream) (fedemb.privacy.keyed_random):
+without the secret nobody can tell who else was drawn, which is what amplification by sampling needs.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedemb.privacy.keyed_random import STREAM_GROUPING, STREAM_SAMPLING, keyed_hash, keyed_uniform
+from fedemb.privacy.keyed_random import STREAM_GROUPING, STREAM_SAMPLING, Secret, keyed_hash, keyed_uniform
 
 
 @dataclass(frozen=True)
 class VirtualClient:
-    index: int  # slot in 0..M-1 (with k = 1: position among the sampled users)
+    index: int  # slot in 0..M-1 (with k = 1: position among the sampled users; server-side only on devices)
     user_ids: tuple[int, ...]
 
 
@@ -33,7 +35,7 @@ class RoundPlan:
 
 
 class UserSampler:
-    def __init__(self, seed: int, sampling_rate: float, users_per_client: int, virtual_clients: int,
+    def __init__(self, seed: Secret, sampling_rate: float, users_per_client: int, virtual_clients: int,
                  method: str = "poisson"):
         if virtual_clients < 1:
             raise ValueError("virtual_clients must be >= 1")
@@ -76,7 +78,7 @@ class LimitedParticipationSampler(UserSampler):
     """Fixed-size cohorts among the users whose participation limits allow them this round.
     Stateful: `plan` must be called once per round, in order (the state is checkpointed)."""
 
-    def __init__(self, seed: int, sampling_rate: float, users_per_client: int, virtual_clients: int,
+    def __init__(self, seed: Secret, sampling_rate: float, users_per_client: int, virtual_clients: int,
                  min_separation: int = 1, max_participations: int = 0):
         super().__init__(seed, sampling_rate, users_per_client, virtual_clients, "limited")
         self.min_separation = min_separation
@@ -114,7 +116,7 @@ class LimitedParticipationSampler(UserSampler):
         self.participations = dict(zip(users, (int(c) for c in state["participations"])))
 
 
-def make_sampler(seed: int, sampling_cfg, virtual_clients: int) -> UserSampler:
+def make_sampler(seed: Secret, sampling_cfg, virtual_clients: int) -> UserSampler:
     s = sampling_cfg
     if s.method == "limited":
         return LimitedParticipationSampler(seed, s.rate, s.users_per_client, virtual_clients, s.min_separation,

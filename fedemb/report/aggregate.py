@@ -46,7 +46,6 @@ class Point:
     metrics: dict[str, Stat]
     epsilon: Stat  # training, real population
     projected_epsilon: Stat | None
-    wall_seconds: Stat
     # (kind, output folder, classifier) -> accuracy, ε after it, and the unit of that ε
     synthesis: dict[tuple[str, str, str], tuple[Stat, Stat, str]] = field(default_factory=dict)
 
@@ -79,8 +78,7 @@ def aggregate(records: list[RunRecord]) -> list[Point]:
         projected = [r.projected_epsilon for r in runs if r.projected_epsilon is not None]
         point = Point(experiment, group, runs[0].method, runs[0].params, runs,
                       {m: Stat.of([r.final[m] for r in runs]) for m in METRICS},
-                      Stat.of([r.epsilon for r in runs]), Stat.of(projected) if projected else None,
-                      Stat.of([r.wall_seconds for r in runs]))
+                      Stat.of([r.epsilon for r in runs]), Stat.of(projected) if projected else None)
         keys = {(s.kind, s.folder, label) for r in runs for s in r.synthesis for label in s.accuracy}
         for kind, folder, label in sorted(keys):
             found = [(s.accuracy[label], s.epsilon_total, s.unit) for r in runs for s in r.synthesis

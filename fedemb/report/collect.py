@@ -15,7 +15,6 @@ from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.run_dir import LEDGER_FILE
 
 METRICS = ("recall_at_1", "tar_at_far_1e-3", "tar_at_far_1e-1")
-NON_PRIVATE_MLP = "MLP on the real embeddings (non-private reference)"
 
 
 @dataclass
@@ -40,7 +39,6 @@ class RunRecord:
     epsilon: float  # training, on the real population (the run's ledger before synthesis)
     delta: float
     projected_epsilon: float | None
-    wall_seconds: float
     stages: list[tuple[str, float, float]] = field(default_factory=list)  # stage, its own ε, ledger ε after it
     synthesis: list[Synthesis] = field(default_factory=list)
 
@@ -77,7 +75,6 @@ def load_run(path: Path) -> RunRecord:
         group=facts.get("group", method), params=facts.get("params", {}), seed=facts.get("seed"), method=method,
         initial=initial, final=final, epsilon=training_epsilon, delta=float(privacy.get("delta", math.nan)),
         projected_epsilon=float(projection["epsilon"]) if projection else None,
-        wall_seconds=float(facts.get("wall_seconds", results.get("wall_seconds", math.nan))),
         stages=stages, synthesis=_synthesis(path))
 
 
@@ -117,9 +114,7 @@ def _synthesis(path: Path) -> list[Synthesis]:
         data = _json(file)
         folder = file.parent.name
         if file.name == "synth_results.json":
-            out.append(Synthesis("gmm", folder, {"DP-GMM + MLP": float(data["released"]["gmm_mlp_accuracy"]),
-                                                 NON_PRIVATE_MLP: float(data["nonprivate_mlp_accuracy"])},
-                                 float(data["ledger_epsilon_total"])))
+            out.append(Synthesis("gmm", folder, _gmm_accuracies(data), float(data["ledger_epsilon_total"])))
         elif file.name == "invert_results.json":
             ev = data["evaluation"]
             acc = {"inverted, from scratch": ev["inverted"]["from_scratch_accuracy"],
@@ -137,6 +132,17 @@ def _synthesis(path: Path) -> list[Synthesis]:
             epsilon = math.inf if exact else float(data["privacy"]["epsilon_per_reference_image"])
             out.append(Synthesis("custom", folder, acc, epsilon, "reference image"))
     return out
+
+
+def _gmm_accuracies(data: dict) -> dict[str, float]:
+    """The released mixture's and, when they were ledger releases (a `stage` names them), its baselines'
+    accuracies at synth.epsilon. Non-private figures live in the synthesis's private/ and are not read."""
+    acc = {"DP-GMM + MLP": float(data["released"]["gmm_mlp_accuracy"])}
+    point = next((p for p in data.get("sweep", []) if p["epsilon"] == data["released"]["target_epsilon"]), {})
+    for method, label in (("dpsgd_linear_probe", "DP-SGD linear probe"), ("dp_prototypes", "DP prototypes")):
+        if "stage" in point.get(method, {}):
+            acc[label] = float(point[method]["accuracy"])
+    return acc
 
 
 def _json(path: Path) -> dict:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedemb.report.aggregate import Point  # noqa: E402
-from fedemb.report.collect import METRICS, NON_PRIVATE_MLP  # noqa: E402
+from fedemb.report.collect import METRICS  # noqa: E402
 
 LABELS = {"recall_at_1": "recall@1", "tar_at_far_1e-3": "TAR@FAR=1e-3", "tar_at_far_1e-1": "TAR@FAR=1e-1"}
 
@@ -74,7 +74,7 @@ def synthesis_curves(points: list[Point], title: str, path: Path) -> Path | None
     lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for p in points:
         for (kind, _, label), (acc, eps, unit) in p.synthesis.items():
-            if unit == "user" and math.isfinite(eps.mean) and label != NON_PRIVATE_MLP:  # DP, on the run's ledger
+            if unit == "user" and math.isfinite(eps.mean):  # DP, on the run's ledger
                 lines.setdefault((kind, label), []).append((eps.mean, acc.mean, acc.std))
     if not lines:
         return None

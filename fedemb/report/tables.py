@@ -31,9 +31,9 @@ def utility_table(points: list[Point]) -> str:
         rows.append([p.group, p.label, str(p.seeds), _eps(p.epsilon.mean),
                      _eps(p.projected_epsilon.mean) if p.projected_epsilon else "–",
                      p.metrics["recall_at_1"].text(), p.metrics["tar_at_far_1e-3"].text(),
-                     p.metrics["tar_at_far_1e-1"].text(), drop, f"{p.wall_seconds.mean:.0f}"])
+                     p.metrics["tar_at_far_1e-1"].text(), drop])
     return markdown(["group", "grid point", "seeds", "ε (this population)", "ε (projected)", "recall@1",
-                     "TAR@FAR=1e-3", "TAR@FAR=1e-1", "recall@1 vs non-private", "s / run"], rows)
+                     "TAR@FAR=1e-3", "TAR@FAR=1e-1", "recall@1 vs non-private"], rows)
 
 
 def synthesis_table(points: list[Point]) -> str:

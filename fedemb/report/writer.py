@@ -20,13 +20,12 @@ def write_report(paths: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# fedemb report", "",
              f"{len(records)} runs, {len(points)} grid points. Machine: {machine()}. "
-             "Means ± sample standard deviation over seeds; held-out users, all pairs.", ""]
+             "Means ± sample standard deviation over seeds; held-out users, all pairs. Run times are "
+             "server-private (each run's private/summary.json) and not reported here.", ""]
     for experiment in sorted({p.experiment for p in points}):
         pts = [p for p in points if p.experiment == experiment]
         name = slug(experiment)
-        total = sum(r.wall_seconds for p in pts for r in p.runs)
-        lines += [f"## {experiment}", "", f"{sum(p.seeds for p in pts)} runs, {total / 60:.1f} min of wall time in all.", "",
-                  utility_table(pts), ""]
+        lines += [f"## {experiment}", "", f"{sum(p.seeds for p in pts)} runs.", "", utility_table(pts), ""]
         figures = [epsilon_curves(pts, f"{experiment}: utility against ε", out / f"{name}-epsilon.png"),
                    ablation_bars(pts, f"{experiment}: ablations", out / f"{name}-ablations.png")]
         synth = synthesis_table(pts)

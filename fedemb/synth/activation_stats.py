@@ -34,6 +34,7 @@ from torch import nn
 from fedemb.data.population import Population
 from fedemb.errors import ConfigError
 from fedemb.models.embedding_net import _BATCHNORM
+from fedemb.privacy.release import LedgerStage
 from fedemb.synth.budget import split_noise_multiplier
 from fedemb.synth.contribution import user_weights
 
@@ -151,10 +152,9 @@ def bounded_sums(m: np.ndarray, s: np.ndarray, users: np.ndarray, per_channel_cl
 
 
 def release_activation_statistics(net: nn.Module, layer_spec: str, pop: Population, clip: float, bound: float,
-                                  z: float, shares: dict[str, float], rng: np.random.Generator,
-                                  record=None) -> ActivationStatistics:
-    """The DP release described above. `shares` splits the noise multiplier z over count, means and
-    squares (fedemb.synth.budget); `record(name, z, sensitivity, details)` logs each release."""
+                                  z: float, shares: dict[str, float], stage: LedgerStage) -> ActivationStatistics:
+    """The DP release described above, into `stage` (each entry written before its noise). `shares`
+    splits the noise multiplier z over count, means and squares (fedemb.synth.budget)."""
     if len(pop) == 0:
         raise ConfigError("no private examples to compute activation statistics on")
     layers = watched_layers(net, layer_spec)
@@ -163,12 +163,11 @@ def release_activation_statistics(net: nn.Module, layer_spec: str, pop: Populati
     exact = bounded_sums(m, s, np.asarray(pop.users), np.repeat(clips, channels), bound)
     sensitivity = statistics_sensitivities(bound, clips, channels)
     noisy = {}
+    details = {"layers": list(layers), "channels": [int(c) for c in channels], "clips": [float(a) for a in clips],
+               "bound": bound}
     for name, z_i in split_noise_multiplier(z, shares).items():
-        if record is not None:
-            record(f"activation {name}", z_i, sensitivity[name],
-                   {"layers": list(layers), "channels": [int(c) for c in channels],
-                    "clips": [float(a) for a in clips], "bound": bound})
-        noisy[name] = exact[name] + z_i * sensitivity[name] * rng.standard_normal(exact[name].shape)
+        noisy[name] = stage.gaussian(f"activation {name}", exact[name], z_i, sensitivity[name],
+                                     f"Gaussian noise on the activation {name}", details)
     count = max(float(noisy["count"][0]), 1.0)
     mean = noisy["means"] / count
     variance = np.maximum(noisy["squares"] / count - mean**2, VARIANCE_FLOOR)

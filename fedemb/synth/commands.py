@@ -72,7 +72,10 @@ def run_config(run: Path | None, config: Path | None, set_):
 
 def print_release(results: dict) -> None:
     released = results["released"]
-    console.print(f"released {released['releases']} Gaussian statistics at ε = {released['epsilon']:.3g} "
+    parts = (["its baselines"] if results.get("baselines") else []) + (
+        [f"{len(results['sweep']) - 1} sweep points"] if len(results.get("sweep", [])) > 1 else [])
+    others = f", plus {' and '.join(parts)}, each a release of its own" if parts else ""
+    console.print(f"released {released['releases']} Gaussian statistics at ε = {released['epsilon']:.3g}{others} "
                   f"(δ = {results['delta']:.3g}); the ledger now holds ε = {results['ledger_epsilon_total']:.3g} "
                   f"in all (was {results['ledger_epsilon_before']:.3g})", highlight=False)
 
@@ -101,12 +104,14 @@ def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, check
         embeddings: Annotated[Optional[Path], typer.Option(help="Private embeddings instead of embedding the config's data: .npz with embeddings, labels, users.")] = None,
         test_embeddings: Annotated[Optional[Path], typer.Option(help="Test embeddings (.npz, same keys), with --embeddings.")] = None,
         delta: DeltaOpt = None,
-        epsilons: Annotated[str, typer.Option(help="Comma-separated ε values for the accuracy-vs-ε sweep (synth.epsilon is always one).")] = "",
+        epsilons: Annotated[str, typer.Option(help="Comma-separated ε values for the accuracy-vs-ε sweep (synth.epsilon is always one). Every point is a release of its own: the ledger counts each.")] = "",
+        baselines: Annotated[bool, typer.Option(help="Also release the DP-SGD probe and DP prototypes at each point's ε (their own ledger stage).")] = True,
         out: Annotated[Optional[Path], typer.Option(help="Output directory (default RUN/synth/gmm-TIME, or runs/synth-gmm-TIME).")] = None,
         as_json: JsonOpt = False):
     """Fit a user-level DP Gaussian mixture per class to the private embeddings, sample synthetic
     embeddings, train an MLP on them alone and test it on real held-out embeddings, next to DP-SGD and
-    DP-prototype baselines at the same ε. The release is added to the run's privacy ledger."""
+    DP-prototype baselines at the same ε. Every release (mixture, baselines, sweep points) is added to the
+    run's privacy ledger; non-private figures go to OUT/private/ only."""
     from rich.progress import Progress
 
     from fedemb.synth.embedded import load_embedded, to_sphere
@@ -140,19 +145,23 @@ def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, check
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("release and sweep", total=points)
         results = run_gmm_synthesis(data.private, data.test, data.num_classes, cfg.synth, ledger, out, sweep,
-                                    data.public, progress=lambda i, eps: bar.update(task, completed=i,
-                                                                                     description=f"ε = {eps:g}"))
+                                    data.public, baselines, progress=lambda i, eps: bar.update(
+                                        task, completed=i, description=f"ε = {eps:g}"))
     results["out"] = str(out)
     if as_json:
         print(json.dumps(results, default=str))
         return
     print_release(results)
     rows = {f"ε = {p['epsilon']:g}": " | ".join(f"{m} {p[m]['accuracy']:.3f}"
-                                                 for m in ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes"))
+                                                 for m in ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes") if m in p)
             for p in results["sweep"]}
-    rows["non-private MLP"] = f"{results['nonprivate_mlp_accuracy']:.3f}"
-    _print_report(rows, "test accuracy", False)
-    console.print(f"outputs in {out}", highlight=False)
+    _print_report(rows, "accuracy on held-out users", False)
+    print_outputs(out, results)
+
+
+def print_outputs(out: Path, results: dict) -> None:
+    console.print(f"outputs in {out}; server-private (not DP, never publish): {out / results['server_private']}",
+                  highlight=False)
 
 
 @synth_app.command("invert")
@@ -183,9 +192,8 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
     refs = results["references"]
     rows["chance"] = f"{refs['chance']:.3f}"
     rows["private model (DP prototypes)"] = f"{refs['private_model_prototype_accuracy']:.3f}"
-    rows["as many real images (non-private)"] = f"{refs['real_images_same_count_nonprivate']:.3f}"
     _print_report(rows, "accuracy on real held-out images", False)
-    console.print(f"outputs in {out}", highlight=False)
+    print_outputs(out, results)
 
 
 @synth_app.command("custom")

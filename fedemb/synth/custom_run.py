@@ -22,12 +22,12 @@ import torch
 
 from fedemb.errors import DataError
 from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.run_dir import write_json
 from fedemb.synth.activation_stats import ActivationStatistics
 from fedemb.synth.custom import CustomSettings, custom_settings, synthesize
 from fedemb.synth.image_classifier import classifier_accuracy, train_classifier
 from fedemb.synth.object_privacy import object_privacy_report
-from fedemb.synth.pipeline import ledger_recorder
 from fedemb.synth.sanitize import Payload, only, payload_from_bytes, payload_to_bytes, privacy_releases, sanitize
 from fedemb.synth.task_spec import CustomTask, object_masks
 
@@ -109,12 +109,12 @@ def run_custom(model_cfg, net: torch.nn.Module, centre: np.ndarray | None, task:
     stats, population_prototypes = released_artifacts(statistics_dir, net, model_cfg.embedding_dim)
     out.mkdir(parents=True, exist_ok=True)
     seed = task.seed if task.seed >= 0 else secrets.randbits(63)
-    rng = np.random.default_rng(seed)
     embed = device_encoder(net, centre)
 
     # device
     ledger = PrivacyLedger(out / "privacy.json", task.delta, accountant, unit="reference image")
-    payload = sanitize(task, embed, rng, accountant, ledger_recorder(ledger, EMBEDDING_STAGE, "the object's"))
+    noise = NoiseSource(task.seed if task.seed >= 0 else None)
+    payload = sanitize(task, embed, LedgerStage(ledger, EMBEDDING_STAGE, noise))
     uploaded = payload_to_bytes(payload)
     (out / PAYLOAD_FILE).write_bytes(uploaded)
 

@@ -7,13 +7,12 @@ Centres start from random points around a DP class mean (`mean`), from data-inde
 moments), turned into a mixture by post-processing alone: means clipped to the ball, covariances
 projected onto the PSD cone with an eigenvalue floor.
 
-Every release is announced through `record(name, z, sensitivity, details)` before its noise is drawn,
-so the ledger is written first.
+Every release goes through the stage's `gaussian` (fedemb.privacy.release), which writes its ledger entry
+before its noise is drawn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +20,13 @@ import numpy as np
 
 from fedemb.config import SynthConfig
 from fedemb.errors import DataError
+from fedemb.privacy.release import EntryNoise, LedgerStage
 from fedemb.synth.budget import split_noise_multiplier
 from fedemb.synth.contribution import (cell_statistics, count_sensitivity, second_moment_sensitivity,
                                        sum_sensitivity, user_weights_by_index)
 from fedemb.synth.embedded import RADIUS, Embedded
 
 RELIABLE_COUNT_IN_STDS = 2.0  # a cell whose noisy count is below this many noise stds is not trusted
-
-Record = Callable[[str, float, float, dict], None]
 
 
 @dataclass
@@ -79,8 +77,10 @@ class ReleasedGMM:
         np.savez(path, covariance=np.array(self.covariance), **arrays)
 
 
-def fit_dp_gmm(emb: Embedded, num_classes: int, settings: SynthConfig, z_stage: float, rng: np.random.Generator,
-               record: Record, public: Embedded | None = None) -> ReleasedGMM:
+def fit_dp_gmm(emb: Embedded, num_classes: int, settings: SynthConfig, z_stage: float, stage: LedgerStage,
+               rng: np.random.Generator, public: Embedded | None = None) -> ReleasedGMM:
+    """Releases into `stage`; `rng` draws only data-independent things (starting directions, k-means on
+    public rows), never noise."""
     s = settings
     C, K, d = num_classes, s.clusters, emb.dim
     check_fit_inputs(emb, num_classes, s, public)
@@ -91,23 +91,22 @@ def fit_dp_gmm(emb: Embedded, num_classes: int, settings: SynthConfig, z_stage: 
     user_index = np.unique(emb.users, return_inverse=True)[1]
     history: list[dict] = []
 
-    def noisy_cell_statistics(stage: str, cells: np.ndarray, num_cells: int, second: str):
+    def noisy_cell_statistics(step: str, cells: np.ndarray, num_cells: int, second: str):
         weights = user_weights_by_index(user_index, cells, num_cells, B)
         stats = cell_statistics(emb.x, cells, weights, num_cells, second)
         details = {"cells": num_cells, "dim": d, "contribution_bound": B, "radius": RADIUS}
-        stds = {}
-        for key, sens in (("counts", count_sensitivity(B)), ("sums", sum_sensitivity(B, RADIUS)),
-                          ("second", second_moment_sensitivity(B, RADIUS))):
-            name = f"{stage} {key}"
-            if name in z:
-                record(name, z[name], sens, details | {"share": shares[name]})
-                stds[name] = stds[key] = z[name] * sens
-        counts = stats.counts + stds["counts"] * rng.standard_normal(stats.counts.shape)
-        sums = stats.sums + stds["sums"] * rng.standard_normal(stats.sums.shape)
+
+        def noisy(key: str, exact: np.ndarray, sensitivity: float) -> np.ndarray:
+            name = f"{step} {key}"
+            return stage.gaussian(name, exact, z[name], sensitivity, f"Gaussian noise on the per-cell {key}",
+                                  details | {"share": shares[name]}, _unit_noise)
+
+        counts = noisy("counts", stats.counts, count_sensitivity(B))
+        sums = noisy("sums", stats.sums, sum_sensitivity(B, RADIUS))
         moments = None
         if stats.second is not None:
-            moments = stats.second + stds["second"] * _noise_like(stats.second, rng)
-        return counts, sums, moments, stds["counts"]
+            moments = noisy("second", stats.second, second_moment_sensitivity(B, RADIUS))
+        return counts, sums, moments, z[f"{step} counts"] * count_sensitivity(B)
 
     if K > 1 and s.init == "public":
         centres = _public_centres(public, C, K, rng)
@@ -175,12 +174,12 @@ def release_shares(s: SynthConfig) -> dict[str, float]:
     return {name: share / total for name, share in shares.items()}
 
 
-def _noise_like(second: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian noise for (cells, d) diagonals, or symmetric noise for (cells, d, d) matrices: the upper
-    triangle (diagonal included) is drawn once and mirrored, so the release is that triangle."""
-    if second.ndim == 2:
-        return rng.standard_normal(second.shape)
-    upper = np.triu(rng.standard_normal(second.shape))
+def _unit_noise(noise: EntryNoise, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise; for (cells, d, d) matrices symmetric: the upper triangle (diagonal
+    included) is drawn once and mirrored, so the release is that triangle."""
+    if len(shape) < 3:
+        return noise.normal(shape)
+    upper = np.triu(noise.normal(shape))
     return upper + np.triu(upper, 1).transpose(0, 2, 1)
 
 

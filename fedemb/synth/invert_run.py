@@ -10,8 +10,11 @@ Evaluation (every figure on the config's held-out users' real images):
 - from scratch, hard labels: a fresh model of the same architecture trained on the inverted images;
 - distillation: the same, with soft labels from the private model (prototype softmax) as the teacher;
 - ablation: both again on images optimised with no statistics term (class term and priors only);
-- references: chance, the private model's own prototype classifier, and a fresh model trained on as
-  many real private images (non-private, for scale only).
+- references: chance and the private model's own classifier over the DP prototypes.
+
+The held-out users are a separate population, never trained on: accuracy on them is post-processing of
+the releases. A fresh model trained on as many real private images (non-private, for scale only) is
+server-private: it goes to OUT/private/, never to invert_results.json or the console.
 """
 
 from __future__ import annotations
@@ -26,15 +29,17 @@ import torch
 
 from fedemb.privacy.keyed_random import keyed_seed
 from fedemb.privacy.ledger import PrivacyLedger
-from fedemb.run_dir import write_json
+from fedemb.privacy.release import LedgerStage, NoiseSource
+from fedemb.run_dir import write_json, write_private_json
 from fedemb.synth.activation_stats import ActivationStatistics, batchnorm_statistics, release_activation_statistics
 from fedemb.synth.baselines import dp_prototypes, prototype_accuracy
 from fedemb.synth.budget import split_noise_multiplier, stage_noise_multiplier
 from fedemb.synth.image_classifier import classifier_accuracy, fresh_classifier, prototype_teacher, train_classifier
 from fedemb.synth.inversion import InversionSettings, invert
-from fedemb.synth.pipeline import ledger_recorder, next_stage
+from fedemb.synth.pipeline import HELD_OUT
 
-STREAM_STATS, STREAM_PROTOS, STREAM_INVERT, STREAM_TRAIN, STREAM_REAL = 31, 32, 33, 34, 35
+STREAM_INVERT, STREAM_TRAIN, STREAM_REAL = 33, 34, 35
+PRIVATE_FILE = "invert_private.json"
 
 
 @dataclass
@@ -66,26 +71,23 @@ def inversion_settings(iv, **overrides) -> InversionSettings:
     return InversionSettings(**{**{f: getattr(iv, f) for f in fields}, **overrides})
 
 
-def release(model: PrivateModel, iv, ledger: PrivacyLedger, stage: str, seed: int
-            ) -> tuple[ActivationStatistics, np.ndarray]:
-    """The stage's releases, recorded in the ledger: activation statistics and class prototypes."""
+def release_statistics(model: PrivateModel, iv, stage: LedgerStage) -> tuple[ActivationStatistics, np.ndarray]:
+    """The stage's releases, each recorded in the ledger before its noise: activation statistics and
+    class prototypes."""
+    ledger = stage.ledger
     z = stage_noise_multiplier(iv.epsilon, ledger.delta, ledger.accountant)
-    record = ledger_recorder(ledger, stage, "the activation")
     if iv.statistics == "dp":
         statistics_share = iv.budget_count + iv.budget_means + iv.budget_squares
         z_stage = split_noise_multiplier(z, {"statistics": statistics_share, "prototypes": iv.budget_prototypes})
         stats = release_activation_statistics(
             model.net, iv.layers, model.private, iv.activation_clip, iv.contribution_bound, z_stage["statistics"],
-            {"count": iv.budget_count, "means": iv.budget_means, "squares": iv.budget_squares},
-            np.random.default_rng(keyed_seed(seed, STREAM_STATS)), record)
+            {"count": iv.budget_count, "means": iv.budget_means, "squares": iv.budget_squares}, stage)
         z_protos = z_stage["prototypes"]
     else:
         stats = batchnorm_statistics(model.net)
         z_protos = z
     data = model.embedded
-    protos = dp_prototypes(data.private, data.num_classes, z_protos, iv.contribution_bound,
-                           np.random.default_rng(keyed_seed(seed, STREAM_PROTOS)),
-                           ledger_recorder(ledger, stage, "the per-class"))
+    protos = dp_prototypes(data.private, data.num_classes, z_protos, iv.contribution_bound, stage)
     return stats, protos
 
 
@@ -97,18 +99,20 @@ def fresh_accuracy(cfg, model: PrivateModel, images: np.ndarray, labels: np.ndar
     return classifier_accuracy(student, model.test_images, model.test_labels)
 
 
-def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, progress=None) -> dict:
+def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, progress=None,
+                  noise: NoiseSource | None = None) -> dict:
     """Writes the outputs under `out` and returns invert_results.json's content. `progress(phase,
-    step, loss)` follows the optimisation."""
+    step, loss)` follows the optimisation. The noise comes from `noise`, by default from invert.seed
+    (OS randomness when it is -1), which also seeds the post-processing."""
     iv = cfg.invert
     out.mkdir(parents=True, exist_ok=True)
-    seed = iv.seed if iv.seed >= 0 else secrets.randbits(63)
+    seed = iv.seed if iv.seed >= 0 else secrets.randbits(63)  # post-processing: inversion, training
+    noise = noise or NoiseSource(iv.seed if iv.seed >= 0 else None)
     epsilon_before = ledger.epsilon
-    stage = next_stage(ledger, "synthesis/invert")
-    stats, protos = release(model, iv, ledger, stage, seed)
+    stage = LedgerStage.new(ledger, "synthesis/invert", noise)
+    stats, protos = release_statistics(model, iv, stage)
     stats.save(out / "statistics.npz")
     np.save(out / "prototypes.npy", protos)
-    stage_entries = [e for e in ledger.entries if e.stage == stage]
     num_classes = model.embedded.num_classes
     labels = np.repeat(np.arange(num_classes), iv.images_per_class)
     centre = model.embedded.centre
@@ -133,25 +137,22 @@ def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, pr
         evaluation[name] = {
             "from_scratch_accuracy": fresh_accuracy(cfg, model, images, labels, train_seed),
             "distilled_accuracy": fresh_accuracy(cfg, model, images, None, train_seed, teacher),
-            "inversion_seconds": seconds, "optimisation": summary}
-    real_rows = np.random.default_rng(keyed_seed(seed, STREAM_REAL)).choice(
-        len(model.private), size=min(len(labels), len(model.private)), replace=False)
-    real_rows.sort()
-    real_images = np.asarray(model.private.images[real_rows], dtype=np.float32) * model.private.pixel_scale
+            "stage": stage.name, "inversion_seconds": seconds, "optimisation": summary}
     results = {
-        "released": {"stage": stage, "epsilon": ledger.epsilon_of(stage_entries), "target_epsilon": iv.epsilon,
-                     "releases": len(stage_entries), "statistics": stats.source, "layers": stats.layers},
+        "released": {"stage": stage.name, "epsilon": stage.epsilon, "target_epsilon": iv.epsilon,
+                     "releases": len(stage.entries), "statistics": stats.source, "layers": stats.layers,
+                     "noise_predictable_from_seed": noise.predictable},
         "delta": ledger.delta, "accountant": ledger.accountant, "unit": ledger.unit,
         "ledger_epsilon_before": epsilon_before, "ledger_epsilon_total": ledger.epsilon,
         "num_classes": num_classes, "synthetic_images": int(len(labels)),
-        "test": {"examples": int(len(model.test_labels))},
+        "test": {"examples": int(len(model.test_labels)), "note": HELD_OUT},
         "evaluation": evaluation,
         "references": {
-            "chance": 1.0 / num_classes,
+            "chance": 1.0 / num_classes, "stage": stage.name,
             "private_model_prototype_accuracy": prototype_accuracy(protos, model.embedded.test.x,
-                                                                   model.embedded.test.labels),
-            "real_images_same_count_nonprivate": fresh_accuracy(
-                cfg, model, real_images, np.asarray(model.private.labels[real_rows]), train_seed)},
+                                                                   model.embedded.test.labels)},
+        "server_private": str(write_nonprivate_reference(cfg, model, out, len(labels), seed, train_seed)
+                              .relative_to(out)),
         "settings": dict(iv.__dict__),
     }
     write_json(out / "invert_results.json", results)
@@ -159,3 +160,15 @@ def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, pr
 
     save_image_grids({name: (images, labels) for name, (images, _, _) in sets.items()}, out)
     return results
+
+
+def write_nonprivate_reference(cfg, model: PrivateModel, out: Path, count: int, seed: int, train_seed: int) -> Path:
+    """Not DP, for scale: a fresh model trained on `count` real private images, in OUT/private/."""
+    real_rows = np.random.default_rng(keyed_seed(seed, STREAM_REAL)).choice(
+        len(model.private), size=min(count, len(model.private)), replace=False)
+    real_rows.sort()
+    real_images = np.asarray(model.private.images[real_rows], dtype=np.float32) * model.private.pixel_scale
+    accuracy = fresh_accuracy(cfg, model, real_images, np.asarray(model.private.labels[real_rows]), train_seed)
+    return write_private_json(out, PRIVATE_FILE, {
+        "what": "not DP: a fresh model trained on real private images; never publish",
+        "real_images_same_count_nonprivate": accuracy, "real_images": int(len(real_rows))})

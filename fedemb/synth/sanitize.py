@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedemb.errors import ConfigError, DataError
+from fedemb.privacy.release import LedgerStage
 from fedemb.synth.budget import stage_noise_multiplier
 from fedemb.synth.task_spec import LEVELS, OBJECTS, CustomTask, object_masks
 
@@ -37,7 +38,6 @@ ARRAY_KINDS = ("masks", "edges", "segments", "embeddings")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps the bytes of a payload reproducible
 
 Embed = Callable[[np.ndarray], np.ndarray]  # (k, C, H, W) float32 in [0, 1] -> (k, d)
-Record = Callable[[str, float, float, dict], None]  # (release name, z, sensitivity, details), as in gmm
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,15 @@ def edge_maps(images: np.ndarray, region: np.ndarray) -> np.ndarray:
     return (magnitude.mean(axis=1) * region).astype(np.float32)
 
 
-def sanitize(task: CustomTask, embed: Embed | None, rng: np.random.Generator, accountant: str = "rdp",
-             record: Record | None = None) -> Payload:
-    """Everything that may leave the device; `record` hears of each DP release before its noise is drawn."""
+def sanitize(task: CustomTask, embed: Embed | None, stage: LedgerStage | None = None) -> Payload:
+    """Everything that may leave the device. Each DP embedding is released into `stage` (the task's
+    ledger), its entry written before its noise is drawn; without a stage no embedding is released."""
     wants_embedding = [o for o, p in task.policy.items() if p.embedding_epsilon > 0]
-    if wants_embedding and embed is None:
-        raise ConfigError(f"{task.path}: embedding_epsilon.{wants_embedding[0]} is set but no embedding model "
-                          "was given")
+    if wants_embedding and (embed is None or stage is None):
+        raise ConfigError(f"{task.path}: embedding_epsilon.{wants_embedding[0]} is set but no "
+                          f"{'embedding model' if embed is None else 'ledger'} was given")
+    if wants_embedding and stage.ledger.delta != task.delta:
+        raise ConfigError(f"{task.path}: the task's delta {task.delta:g} differs from its ledger's {stage.ledger.delta:g}")
     payload = Payload(task_name=task.name, class_names=list(task.class_names), prototypes=list(task.prototypes),
                       labels=task.reference_labels.astype(np.int64), image_shape=task.image_shape,
                       levels={o: p.level for o, p in task.policy.items()})
@@ -123,26 +125,27 @@ def sanitize(task: CustomTask, embed: Embed | None, rng: np.random.Generator, ac
         if policy.level == "L2":
             payload.segments[obj] = alone
         if policy.embedding_epsilon > 0:
-            release = EmbeddingRelease(policy.embedding_epsilon, task.delta,
-                                       stage_noise_multiplier(policy.embedding_epsilon, task.delta, accountant))
-            if record is not None:
-                record(f"{obj} embedding", release.noise_multiplier, release.sensitivity,
-                       {"object": obj, "epsilon": release.epsilon, "references": len(alone),
-                        "composition": "parallel over references"})
-            payload.embeddings[obj] = noisy_embeddings(alone, embed, release.noise_std, rng)
+            release = EmbeddingRelease(policy.embedding_epsilon, task.delta, stage_noise_multiplier(
+                policy.embedding_epsilon, task.delta, stage.ledger.accountant))
+            noisy = stage.gaussian(f"{obj} embedding", unit_embeddings(alone, embed), release.noise_multiplier,
+                                   release.sensitivity, "Gaussian noise on the object's embedding",
+                                   {"object": obj, "epsilon": release.epsilon, "references": len(alone),
+                                    "composition": "parallel over references"})
+            payload.embeddings[obj] = noisy.astype(np.float32)
             payload.releases[obj] = release
     return payload
 
 
-def noisy_embeddings(images: np.ndarray, embed: Embed, noise_std: float, rng: np.random.Generator) -> np.ndarray:
-    """One image per call, so no reference can influence another's embedding (e.g. through batch norm)."""
+def unit_embeddings(images: np.ndarray, embed: Embed) -> np.ndarray:
+    """Each image's embedding on the unit sphere, one image per call, so no reference can influence
+    another's embedding (e.g. through batch norm)."""
     rows = []
     for image in images:
         e = np.asarray(embed(image[None]), dtype=np.float64)
         if e.ndim != 2 or e.shape[0] != 1 or not np.isfinite(e).all():
             raise DataError(f"the embedding model must return one finite (1, d) row per image, got shape {e.shape}")
-        rows.append(unit_clip(e[0]) + rng.normal(0.0, noise_std, size=e.shape[1]))
-    return np.stack(rows).astype(np.float32)
+        rows.append(unit_clip(e[0]))
+    return np.stack(rows)
 
 
 def unit_clip(v: np.ndarray) -> np.ndarray:

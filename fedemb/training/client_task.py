@@ -5,6 +5,10 @@ sent. A non-finite Δ (diverged training) becomes zero and is counted; it still 
 client, so the server's norm bound (count x C) stays right. A virtual client whose training raises
 adds nothing and is counted as failed; the node's other virtual clients are kept.
 
+The node's own draws (training seeds, head anchors, injected faults) are keyed by the task's training
+key, a PRF output of the server's secret under its own label, and by the virtual client's index: its
+slot, or on a device its own id, so nothing a device draws or receives depends on other devices.
+
 Fault injection (simulation.faults, drawn per virtual client from the training key): the virtual
 client's training raises, the node replies NaN, replies after the round's deadline (timeout), or goes
 silent for the round (drop: it waits past the deadline without training and its late error reply is
@@ -31,7 +35,7 @@ from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
 from fedemb.privacy.keyed_random import (STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_TRAINING, keyed_seed,
                                          keyed_uniform)
-from fedemb.protocol import (LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
+from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment)
 from fedemb.training.local import LocalResult, LocalTrainingConfig, class_anchors
 from fedemb.training.vectorized import train_virtual_clients
@@ -59,6 +63,7 @@ def make_task(cfg, num_classes: int, image_shape, training_key: int) -> dict:
         "dp": bool(cfg.privacy.enabled),
         "training_key": int(training_key),
         "faults": asdict(cfg.simulation.faults),
+        "loss_bound": float(cfg.privacy.metrics.loss_bound),
         "threads": max(1, int(cfg.simulation.cpus_per_client)),
     }
 
@@ -106,6 +111,7 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
                                          anchors, local_cfg.vectorize, model_key))
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
     norms, examples, loss_sum, nonfinite, clipped, failed = [], 0, 0.0, 0, 0, 0
+    loss_bound, bounded_loss_sum = float(task.get("loss_bound", 0.0)), 0.0
     late = False
     for vc_index, user_ids, fault, override in plan:
         late |= fault == "timeout"
@@ -135,9 +141,10 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
         examples += result.num_examples
         if not diverged:  # the mean train loss is over the virtual clients that trained normally
             loss_sum += result.mean_loss
+        bounded_loss_sum += loss_bound if diverged else min(max(result.mean_loss, 0.0), loss_bound)
     metrics = {NUM_VIRTUAL_CLIENTS: len(assignment.virtual_clients), NUM_USERS: assignment.num_users,
                NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped), NUM_FAILED: failed,
-               LOSS_SUM: loss_sum, UPDATE_NORMS: [float(n) for n in norms]}
+               LOSS_SUM: loss_sum, BOUNDED_LOSS_SUM: bounded_loss_sum, UPDATE_NORMS: [float(n) for n in norms]}
     if late:
         _wait_past_deadline(task)
     return total, metrics
