@@ -26,8 +26,8 @@ from fedemb.monitoring.private_log import private_log
 from fedemb.privacy.ledger import LedgerEntry, PrivacyLedger, release_digest
 from fedemb.privacy.mechanisms import RoundMechanism
 from fedemb.privacy.sampling import UserSampler
-from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
-                             NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
+from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE,
+                             NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
 from fedemb.errors import FedembError
 from strategies.device_sampling import assign_to_own_node, node_user_ids, wait_for_devices
 from strategies.reply_validation import check_reply

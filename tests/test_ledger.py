@@ -140,7 +140,7 @@ def test_every_entry_states_its_neighbouring_relation_and_old_ledgers_load_with_
     again = PrivacyLedger.load(tmp_path / "privacy.json")
     assert [e.neighbouring for e in again.entries] == [ADD_REMOVE, ADD_REMOVE, ZERO_OUT]
     with pytest.raises(ValueError, match="neighbouring relation"):
-        LedgerEntry("training", "round 1", "x", {"kind": "none"}, neighbouring="replace-one")
+        LedgerEntry("training", "round 1", "x", {"kind": "none"}, neighbouring="swap-two")
 
 
 def test_releases_under_different_neighbouring_relations_get_an_epsilon_each_and_no_single_one(tmp_path):

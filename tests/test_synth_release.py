@@ -153,11 +153,11 @@ def test_a_release_is_recorded_once_and_its_noise_never_drawn_again(tmp_path):
 def test_the_dpsgd_probe_is_recorded_as_opacus_accounts_it():
     """The probe's entry (z, q, steps) is what Opacus's accountant ran, and it composes to the target ε."""
     ledger = PrivacyLedger(None, 1e-5)
-    emb = users_embeddings(np.random.default_rng(1), users=40)
+    emb = users_embeddings(np.random.default_rng(1), users=80)
     cfg = SynthConfig(probe_epochs=2, probe_batch_users=8)
     _, opacus_epsilon = dpsgd_linear_probe(emb, 3, 2.0, cfg, LedgerStage(ledger, "synthesis/x 1", NoiseSource(0)))
     entry, = ledger.entries
-    assert entry.accounting == {"kind": "sampled_gaussian", "z": entry.noise_multiplier, "q": 1 / 5, "steps": 10}
+    assert entry.accounting == {"kind": "sampled_gaussian", "z": entry.noise_multiplier, "q": 1 / 10, "steps": 20}
     assert ledger.epsilon == pytest.approx(opacus_epsilon, rel=1e-6)
     assert ledger.epsilon == pytest.approx(2.0, rel=0.01)
 

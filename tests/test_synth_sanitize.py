@@ -124,12 +124,12 @@ def test_dp_embedding_is_unit_norm_plus_noise_of_std_twice_the_opacus_noise_mult
     task = make_task({"foreground": "L0", "background": "L0"}, {"foreground": epsilon}, n=6)
     stage = task_stage(0)
     payload = sanitize(task, lambda x: 1e9 * direction[None], stage)
-    heard = [(e.release, e.noise_multiplier, e.sensitivity) for e in stage.ledger.entries]
+    heard = [(e.release, e.noise_multiplier, e.sensitivity, e.neighbouring) for e in stage.ledger.entries]
     z = stage_noise_multiplier(epsilon, task.delta, "rdp")
     noise = payload.embeddings["foreground"].astype(np.float64) - unit
     assert noise.std() == pytest.approx(2 * z, rel=0.02)
     assert abs(noise.mean()) < 5 * 2 * z / np.sqrt(noise.size)
-    assert heard == [("foreground embedding", z, 2.0)]
+    assert heard == [("foreground embedding", z, 2.0, "replace-one")]  # sensitivity 2: one reference replaced
     assert privacy_releases(payload) == [{"object": "foreground", "epsilon": epsilon, "delta": 1e-5,
                                           "noise_multiplier": z, "sensitivity": 2.0, "count": 6}]
 

@@ -12,7 +12,7 @@ P_with = p·P_in + (1 − p)·P_without, and for any test
 
     e^ε ≥ (P_with(S) − δ) / P_without(S) = (p·TPR_in − δ) / FPR + (1 − p),
 
-where TPR_in is the rate on runs in which the canary took part. The right side falls as FPR grows, so
+where TPR_in is the rate on runs in which the canary took part. With p·TPR_in > δ the right side falls as FPR grows, so
 a lower bound on TPR_in and an upper bound on FPR keep it a lower bound on the ε of the whole
 mechanism, sampling included. `inclusion` is that p (1 when TPR is measured on unconditioned runs).
 

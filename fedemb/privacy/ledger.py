@@ -41,7 +41,8 @@ SAMPLED_GAUSSIAN = "sampled_gaussian"
 TREE = "tree"
 ADD_REMOVE = "add/remove"  # neighbours: one user's data present or absent
 ZERO_OUT = "zero-out"  # neighbours: one user's data replaced by nothing, its participation schedule unchanged
-NEIGHBOURING = (ADD_REMOVE, ZERO_OUT)
+REPLACE_ONE = "replace-one"  # neighbours: one item (e.g. one reference image of an object) replaced by another
+NEIGHBOURING = (ADD_REMOVE, ZERO_OUT, REPLACE_ONE)
 
 
 def default_neighbouring(accounting: Mapping) -> str:

@@ -118,7 +118,7 @@ class SampledGaussian(RoundMechanism):
         if self.metrics:
             bound = self.metrics.loss_bound
             self.queries.append(ScalarQuery(CENTRED_LOSS, plan.sensitivity * bound / 2,
-                                            self.metrics.loss_noise_std or bound * expected_clients / 20,
+                                            self.metrics.loss_noise_std or bound * expected_clients / 40,
                                             "privacy.metrics.loss_noise_std"))
         self.update_z = joint_update_noise_multiplier(plan.accounting_noise_multiplier, self.queries)
         self._last: dict = {}

@@ -71,9 +71,10 @@ def release(ledger: PrivacyLedger, entry: LedgerEntry, noise: NoiseSource, draw:
 
 
 def gaussian_entry(stage: str, name: str, z: float, sensitivity: float, mechanism: str, unit: str,
-                   details: dict | None = None, q: float = 1.0, steps: int = 1) -> LedgerEntry:
-    """A (sampled) Gaussian release: noise std z · sensitivity, sampling rate q, `steps` compositions."""
-    return LedgerEntry(stage=stage, release=name, mechanism=mechanism,
+                   details: dict | None = None, q: float = 1.0, steps: int = 1, neighbouring: str = "") -> LedgerEntry:
+    """A (sampled) Gaussian release: noise std z · sensitivity, sampling rate q, `steps` compositions;
+    `neighbouring`: the relation the sensitivity is for ("": add/remove)."""
+    return LedgerEntry(stage=stage, release=name, mechanism=mechanism, neighbouring=neighbouring,
                        accounting={"kind": SAMPLED_GAUSSIAN, "z": float(z), "q": float(q), "steps": int(steps)},
                        unit=unit, sampling_rate=float(q), noise_multiplier=float(z), steps=int(steps),
                        sensitivity=float(sensitivity), details=dict(details or {}))
@@ -106,9 +107,11 @@ class LedgerStage:
 
     def gaussian(self, name: str, exact: np.ndarray, z: float, sensitivity: float, mechanism: str,
                  details: dict | None = None,
-                 unit_noise: Callable[[EntryNoise, tuple], np.ndarray] = standard_normal) -> np.ndarray:
+                 unit_noise: Callable[[EntryNoise, tuple], np.ndarray] = standard_normal,
+                 neighbouring: str = "") -> np.ndarray:
         """exact + z · sensitivity · (standard normal noise of exact's shape, or `unit_noise`'s)."""
-        entry = gaussian_entry(self.name, name, z, sensitivity, mechanism, self.ledger.unit, details)
+        entry = gaussian_entry(self.name, name, z, sensitivity, mechanism, self.ledger.unit, details,
+                               neighbouring=neighbouring)
         exact = np.asarray(exact, dtype=np.float64)
         return release(self.ledger, entry, self.noise,
                        lambda noise: exact + z * sensitivity * unit_noise(noise, exact.shape))

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedemb.errors import ConfigError, DataError
+from fedemb.privacy.ledger import REPLACE_ONE
 from fedemb.privacy.release import LedgerStage
 from fedemb.synth.budget import stage_noise_multiplier
 from fedemb.synth.task_spec import LEVELS, OBJECTS, CustomTask, object_masks
@@ -130,7 +131,7 @@ def sanitize(task: CustomTask, embed: Embed | None, stage: LedgerStage | None = 
             noisy = stage.gaussian(f"{obj} embedding", unit_embeddings(alone, embed), release.noise_multiplier,
                                    release.sensitivity, "Gaussian noise on the object's embedding",
                                    {"object": obj, "epsilon": release.epsilon, "references": len(alone),
-                                    "composition": "parallel over references"})
+                                    "composition": "parallel over references"}, neighbouring=REPLACE_ONE)
             payload.embeddings[obj] = noisy.astype(np.float32)
             payload.releases[obj] = release
     return payload
