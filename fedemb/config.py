@@ -115,8 +115,10 @@ class TrainingMetricsConfig:
     and a noisy clipped count, accounted jointly with the update (the update noise grows to pay)."""
     enabled: bool = False
     loss_bound: float = 5.0  # B: each virtual client's mean loss is clamped to [0, B] (non-finite: B)
-    loss_noise_std: float = 0.0  # std on the centred loss sum; 0: B * M / 40
-    count_noise_std: float = 0.0  # std on the centred clipped count; 0: M / 20 (adaptive clipping's count is reused)
+    # 0: the larger of (B * M / 40 for the loss, M / 20 for the count) and the noise that takes 1% of the round's
+    # budget each (small cohorts); adaptive clipping's count is reused
+    loss_noise_std: float = 0.0  # std on the centred loss sum
+    count_noise_std: float = 0.0  # std on the centred clipped count
 
 
 @dataclass
@@ -441,8 +443,8 @@ def validate(cfg: Config) -> None:
     _check(a.count_noise_std >= 0, f"privacy.adaptive.count_noise_std must be >= 0 (0: M / 20), got {a.count_noise_std}")
     tm = p.metrics
     _check(tm.loss_bound > 0, f"privacy.metrics.loss_bound must be > 0, got {tm.loss_bound}")
-    _check(tm.loss_noise_std >= 0, f"privacy.metrics.loss_noise_std must be >= 0 (0: B * M / 40), got {tm.loss_noise_std}")
-    _check(tm.count_noise_std >= 0, f"privacy.metrics.count_noise_std must be >= 0 (0: M / 20), got {tm.count_noise_std}")
+    _check(tm.loss_noise_std >= 0, f"privacy.metrics.loss_noise_std must be >= 0 (0: the default), got {tm.loss_noise_std}")
+    _check(tm.count_noise_std >= 0, f"privacy.metrics.count_noise_std must be >= 0 (0: the default), got {tm.count_noise_std}")
     if p.enabled and p.mechanism == "tree" and tm.enabled:
         raise ConfigError("privacy.metrics works with privacy.mechanism = 'gaussian' only (its queries are "
                           "accounted with the round's sampled Gaussian)")

@@ -53,7 +53,7 @@ def wait_for_devices(grid: Grid, minimum: int, timeout_s: float, poll_s: float =
         if time.monotonic() >= deadline:
             raise FedembError(f"only {online} of the {minimum} devices needed (deployment.min_devices) were "
                               f"online after {timeout_s:.0f} s (deployment.wait_s)")
-        time.sleep(poll_s)
+        time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
         online = len(list(grid.get_node_ids()))
     private_log.info("%s devices online", online)
     return online

@@ -57,6 +57,7 @@ def switch_clipping_off(monkeypatch):
 
 # ------------------------------------------------------------------ the mechanism, end to end
 
+@pytest.mark.slow
 def test_the_real_mechanism_stays_within_its_claim():
     result = run_audit(audit_config(), trials=40)  # the other virtual clients train, as in a run
     assert 1.0 < result.claimed_epsilon < 2.0
@@ -65,6 +66,7 @@ def test_the_real_mechanism_stays_within_its_claim():
     assert result.verdict == "consistent" and result.consistent
 
 
+@pytest.mark.slow
 def test_a_weak_mechanism_is_measured_not_just_passed():
     """Little noise (large claimed ε): the audit finds real leakage (a positive bound), still below the claim."""
     result = run_audit(audit_config("privacy.noise_multiplier=0.5"), trials=100, others="silent", measure=True)
@@ -87,6 +89,7 @@ def test_the_default_config_is_inconclusive_at_200_trials_and_says_how_many_woul
 
 
 @pytest.mark.parametrize("break_it", [switch_noise_off, switch_clipping_off], ids=["no-noise", "no-clipping"])
+@pytest.mark.slow
 def test_a_broken_default_config_is_caught_with_the_trials_its_claim_needs(tmp_path, monkeypatch, break_it):
     """The default config's real mechanism with the noise or the clipping off, the accountant still
     claiming ε = 3.34 for one round: --trials auto sizes the runs (78 with the canary, each drawn

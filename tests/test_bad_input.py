@@ -77,6 +77,7 @@ def test_privacy_command_rejects_incomplete_flags():
     assert code == 2 and "--rounds" in out and "--delta" in out
 
 
+@pytest.mark.slow
 def test_the_installed_console_script_exits_nonzero_with_one_line():
     """The real process: exit code and stderr as a user sees them."""
     exe = Path(sys.executable).with_name("fedemb")

@@ -75,6 +75,7 @@ def test_no_tree_round_past_the_target_is_ever_released(rounds, separation, targ
 
 @settings(max_examples=8, deadline=None)
 @given(st.floats(0.005, 0.5), st.integers(1, 400), st.floats(1e-7, 1e-3), st.floats(0.5, 15.0))
+@pytest.mark.slow
 def test_calibrated_noise_spends_the_target_within_tolerance(q, rounds, delta, target):
     z = calibrate_accounting_z("rdp", target, delta, q, rounds)
     eps = epsilon_for("rdp", q, z, rounds, delta)

@@ -53,6 +53,7 @@ def test_flwr_run_completes_learns_and_stops_its_superlink(tmp_path, flower_cli)
     assert not left, f"processes left running: {left}"
 
 
+@pytest.mark.slow
 def test_flwr_run_refuses_a_config_outside_the_app(tmp_path):
     outside = tmp_path / "x.toml"
     outside.write_text("[run]\nrounds = 1\n")

@@ -99,6 +99,7 @@ def test_a_checkpoint_of_another_network_is_refused(damage, tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_script_gives_a_one_line_error_for_a_file_that_is_no_checkpoint(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint")

@@ -152,7 +152,11 @@ def test_dp_training_metrics_are_paid_for_inside_the_accounted_round():
         mech = SampledGaussian(plan, clip, GaussianNoise(0.0, seed=0), clients, metrics=metrics)
         plain = SampledGaussian(plan, clip, GaussianNoise(0.0, seed=0), clients)
         stds = {q.name: q.std for q in mech.queries}
-        assert stds == {"centred-unclipped": clients / 20, "centred-loss": 4.0 * clients / 40}
+        # by default each metric's noise is the cohort-sized one or, for this small cohort, the one that
+        # takes 1% of the round's budget: (S/σ)² = 0.01 / z²
+        assert stds == {"centred-unclipped": pytest.approx(max(clients / 20, k_sensitivity / 2 * z * 10)),
+                        "centred-loss": pytest.approx(max(4.0 * clients / 40, k_sensitivity * 2.0 * z * 10))}
+        assert (k_sensitivity * 2.0 / stds["centred-loss"]) ** 2 <= 0.01 / z ** 2 * (1 + 1e-9)
         joint = ((k_sensitivity * clip / mech.update_std) ** 2 + (k_sensitivity / 2 / stds["centred-unclipped"]) ** 2
                  + (k_sensitivity * 2.0 / stds["centred-loss"]) ** 2)
         assert joint == pytest.approx(1 / z ** 2, rel=1e-12)

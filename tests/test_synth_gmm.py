@@ -90,6 +90,7 @@ def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
+@pytest.mark.slow
 def test_cli_writes_every_output_and_records_every_sweep_point_and_baseline_as_a_release(tmp_path):
     private, test = split_users(clustered(np.random.default_rng(8), users=700, per_user=3)[0], 600)
     out = tmp_path / "out"
@@ -124,6 +125,7 @@ def test_cli_writes_every_output_and_records_every_sweep_point_and_baseline_as_a
     assert results["released"]["gmm_mlp_accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_synthesis_on_a_run_publishes_only_ledger_releases_and_composes_them_with_the_training(tmp_path):
     """A default `synth gmm` (mixture and both baselines) on a run: every accuracy it publishes is backed
     by a ledger stage, the non-private MLP is only in private/, and the ledger counts every release."""

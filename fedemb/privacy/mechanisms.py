@@ -37,6 +37,15 @@ class ScalarQuery:
     setting: str  # the config key that sets its noise
 
 
+METRIC_BUDGET_SHARE = 0.01  # at most this share of a round's 1/z² per default DP training metric
+
+
+def metric_noise_std(sensitivity: float, by_cohort: float, plan: PrivacyPlan) -> float:
+    """The default noise of a DP training metric: `by_cohort` (a fixed error of the released mean), or
+    more where that would take over METRIC_BUDGET_SHARE of the round's budget (small cohorts)."""
+    return max(by_cohort, sensitivity * plan.accounting_noise_multiplier / METRIC_BUDGET_SHARE ** 0.5)
+
+
 def joint_update_noise_multiplier(accounting_z: float, queries: list[ScalarQuery]) -> float:
     """The update's noise multiplier (std / its sensitivity) that keeps the update and the scalar
     queries together one Gaussian mechanism with noise multiplier `accounting_z`:
@@ -113,13 +122,16 @@ class SampledGaussian(RoundMechanism):
         self.queries: list[ScalarQuery] = []
         if adaptive or self.metrics:
             setting = "privacy.adaptive.count_noise_std" if adaptive else "privacy.metrics.count_noise_std"
-            count_std = adaptive.count_std if adaptive else (self.metrics.count_noise_std or expected_clients / 20)
+            count_std = adaptive.count_std if adaptive else (
+                self.metrics.count_noise_std or metric_noise_std(self.count_sensitivity, expected_clients / 20, plan))
             self.queries.append(ScalarQuery(CENTRED_UNCLIPPED, self.count_sensitivity, count_std, setting))
         if self.metrics:
             bound = self.metrics.loss_bound
-            self.queries.append(ScalarQuery(CENTRED_LOSS, plan.sensitivity * bound / 2,
-                                            self.metrics.loss_noise_std or bound * expected_clients / 40,
-                                            "privacy.metrics.loss_noise_std"))
+            loss_sensitivity = plan.sensitivity * bound / 2
+            self.queries.append(ScalarQuery(
+                CENTRED_LOSS, loss_sensitivity,
+                self.metrics.loss_noise_std or metric_noise_std(loss_sensitivity, bound * expected_clients / 40, plan),
+                "privacy.metrics.loss_noise_std"))
         self.update_z = joint_update_noise_multiplier(plan.accounting_noise_multiplier, self.queries)
         self._last: dict = {}
 
