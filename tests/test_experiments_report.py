@@ -106,7 +106,7 @@ set = ["pretrain.epochs=1"]
 [[group]]
 label = "DP-FedEmb"
 grid = { "privacy.target_epsilon" = [2.0, 8.0] }
-after = [["synth", "gmm", "{run}", "--set", "synth.seed=0", "--set", "synth.mlp_epochs=5", "--out", "{run}/synth/gmm"]]
+after = [["synth", "gmm", "{run}", "--no-baselines", "--set", "synth.seed=0", "--set", "synth.mlp_epochs=5", "--out", "{run}/synth/gmm"]]
 ''')
     runs = tmp_path / "runs"
     command = [sys.executable, str(REPO / "scripts" / "run_experiments.py"), str(spec), "--runs", str(runs)]
