@@ -28,7 +28,7 @@ from fedemb.evaluation.metrics import embedding_metrics
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net, shared_state
 from fedemb.monitoring.callback import RoundCallback
 from fedemb.monitoring.outputs import public_round_metrics
-from fedemb.monitoring.private_log import PrivateLog, private_log
+from fedemb.monitoring.private_log import PrivateLog
 from fedemb.monitoring.progress import ProgressReporter
 from fedemb.monitoring.telemetry import TELEMETRY_FILE, PrivateTelemetry, read_telemetry
 from fedemb.monitoring.tensorboard import TensorBoardLogger
@@ -304,10 +304,6 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     }
     write_json(run_dir / "results.json", results)
     checkpointer.settle(strategy)  # last: a crash before it leaves a state that resumes to these results
-    with PrivateLog(run_dir, cfg.monitoring.private_console):
-        private_log.info("%s virtual clients failed, %s were rejected and %s missing over the run",
-                         totals["virtual-clients-failed"], totals["virtual-clients-rejected"],
-                         totals["virtual-clients-missing"])
     return results
 
 

@@ -5,6 +5,7 @@ a separate TensorBoard run under private/tensorboard/. Nothing here is a DP rele
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from numbers import Real
@@ -18,8 +19,6 @@ TELEMETRY_FILE = "telemetry.jsonl"
 
 def read_telemetry(run_dir: Path) -> list[dict]:
     """The run's private per-round records (the last attempt of each round wins)."""
-    import json
-
     path = Path(run_dir) / "private" / TELEMETRY_FILE
     rounds: dict[int, dict] = {}
     if path.is_file():

@@ -46,6 +46,13 @@ def metric_noise_std(sensitivity: float, by_cohort: float, plan: PrivacyPlan) ->
     return max(by_cohort, sensitivity * plan.accounting_noise_multiplier / METRIC_BUDGET_SHARE ** 0.5)
 
 
+def training_metrics(centred_unclipped: float, centred_loss: float, expected_clients: int, loss_bound: float
+                     ) -> dict[str, float]:
+    """The published training metrics from the (released) centred sums, divided by M, never by what arrived."""
+    return {"dp-train-loss": centred_loss / expected_clients + loss_bound / 2,
+            "dp-fraction-clipped": 0.5 - centred_unclipped / expected_clients}
+
+
 def joint_update_noise_multiplier(accounting_z: float, queries: list[ScalarQuery]) -> float:
     """The update's noise multiplier (std / its sensitivity) that keeps the update and the scalar
     queries together one Gaussian mechanism with noise multiplier `accounting_z`:
@@ -97,9 +104,8 @@ class NoPrivacy(RoundMechanism):
     def privatize(self, total, centred_unclipped, centred_loss=0.0):
         self._last = {}
         if self.metrics:  # not private anyway (ε = ∞ in the ledger): the same estimates, without noise
-            m = self.expected_clients
-            self._last = {"dp-train-loss": centred_loss / m + self.metrics.loss_bound / 2,
-                          "dp-fraction-clipped": 0.5 - centred_unclipped / m}
+            self._last = training_metrics(centred_unclipped, centred_loss, self.expected_clients,
+                                          self.metrics.loss_bound)
         return {k: v.clone() for k, v in total.items()}
 
     def round_metrics(self):
@@ -165,14 +171,11 @@ class SampledGaussian(RoundMechanism):
         exact = {CENTRED_UNCLIPPED: centred_unclipped, CENTRED_LOSS: centred_loss}
         released = {q.name: exact[q.name] + self.noise.draw_scalar(q.std) for q in self.queries}
         m = self.expected_clients
-        if CENTRED_UNCLIPPED in released:
-            unclipped = released[CENTRED_UNCLIPPED] / m + 0.5
-            if self.metrics:
-                self._last["dp-fraction-clipped"] = 1.0 - unclipped
-            if self.adaptive:
-                self._last["unclipped-fraction-estimate"] = self.adaptive.update(released[CENTRED_UNCLIPPED], m)
-        if CENTRED_LOSS in released:
-            self._last["dp-train-loss"] = released[CENTRED_LOSS] / m + self.metrics.loss_bound / 2
+        if self.adaptive:
+            self._last["unclipped-fraction-estimate"] = self.adaptive.update(released[CENTRED_UNCLIPPED], m)
+        if self.metrics:
+            self._last |= training_metrics(released[CENTRED_UNCLIPPED], released[CENTRED_LOSS], m,
+                                           self.metrics.loss_bound)
         return noisy
 
     def round_metrics(self):
