@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedemb.errors import FedembError
@@ -337,11 +338,22 @@ from fedemb.synth.commands import synth_app  # noqa: E402  (it uses the helpers 
 app.add_typer(synth_app, name="synth")
 
 
+# A device install (the base dependencies) lacks what the server-side commands import
+FULL_INSTALL_HINT = 'this command needs the full install (pip install "fedemb[all]" / scripts/setup.sh)'
+OWN_PACKAGES = ("fedemb", "strategies", "simulations")
+
+
 def main() -> None:
     from fedemb.simulation import offline_flower_environment
 
     offline_flower_environment()
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in OWN_PACKAGES:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(FULL_INSTALL_HINT)}: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ class MonitoringConfig:
     """Server-private telemetry is always written to RUN/private/; these only add views of it."""
     private_tensorboard: bool = False  # also a separate TensorBoard run of the exact figures in private/tensorboard/
     private_console: bool = False  # also print server-private events on the console, marked [server-private]
+    wait_progress_s: float = 15.0  # while waiting for devices or replies, a private line this often: whom, until when
 
 
 @dataclass
@@ -503,6 +504,8 @@ def validate_deployment(cfg: Config) -> None:
     _check(dp.min_devices >= 0 and (dp.devices == 0 or dp.min_devices <= dp.devices),
            f"deployment.min_devices must be in [0, deployment.devices = {dp.devices}], got {dp.min_devices}")
     _check(dp.wait_s > 0, f"deployment.wait_s must be > 0, got {dp.wait_s}")
+    _check(cfg.monitoring.wait_progress_s > 0,
+           f"monitoring.wait_progress_s must be > 0, got {cfg.monitoring.wait_progress_s}")
     if dp.devices and cfg.sampling.users_per_client != 1:
         raise ConfigError(
             f"deployment.devices is set, so each virtual client is one device (one user): "

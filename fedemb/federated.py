@@ -186,6 +186,11 @@ def check_resume(run_dir: Path, cfg: Config, setup: RunSetup) -> tuple[dict | No
     return state, ledger
 
 
+def privacy_unit(setup) -> str:
+    """What one neighbouring relation adds or removes: a registered device's key on devices, else a user."""
+    return "device" if setup.on_devices else "user"
+
+
 def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
     started = time.monotonic()
     setup = prepare_run(cfg)
@@ -195,7 +200,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     elif ledger_path.exists():
         raise ConfigError(f"{run_dir} already holds a run ({LEDGER_FILE}); resume it or choose another run directory")
     else:
-        state, ledger = None, PrivacyLedger(ledger_path, setup.privacy.delta, setup.privacy.accountant)
+        state, ledger = None, PrivacyLedger(ledger_path, setup.privacy.delta, setup.privacy.accountant,
+                                             unit=privacy_unit(setup))
 
     seeded = cfg.run.seed >= 0
     # the server secret keys every draw (sampling, grouping, noise, the training key); 256 bits of OS
@@ -234,7 +240,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
                         eval_every=cfg.run.eval_every, round_timeout_s=cfg.simulation.round_timeout_s,
                         callbacks=callbacks, placement=_placement(cfg), user_examples=setup.splits.train.examples_per_user(),
                         min_devices=cfg.deployment.min_devices or cfg.deployment.devices, wait_s=cfg.deployment.wait_s,
-                        verify_replays=seeded)
+                        progress_every_s=cfg.monitoring.wait_progress_s, verify_replays=seeded)
     if state:
         strategy.load_state_dict(state["strategy"])
         start_arrays = ArrayRecord(strategy.server_optimizer.state())
@@ -288,7 +294,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
             "users_per_client": cfg.sampling.users_per_client,
             "virtual_clients_per_round": setup.virtual_clients,
             "population": setup.population,
-            "unit": "device" if setup.on_devices else "user",
+            "unit": privacy_unit(setup),
             "neighbouring": ledger.relations(ledger.entries),
             "epsilon_by_relation": ledger.epsilon_by_relation(),
             "noise_predictable_from_seed": noise.predictable,

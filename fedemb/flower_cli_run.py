@@ -139,13 +139,15 @@ def submit_run(app_dir: Path, target: list[str], run_config: dict[str, str], env
 
 
 def wait_for_final_status(run_id: str, env: dict, cwd: Path, timeout_s: float, poll_s: float,
-                           results_file: Path | None = None) -> str:
+                           results_file: Path | None = None, while_waiting=None) -> str:
     """`finished:<details>`, or a description of the timeout. Each `flwr ls` is a new Python process
     (seconds of CPU on a small machine): ask every `poll_s` seconds once the run has written its results,
-    and at most every STATUS_POLL_S seconds before."""
+    and at most every STATUS_POLL_S seconds before. `while_waiting()` is called every `poll_s` seconds."""
     deadline = time.monotonic() + timeout_s
     next_ask = time.monotonic()
     while time.monotonic() < deadline:
+        if while_waiting is not None:
+            while_waiting()
         finishing = results_file is not None and results_file.exists()
         if finishing or time.monotonic() >= next_ask:
             status = run_status(run_id, env, cwd)
@@ -162,7 +164,13 @@ def run_status(run_id: str, env: dict, cwd: Path) -> str:
         run = json.loads(listing.stdout)["runs"][0]
     except (json.JSONDecodeError, KeyError, IndexError):
         raise FlowerRunError(f"`flwr ls --run-id {run_id}` gave no status: {listing.stdout.strip()[:200]}") from None
-    return f"{run['status']}:{run.get('status-details', '')}".rstrip(":")
+    return format_status(run["status"], run.get("status-details", ""))
+
+
+def format_status(status: str, details: str) -> str:
+    """`finished:completed`, or `finished:failed: <why>`; Flower fills empty details with "N/A"."""
+    details = str(details or "").strip()
+    return f"{status}: {details}" if details and details != "N/A" else status
 
 
 def flwr_command(command: list[str], env: dict, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:

@@ -25,6 +25,7 @@ class InProcessGrid(Grid):
         self.train = train
         self.node_ids = list(range(1, num_nodes + 1))
         self._run = Run.create_empty(run_id)
+        self._replies: dict[str, Message] = {}
         self.contexts = {n: Context(run_id=run_id, node_id=n, node_config={}, state=RecordDict(), run_config={})
                          for n in self.node_ids}
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
@@ -44,18 +45,20 @@ class InProcessGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("InProcessGrid delivers messages synchronously: use send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("InProcessGrid delivers messages synchronously: use send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        """Runs each message's ClientApp at once; its reply waits for `pull_messages`."""
+        ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = message_id = str(uuid4())
             try:
                 reply = self.train(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - a failing client is a reply, never a crash
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc)), reply_to=msg)
-            replies.append(reply)
-        return replies
+            self._replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(mid) for mid in message_ids if mid in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -26,6 +27,7 @@ from flwr.serverapp import Grid
 from fedemb.errors import FedembError
 from fedemb.monitoring.private_log import private_log
 from fedemb.privacy.sampling import VirtualClient
+from strategies.reply_collection import WAITING
 
 
 def node_user_ids(node_ids: Iterable[int]) -> np.ndarray:
@@ -45,15 +47,27 @@ def assign_to_own_node(virtual_clients: list[VirtualClient]) -> dict[int, list[V
     return out
 
 
-def wait_for_devices(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 2.0) -> int:
-    """Block until `minimum` devices are online; a FedembError naming the shortfall after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    online = len(list(grid.get_node_ids()))
-    while online < minimum:
-        if time.monotonic() >= deadline:
-            raise FedembError(f"only {online} of the {minimum} devices needed (deployment.min_devices) were "
+def wait_for_devices(grid: Grid, minimum: int, timeout_s: float, progress_every_s: float = 15.0,
+                     poll_s: float = 2.0) -> int:
+    """Block until `minimum` devices are online; a FedembError naming the shortfall after `timeout_s`.
+    Every `progress_every_s` seconds of waiting, one private line with the nodes online and the deadline
+    (which devices are online is not published)."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    deadline_utc = datetime.fromtimestamp(time.time() + timeout_s, timezone.utc).strftime("%H:%M:%S")
+    next_report = started
+    online = sorted(grid.get_node_ids())
+    while len(online) < minimum:
+        now = time.monotonic()
+        if now >= deadline:
+            raise FedembError(f"only {len(online)} of the {minimum} devices needed (deployment.min_devices) were "
                               f"online after {timeout_s:.0f} s (deployment.wait_s)")
-        time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
-        online = len(list(grid.get_node_ids()))
-    private_log.info("%s devices online", online)
-    return online
+        if now >= next_report:
+            private_log.info("%s devices: %d of %d online until %s UTC (deployment.wait_s = %g s): nodes %s",
+                             WAITING, len(online), minimum, deadline_utc, timeout_s,
+                             " ".join(str(n) for n in online) or "none")
+            next_report = now + progress_every_s
+        time.sleep(max(0.0, min(poll_s, deadline - now)))
+        online = sorted(grid.get_node_ids())
+    private_log.info("%s devices online: nodes %s", len(online), " ".join(str(n) for n in online))
+    return len(online)

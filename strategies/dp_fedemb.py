@@ -30,6 +30,7 @@ from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPL
                              NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
 from fedemb.errors import FedembError
 from strategies.device_sampling import assign_to_own_node, node_user_ids, wait_for_devices
+from strategies.reply_collection import send_and_collect
 from strategies.reply_validation import check_reply
 from strategies.server_optimizer import ServerOptimizer
 from strategies.worker_assignment import assign_balanced, assign_by_slot
@@ -40,7 +41,7 @@ class DPFedEmb(Strategy):
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
                  attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = (),
                  placement: str = "balanced", user_examples: np.ndarray | None = None, min_devices: int = 0,
-                 wait_s: float = 300.0, verify_replays: bool = False):
+                 wait_s: float = 300.0, progress_every_s: float = 15.0, verify_replays: bool = False):
         self.sampler = sampler
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
         # balanced: worker mode; by_slot: one node per virtual-client slot; devices: the users are the
@@ -48,6 +49,7 @@ class DPFedEmb(Strategy):
         self.placement = placement
         self.min_devices = min_devices  # devices: wait for this many before round 1
         self.wait_s = wait_s
+        self.progress_every_s = progress_every_s  # how often a wait says what it waits for (private log)
         self.sent: list[Message] = []
         self.user_examples = (np.asarray(user_examples, dtype=np.int64) if user_examples is not None
                               else np.ones(len(self.user_ids), dtype=np.int64))
@@ -241,7 +243,8 @@ class DPFedEmb(Strategy):
         for server_round in range(self.rounds_completed + 1, num_rounds + 1):
             if self.placement == "devices":
                 try:
-                    wait_for_devices(grid, self.min_devices if server_round == 1 else 1, self.wait_s)
+                    wait_for_devices(grid, self.min_devices if server_round == 1 else 1, self.wait_s,
+                                     self.progress_every_s)
                 except FedembError as exc:
                     # how many devices were online is a statistic of the users: the detail stays private
                     self.stop_reason = f"round {server_round} not run: too few devices online (deployment.min_devices)"
@@ -249,6 +252,7 @@ class DPFedEmb(Strategy):
                     private_log.warning("round %s not run: %s", server_round, exc)
                     break
             entry = self.mechanism.ledger_entry(server_round, self.attempt)
+            entry.unit = self.ledger.unit
             epsilon = self.ledger.epsilon_with(entry)
             if self.target_epsilon > 0 and epsilon > self.target_epsilon * (1 + 1e-9):
                 self.stop_reason = (f"round {server_round} not run: it would raise epsilon to {epsilon:.3f}, "
@@ -258,8 +262,9 @@ class DPFedEmb(Strategy):
                 break
             entry = self.ledger.record(entry)
             started = time.monotonic()
-            replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid),
-                                            timeout=timeout)
+            replies = send_and_collect(grid, list(self.configure_train(server_round, arrays, train_config, grid)),
+                                       server_round=server_round, timeout_s=timeout,
+                                       progress_every_s=self.progress_every_s)
             arrays, train_metrics = self.aggregate_train(server_round, replies)
             self._account_replay(server_round, entry)  # before anything of the release leaves the server
             self.rounds_completed = server_round

@@ -5,11 +5,9 @@ data, through a SuperLink with TLS and node authentication, and leaves nothing r
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -18,10 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedemb.deploy.credentials import make_node_key, make_server_credentials
+from fedemb.deploy.credentials import certificate_hosts, make_node_key, make_server_credentials
 from fedemb.deploy.processes import Deployment, free_port
-from fedemb.errors import ConfigError
-from fedemb.flower_cli_run import process_alive
+from fedemb.deploy.registry import NodeRegistry, read_public_key
+from fedemb.deploy.run_events import EventTail
+from fedemb.errors import ConfigError, FedembError
+from fedemb.flower_cli_run import format_status, process_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,111 +54,74 @@ def test_node_keys_are_openssh_ecdsa_pairs(tmp_path):
         make_node_key(tmp_path, "../escape")
 
 
-def _wait(predicate, timeout, step=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
+def test_the_server_certificate_says_which_hosts_it_covers_and_the_superlink_refuses_others(tmp_path):
+    make_server_credentials(tmp_path / "certs", ["10.0.0.5", "s.example.org"])
+    assert certificate_hosts(tmp_path / "certs" / "server.pem") == ["10.0.0.5", "s.example.org"]
+    with pytest.raises(FedembError, match=r"covers 10.0.0.5, s.example.org, not 127.0.0.1: .*--hosts 127.0.0.1"):
+        Deployment(tmp_path, host="127.0.0.1").start_superlink()
+    assert not (tmp_path / "pids").exists()  # nothing was started
+
+
+def test_device_keys_are_registered_by_the_name_they_carry(tmp_path):
+    _, public = make_node_key(tmp_path / "device", "kitchen-3fa2c1")
+    key = read_public_key(public)
+    assert key.name == "kitchen-3fa2c1" and key.fingerprint.startswith("SHA256:")
+    assert read_public_key(public, "renamed").text.endswith(" renamed\n")
+    registry = NodeRegistry(tmp_path / "server" / "keys")  # the folder does not exist yet
+    assert registry.conflict(key) is None and registry.registered(key) is None
+    registry.add(key, 123456789012)
+    assert (tmp_path / "server" / "keys" / "kitchen-3fa2c1.pub").read_text() == key.text
+    assert registry.names_by_node_id() == {123456789012: "kitchen-3fa2c1"}
+    assert registry.registered(key) == 123456789012  # the same key again: nothing new
+    _, other = make_node_key(tmp_path / "other", "kitchen-3fa2c1")
+    assert "already registered with another key" in registry.conflict(read_public_key(other))
+    assert "already registered as kitchen-3fa2c1" in registry.conflict(read_public_key(public, "second-name"))
+    (tmp_path / "bad.pub").write_text("ssh-rsa AAAA kitchen\n")
+    with pytest.raises(ConfigError, match="not an OpenSSH ecdsa-sha2-nistp384 public key"):
+        read_public_key(tmp_path / "bad.pub")
+    with pytest.raises(ConfigError, match="device name"):
+        read_public_key(public, "../escape")
+
+
+def test_the_operator_sees_the_private_events_with_device_names(tmp_path):
+    events = tmp_path / "private" / "events.log"
+    events.parent.mkdir()
+    tail = EventTail(tmp_path, {123456789012: "kitchen"})
+    assert tail.new_lines() == []
+    events.write_text("2026-11-29 16:30:01,5 INFO round 2: waiting for 1 of 4 replies until 16:31:02 UTC "
+                      "(simulation.round_timeout_s = 45 s): nodes 123456789012 987654321098\npartial")
+    assert tail.new_lines() == ["[server-private] 2026-11-29 16:30:01,5 INFO round 2: waiting for 1 of 4 replies "
+                                "until 16:31:02 UTC (simulation.round_timeout_s = 45 s): nodes kitchen (123456789012) "
+                                "987654321098"]
+    with open(events, "a") as f:
+        f.write(" line\n")
+    assert tail.new_lines() == ["[server-private] partial line"]  # a line is shown once it is complete
+
+
+def test_a_run_status_reads_as_words():
+    assert format_status("finished:completed", "N/A") == "finished:completed"
+    assert format_status("finished:failed", "ServerApp raised") == "finished:failed: ServerApp raised"
 
 
 @pytest.mark.integration
-def test_dp_fedemb_on_devices_over_tls_survives_a_lost_device_rejects_a_tampered_one_and_refuses_a_stranger(tmp_path):
-    """The acceptance run: a SuperLink with TLS and node authentication, three honest SuperNodes each
-    holding one user's data, one whose ClientApp was tampered with (sends its update unclipped and
-    boosted), and one whose key was never registered; two rounds of DP-FedEmb; one honest device is
-    killed while it trains in round 2."""
-    folder, run_dir = tmp_path / "deployment", tmp_path / "run"
-    make_server_credentials(folder / "certs", ["127.0.0.1", "localhost"])
-    subprocess.run([sys.executable, str(REPO / "scripts/deploy/make_shards.py"), str(REPO / "simulations/configs/deploy.toml"),
-                    str(tmp_path / "shards"), "--devices", "4"], check=True, capture_output=True)
-    shards = json.loads((tmp_path / "shards" / "shards.json").read_text())
-    deployment = Deployment(folder, port=free_port())
-    honest, node_ids = ["node1", "node2", "node3"], {}
-    started: list[str] = []
-    try:
-        deployment.start_superlink(authenticate_nodes=True)
-        started.append("superlink")
-        for i, name in enumerate(honest + ["tampered"]):
-            private, public = make_node_key(folder / "keys", name)
-            node_ids[name] = deployment.register(public, name)
-            extra = {"PYTHONPATH": str(REPO / "tests" / "deploy_tampered")} if name == "tampered" else None
-            deployment.start_supernode(name, private, free_port(), f"data-path='{shards[i]['file']}'", extra_env=extra)
-            started.append(name)
-        stranger, _ = make_node_key(folder / "keys", "stranger")
-        deployment.start_supernode("stranger", stranger, free_port(), f"data-path='{shards[0]['file']}'")
-        started.append("stranger")
-
-        def online():
-            status = {int(n.get("node-id", -1)): str(n.get("status", "")) for n in deployment.supernodes()}
-            return all("online" in status.get(i, "") for i in node_ids.values())
-        assert _wait(online, 90), deployment.supernodes()
-        assert _wait(lambda: not deployment.alive("stranger"), 60), "an unregistered SuperNode kept running"
-        assert "Failed to activate SuperNode" in (folder / "logs" / "stranger.log").read_text()
-
-        run_id = deployment.submit_run(REPO, {
-            "config-file": "simulations/configs/deploy.toml",
-            "overrides": "run.rounds=2 deployment.devices=4 deployment.min_devices=4 simulation.round_timeout_s=90",
-            "run-dir": str(run_dir)})
-        victim = deployment.pid("node3")
-        assert _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").is_file(), 180), deployment.run_log(run_id)
-        round_1_apps = set(_client_apps(victim))
-        assert _wait(lambda: set(_client_apps(victim)) - round_1_apps, 60, step=0.1), "node3 got no round-2 work"
-        os.killpg(victim, signal.SIGKILL)  # mid-training: no goodbye to the SuperLink
-
-        status = deployment.wait_for_run(run_id, 300, run_dir / "results.json")
-        log = deployment.run_log(run_id)
-        assert status.startswith("finished:completed"), log[-3000:]
-    finally:
-        groups = {name: deployment.pid(name) for name in started}
-        family = _family([g for g in groups.values() if g], deployment.port)
-        deployment.stop_all()
-
+def test_the_loopback_command_runs_the_guide_on_this_machine_and_leaves_nothing_running(tmp_path):
+    """`deploy.py loopback`: credentials, SuperLink, devices joined from their own folders with the
+    device code, one round, everything stopped. (The guide's two-host version, with a tampered, a
+    killed and two refused devices, is tests/test_two_hosts.py.)"""
+    folder = tmp_path / "loopback"
+    done = subprocess.run([sys.executable, str(REPO / "scripts/deploy/deploy.py"), "loopback", str(folder),
+                           "--devices", "2", "--port", str(free_port()), "--overrides", "run.rounds=1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert re.search(r"^node1: node id \d+, user \d+", out, re.M) and re.search(r"^node2: node id \d+", out, re.M)
+    assert re.search(r"finished:completed: 1 rounds \(completed\), recall@1 [\d.]+, epsilon [\d.]+ at delta "
+                     r"1e-05 \(unit: device\)", out), out
+    assert "[server-private]" in out and "2 devices online" in out
+    (run_dir,) = folder.glob("run-*")
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["rounds_completed"] == 2 and results["stop_reason"] == "completed"
-    assert results["simulation_mode"] == "deployment" and results["privacy"]["unit"] == "device"
-    assert "history" in results and not any("virtual-clients-accepted" in r for r in results["history"])
-    from fedemb.monitoring.telemetry import read_telemetry
-
-    first, second = read_telemetry(run_dir)  # the per-round counts are server-private telemetry
-    # round 1: three honest devices in, the tampered one rejected; the mean is over the 4 registered devices
-    assert (first["virtual-clients-accepted"], first["virtual-clients-rejected"]) == (3, 1)
-    # round 2: the killed device is counted as failed (the SuperLink's NODE_UNAVAILABLE) or missing
-    # (no reply by the round's deadline), and the denominator does not move
-    assert (second["virtual-clients-accepted"], second["virtual-clients-rejected"]) == (2, 1)
-    assert second["virtual-clients-failed"] + second["virtual-clients-missing"] == 1
-    assert first["denominator"] == second["denominator"] == 4.0
-    tampered = rf"round (\d): node {node_ids['tampered']}: update norm [\d.]+ exceeds 1 x clip norm"
-    events = (run_dir / "private" / "events.log").read_text()
-    assert set(re.findall(tampered, events)) == {"1", "2"}  # the server named the tampered device both times...
-    assert not re.findall(tampered, log)  # ...in its private event log, not in the run's log
-    ledger = json.loads((run_dir / results["privacy"]["ledger"]).read_text())
-    assert len(ledger["entries"]) == 2 and 0 < results["privacy"]["epsilon"] < float("inf")
-    assert (run_dir / "checkpoints" / "final.pt").is_file()
-    # nothing left running: SuperLink, SuperExecs, ServerApp, SuperNodes, ClientApps
-    assert not [p for p in family if process_alive(p)], [p.cmdline() for p in family if process_alive(p)]
-    assert not list((folder / "pids").glob("*.pid"))
-
-
-def _client_apps(group: int) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if process_alive(p) and _in_group(p, group)
-            and any("flwr-clientapp" in part for part in (p.info["cmdline"] or []))]
-
-
-def _in_group(proc: psutil.Process, group: int) -> bool:
-    try:
-        return os.getpgid(proc.pid) == group
-    except ProcessLookupError:
-        return False
-
-
-def _family(groups: list[int], port: int) -> list[psutil.Process]:
-    """Every process of these process groups, and every Flower process that talks to this SuperLink's port
-    (SuperExecs and the ServerApp run in sessions of their own)."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(_in_group(p, g) for g in groups) or (f":{port}" in cmd and ("flwr" in cmd or "flower" in cmd)):
-            out.append(p)
-    return out
+    assert results["privacy"]["unit"] == json.loads((run_dir / "privacy.json").read_text())["unit"] == "device"
+    assert json.loads((folder / "keys" / "registry.json").read_text()).keys() == {"node1", "node2"}
+    assert not list(folder.rglob("*.pid"))
+    left = [p for p in psutil.process_iter(["cmdline"]) if process_alive(p) and str(folder) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]

@@ -1,18 +1,19 @@
-"""The processes of a Flower deployment on this machine: a SuperLink with TLS and SuperNode
-authentication, and SuperNodes, each started in its own process group with its PID written under the
-deployment folder, so that `stop` ends each with everything it started (SuperExec, ServerApp and
-ClientApp processes) and nothing is left running.
+"""The server's processes of a Flower deployment: the SuperLink with TLS and SuperNode authentication,
+started in its own process group with its PID under the deployment folder, so that `stop` ends it with
+everything it started (SuperExec, ServerApp) and nothing is left running; registering devices' keys;
+submitting a run and waiting for its final status. The devices' side is fedemb.deploy.device_node.
 
-Layout of the folder: certs/ (fedemb.deploy.credentials), keys/NAME[.pub], logs/NAME.log,
-pids/NAME.pid, flwr-home/config.toml (the `flwr` CLI's connection), state.db (the SuperLink's state,
-so registrations survive a restart).
+Layout of the folder: certs/ (fedemb.deploy.credentials), keys/NAME.pub and keys/registry.json
+(fedemb.deploy.registry), logs/NAME.log, pids/NAME.pid, superlink.json (the address it was started
+with), flwr-home/config.toml (the `flwr` CLI's connection), state.db (the SuperLink's state, so
+registrations survive a restart).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import re
 import socket
 import subprocess
 import sys
@@ -20,12 +21,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedemb.deploy.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedemb.deploy.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, certificate_hosts
+from fedemb.deploy.registry import NodeRegistry, read_public_key
+from fedemb.deploy.process_group import process_running, read_pid, start_detached, stop_group
 from fedemb.errors import FedembError
 from fedemb.flower_cli_run import flwr_command, submit_run, wait_for_final_status
 
 CONNECTION = "fedemb"
 SUPERLINK = "superlink"
+SETTINGS = "superlink.json"  # the address the SuperLink was started with, for the later commands
 
 
 def flower_executable(name: str) -> str:
@@ -40,12 +44,27 @@ def flower_executable(name: str) -> str:
 class Deployment:
     folder: Path
     port: int = 9092  # the SuperLink's one port: Fleet, Control and Runtime APIs
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the address devices and the `flwr` CLI dial; the certificate must cover it
+    bind: str = ""  # the address the SuperLink listens on ("": host; "0.0.0.0": every interface)
     _children: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)  # to reap what we started
+
+    @classmethod
+    def open(cls, folder: Path, port: int | None = None, host: str | None = None) -> "Deployment":
+        """The deployment of `folder` with the address its SuperLink was started with (superlink.json),
+        unless `port`/`host` say otherwise."""
+        saved = {}
+        if (folder / SETTINGS).is_file():
+            saved = json.loads((folder / SETTINGS).read_text())
+        return cls(folder, port or int(saved.get("port", 9092)), host or saved.get("host", "127.0.0.1"),
+                   saved.get("bind", ""))
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def listen_address(self) -> str:
+        return f"{self.bind or self.host}:{self.port}"
 
     def path(self, *parts: str) -> Path:
         return self.folder.joinpath(*parts)
@@ -67,27 +86,40 @@ class Deployment:
         return config
 
     def _start(self, name: str, argv: list[str], cwd: Path | None = None, extra_env: dict[str, str] | None = None) -> int:
-        for folder in ("logs", "pids"):
-            self.path(folder).mkdir(parents=True, exist_ok=True)
-        with open(self.path("logs", f"{name}.log"), "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env() | (extra_env or {}),
-                                    cwd=cwd, start_new_session=True)
-        self.path("pids", f"{name}.pid").write_text(str(proc.pid))
+        proc = start_detached(argv, self.path("logs", f"{name}.log"), self.path("pids", f"{name}.pid"),
+                              self.env() | (extra_env or {}), cwd)
         self._children[name] = proc
         return proc.pid
 
     def start_superlink(self, authenticate_nodes: bool = True, timeout: float = 60.0) -> int:
+        """Start the SuperLink listening on `listen_address` and wait until `address` answers. Refuses
+        when the server certificate does not cover `host`: every device would fail TLS verification."""
         certs = self.path("certs")
+        if not (certs / SERVER_CERT).is_file():
+            raise FedembError(f"no server certificate in {certs}: run `deploy.py credentials` first")
+        covered = certificate_hosts(certs / SERVER_CERT)
+        if self.host not in covered:
+            raise FedembError(f"the certificate {certs / SERVER_CERT} covers {', '.join(covered)}, not {self.host}: "
+                              f"devices dialling {self.host} would fail TLS; make credentials with --hosts {self.host}")
+        if self.alive(SUPERLINK):
+            raise FedembError(f"a SuperLink of {self.folder} already runs (pid {self.pid(SUPERLINK)}): stop it first")
         argv = [flower_executable("flower-superlink"), "--ssl-ca-certfile", str(certs / CA_CERT),
                 "--ssl-certfile", str(certs / SERVER_CERT), "--ssl-keyfile", str(certs / SERVER_KEY),
-                "--port", str(self.port), "--database", str(self.path("state.db"))]
+                "--host", self.bind or self.host, "--port", str(self.port), "--database", str(self.path("state.db"))]
         if authenticate_nodes:
             argv.append("--enable-supernode-auth")
         self.write_connection()
+        self.path(SETTINGS).write_text(json.dumps({"host": self.host, "port": self.port, "bind": self.bind}))
         pid = self._start(SUPERLINK, argv, cwd=self.folder)
         wait_for_port(self.host, self.port, timeout, lambda: self.alive(SUPERLINK),
                       self.path("logs", f"{SUPERLINK}.log"))
         return pid
+
+    def listening(self) -> list[str]:
+        """What the SuperLink's log says it serves, e.g. "Fleet HTTP API on 10.0.0.5:9092"."""
+        log = self.path("logs", f"{SUPERLINK}.log")
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        return re.findall(r"Starting the SuperLink (.+? API on \S+?)\.?$", text, flags=re.M)
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([flower_executable("flwr"), *args], env=self.env(), capture_output=True, text=True,
@@ -104,6 +136,27 @@ class Deployment:
             raise FedembError(f"registering {name} failed: {(done.stdout + done.stderr).strip()[-300:]}")
         return int(reply["node-id"])
 
+    def register_device(self, public_key: Path, name: str | None = None) -> tuple[str, int, bool]:
+        """Register a device's public key under its name (the key's comment unless `name`); keeps
+        keys/NAME.pub and the name in keys/registry.json. Returns (name, node id, registered before)."""
+        key = read_public_key(public_key, name)
+        registry = NodeRegistry(self.path("keys"))
+        conflict = registry.conflict(key)
+        if conflict:
+            raise FedembError(f"{public_key}: {conflict}")
+        known = registry.registered(key)
+        if known is not None:
+            return key.name, known, True
+        staged = self.path("keys", f".{key.name}.pub.new")
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text(key.text)
+        try:
+            node_id = self.register(staged, key.name)
+        finally:
+            staged.unlink(missing_ok=True)
+        registry.add(key, node_id)
+        return key.name, node_id, False
+
     def supernodes(self) -> list[dict]:
         done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
         if done.returncode != 0:
@@ -111,42 +164,24 @@ class Deployment:
         reply = json.loads(done.stdout)
         return reply.get("nodes", reply) if isinstance(reply, dict) else reply
 
-    def start_supernode(self, name: str, private_key: Path, port: int, node_config: str = "",
-                        extra_env: dict[str, str] | None = None) -> int:
-        """A SuperNode (and the ClientApps it starts) in its own process group; `extra_env` is added to the
-        environment it and its ClientApps run in."""
-        argv = [flower_executable("flower-supernode"), "--superlink", self.address,
-                "--root-certificates", str(self.path("certs", CA_CERT)),
-                "--auth-supernode-private-key", str(private_key), "--port", str(port)]
-        if node_config:
-            argv += ["--node-config", node_config]
-        return self._start(name, argv, cwd=self.folder, extra_env=extra_env)
-
     def submit_run(self, app_dir: Path, run_config: dict[str, str]) -> str:
         """`flwr run APP_DIR fedemb`: the app goes to the SuperLink, which runs its ServerApp; the run id."""
         return submit_run(app_dir.resolve(), [CONNECTION], run_config, self.env())
 
-    def wait_for_run(self, run_id: str, timeout_s: float, results_file: Path | None = None) -> str:
-        """The run's final status (`finished:completed`, `finished:failed`, ...) once it has one; Flower's
+    def wait_for_run(self, run_id: str, timeout_s: float, results_file: Path | None = None,
+                     while_waiting=None) -> str:
+        """The run's final status (`finished:completed`, `finished:failed: ...`) once it has one; Flower's
         `flwr run --stream` exits 0 even when a run failed, so this asks the SuperLink."""
-        return wait_for_final_status(run_id, self.env(), self.folder, timeout_s, 1.0, results_file)
+        return wait_for_final_status(run_id, self.env(), self.folder, timeout_s, 1.0, results_file, while_waiting)
 
     def run_log(self, run_id: str) -> str:
         return flwr_command(["flwr", "log", run_id, CONNECTION, "--show"], self.env(), self.folder, 60).stdout
 
     def pid(self, name: str) -> int | None:
-        file = self.path("pids", f"{name}.pid")
-        return int(file.read_text()) if file.is_file() else None
+        return read_pid(self.path("pids", f"{name}.pid"))
 
     def alive(self, name: str) -> bool:
-        pid = self.pid(name)
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return not _is_zombie(pid)
+        return process_running(self.pid(name))
 
     def stop(self, name: str, grace: float = 10.0) -> None:
         """SIGTERM to the process group (a SuperNode deregisters, a SuperLink stops its SuperExec), then
@@ -154,16 +189,7 @@ class Deployment:
         pid = self.pid(name)
         if pid is None:
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(pid):
-                time.sleep(0.2)
-            if not _group_alive(pid):
-                break
+        stop_group(pid, grace)
         child = self._children.pop(name, None)
         if child is not None:
             child.wait(timeout=5)
@@ -174,26 +200,6 @@ class Deployment:
         names = sorted(p.stem for p in self.path("pids").glob("*.pid")) if self.path("pids").is_dir() else []
         for name in [n for n in names if n != SUPERLINK] + [n for n in names if n == SUPERLINK]:
             self.stop(name)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def _group_alive(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().split(")")[-1].split()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def wait_for_port(host: str, port: int, timeout: float, alive, log: Path) -> None:

@@ -1,13 +1,14 @@
 """A Flower deployment on this machine (loopback) or as the SuperLink side of several machines.
 
-    .venv/bin/python scripts/deploy/deploy.py credentials runs/deploy --hosts 127.0.0.1,localhost --nodes 3
-    .venv/bin/python scripts/deploy/deploy.py superlink runs/deploy --port 9092     # TLS + node authentication
-    .venv/bin/python scripts/deploy/deploy.py register runs/deploy node1 node2 node3
-    .venv/bin/python scripts/deploy/deploy.py supernode runs/deploy node1 --port 9094 --node-config "user=1"
-    .venv/bin/python scripts/deploy/deploy.py run runs/deploy --config simulations/configs/deploy.toml
-    .venv/bin/python scripts/deploy/deploy.py status runs/deploy
-    .venv/bin/python scripts/deploy/deploy.py stop runs/deploy                      # every process, by PID
-    .venv/bin/python scripts/deploy/deploy.py loopback runs/loopback --devices 3    # all of it on this machine
+    .venv/bin/python scripts/deploy/deploy.py credentials runs/deploy --hosts 10.0.0.5  # what devices dial
+    .venv/bin/python scripts/deploy/deploy.py superlink runs/deploy --host 10.0.0.5     # TLS + node authentication
+    .venv/bin/python scripts/deploy/deploy.py register runs/deploy incoming/*.pub       # devices' keys, by name
+    .venv/bin/python scripts/deploy/deploy.py status runs/deploy                        # processes, devices by name
+    .venv/bin/python scripts/deploy/deploy.py run runs/deploy --overrides "deployment.devices=1"
+    .venv/bin/python scripts/deploy/deploy.py stop runs/deploy                          # every process, by PID
+    .venv/bin/python scripts/deploy/deploy.py loopback runs/loopback --devices 3        # all of it on this machine
+
+The devices' side is `fedemb-device` (key, data, join, status, stop): docs/deployment.md.
 
 Every command is offline-safe (telemetry off, no runtime dependency installation). The `flwr` CLI's
 connection is written to RUN/flwr-home/config.toml under the name "fedemb":
@@ -28,8 +29,13 @@ import typer
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from fedemb.deploy.credentials import make_node_key, make_server_credentials  # noqa: E402
-from fedemb.deploy.processes import Deployment  # noqa: E402
+from fedemb.deploy.credentials import make_server_credentials  # noqa: E402
+from fedemb.deploy.device_node import (PUBLIC_KEY, DeviceFolder, JoinRequest, make_key, parse_address,  # noqa: E402
+                                       start_node, wait_for_activation)
+from fedemb.deploy.device_node import stop as stop_device  # noqa: E402
+from fedemb.deploy.processes import Deployment, free_port  # noqa: E402
+from fedemb.deploy.registry import NodeRegistry  # noqa: E402
+from fedemb.deploy.run_events import EventTail  # noqa: E402
 from fedemb.errors import FedembError  # noqa: E402
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
@@ -44,56 +50,48 @@ def fail(exc: FedembError) -> None:
 
 
 @app.command()
-def credentials(folder: Folder, hosts: Annotated[str, typer.Option(help="Comma-separated names/IPs the nodes dial.")] = "127.0.0.1,localhost",
-                nodes: Annotated[int, typer.Option(help="SuperNode key pairs to make (node1..nodeN).")] = 0,
+def credentials(folder: Folder, hosts: Annotated[str, typer.Option(help="Comma-separated names/IPs the devices dial.")] = "127.0.0.1,localhost",
                 days: int = 365):
-    """A CA, the SuperLink's certificate for --hosts, and SuperNode key pairs."""
+    """The server's TLS material: a CA (its key stays here) and the SuperLink's certificate for --hosts.
+    Devices get only certs/ca.crt; they make their own keys (`fedemb-device key`)."""
     try:
         creds = make_server_credentials(folder / "certs", [h.strip() for h in hosts.split(",") if h.strip()], days)
-        for i in range(1, nodes + 1):
-            make_node_key(folder / "keys", f"node{i}")
     except FedembError as exc:
         fail(exc)
-    typer.echo(f"CA {creds.ca_cert}; SuperLink certificate {creds.server_cert}; {nodes} node keys in {folder / 'keys'}")
+    typer.echo(f"CA {creds.ca_cert} (give this file to each device); SuperLink certificate {creds.server_cert} "
+               f"for {hosts}")
 
 
 @app.command()
 def superlink(folder: Folder, port: Port = 9092,
-              host: Annotated[str, typer.Option(help="The address the CLI and nodes use to reach it.")] = "127.0.0.1"):
-    """Start the SuperLink with TLS and SuperNode authentication; waits until its port is open."""
+              host: Annotated[str, typer.Option(help="The address devices and the flwr CLI dial (in the certificate).")] = "127.0.0.1",
+              bind: Annotated[str, typer.Option(help="The address to listen on (default: --host; 0.0.0.0: every interface).")] = ""):
+    """Start the SuperLink with TLS and SuperNode authentication; waits until it answers at HOST:PORT."""
+    deployment = Deployment(folder, port, host, bind)
     try:
-        pid = Deployment(folder, port, host).start_superlink(authenticate_nodes=True)
+        pid = deployment.start_superlink(authenticate_nodes=True)
     except FedembError as exc:
         fail(exc)
-    typer.echo(f"SuperLink pid {pid} on {host}:{port} (log {folder / 'logs' / 'superlink.log'})")
+    typer.echo(f"SuperLink pid {pid} listening on {deployment.listen_address}; devices dial {deployment.address} "
+               f"with {folder / 'certs' / 'ca.crt'} (log {folder / 'logs' / 'superlink.log'})")
+    for line in deployment.listening():
+        typer.echo(f"  {line}")
 
 
 @app.command()
-def register(folder: Folder, names: Annotated[list[str], typer.Argument(help="Key names under keys/.")],
-             port: Port = 9092, host: str = "127.0.0.1"):
-    """Register SuperNode public keys with the running SuperLink."""
-    deployment = Deployment(folder, port, host)
-    for name in names:
+def register(folder: Folder,
+             keys: Annotated[list[Path], typer.Argument(help="Devices' public keys (NAME.pub from `fedemb-device key`).")],
+             name: Annotated[str, typer.Option(help="Register a single key under this name instead of its own.")] = ""):
+    """Register devices' public keys by name with the running SuperLink; only registered keys may join."""
+    deployment = Deployment.open(folder)
+    if name and len(keys) != 1:
+        fail(FedembError("--name names a single key"))
+    for key in keys:
         try:
-            node_id = deployment.register(folder / "keys" / f"{name}.pub", name)
+            registered, node_id, before = deployment.register_device(key, name or None)
         except FedembError as exc:
             fail(exc)
-        typer.echo(f"{name}: node id {node_id}")
-
-
-@app.command()
-def supernode(folder: Folder, name: str,
-              port: Annotated[int, typer.Option(help="This SuperNode's own local port (one per node on a machine).")] = 9094,
-              superlink_port: Annotated[int, typer.Option(help="The SuperLink's port.")] = 9092,
-              superlink_host: str = "127.0.0.1",
-              node_config: Annotated[str, typer.Option(help='The node config, e.g. "data-path=\'shard.npz\' user=3".')] = ""):
-    """Start a SuperNode with its private key keys/NAME."""
-    try:
-        pid = Deployment(folder, superlink_port, superlink_host).start_supernode(
-            name, folder / "keys" / name, port, node_config)
-    except FedembError as exc:
-        fail(exc)
-    typer.echo(f"{name} pid {pid} (log {folder / 'logs' / f'{name}.log'})")
+        typer.echo(f"{registered}: node id {node_id}" + (" (registered before)" if before else ""))
 
 
 @app.command()
@@ -101,71 +99,98 @@ def run(folder: Folder,
         config: Annotated[Path, typer.Option(help="The fedemb config, relative to the app (this repository).")] = Path("simulations/configs/deploy.toml"),
         overrides: Annotated[str, typer.Option(help='"section.key=value ..." applied to the config.')] = "",
         run_dir: Annotated[Path | None, typer.Option(help="Where results go (default FOLDER/run-<time>).")] = None,
-        port: Port = 9092, host: str = "127.0.0.1",
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 3600.0):
+        timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 3600.0,
+        events: Annotated[bool, typer.Option(help="Show the run's server-private events (whom it waits for, "
+                                                  "rejected replies) with device names, marked [server-private].")] = True):
     """`flwr run . fedemb` with this config; waits for the run's final status (not `--stream`'s exit code)."""
-    raise typer.Exit(submit_and_wait(Deployment(folder, port, host), config, overrides, run_dir, timeout))
+    raise typer.Exit(submit_and_wait(Deployment.open(folder), config, overrides, run_dir, timeout, events))
 
 
-def submit_and_wait(deployment: Deployment, config: Path, overrides: str, run_dir: Path | None, timeout: float) -> int:
+def submit_and_wait(deployment: Deployment, config: Path, overrides: str, run_dir: Path | None, timeout: float,
+                    events: bool = True) -> int:
     run_dir = (run_dir or deployment.folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    tail = EventTail(run_dir, NodeRegistry(deployment.path("keys")).names_by_node_id())
+
+    def show_events():
+        for line in tail.new_lines():
+            typer.echo(line)
     try:
         run_id = deployment.submit_run(REPO, {"config-file": str(config), "overrides": overrides, "run-dir": str(run_dir)})
         typer.echo(f"run {run_id} submitted; results will be in {run_dir}")
-        status = deployment.wait_for_run(run_id, timeout, run_dir / "results.json")
+        status = deployment.wait_for_run(run_id, timeout, run_dir / "results.json", show_events if events else None)
     except FedembError as exc:
         fail(exc)
+    if events:
+        show_events()
     results = run_dir / "results.json"
-    if not status.startswith("finished:completed") or not results.is_file():
+    if status != "finished:completed" or not results.is_file():
         typer.echo(f"error: run {run_id} ended {status}; its log:\n{deployment.run_log(run_id)[-3000:]}", err=True)
         return 1
     summary = json.loads(results.read_text())
-    epsilon = summary["privacy"]["epsilon"]  # "inf" without noise
-    typer.echo(f"run {run_id} {status}: {summary['rounds_completed']} rounds, recall@1 "
-               f"{summary['final']['recall_at_1']:.3f}, epsilon {float(epsilon):.3g} "
-               f"(unit: {summary['privacy']['unit']}); totals {summary['totals']}")
+    epsilon = float(summary["privacy"]["epsilon"])  # "inf" without noise
+    final = summary.get("final") or {}
+    recall = f", recall@1 {final['recall_at_1']:.3f}" if "recall_at_1" in final else ""
+    typer.echo(f"run {run_id} {status}: {summary['rounds_completed']} rounds ({summary['stop_reason']}){recall}, "
+               f"epsilon {epsilon:.3g} at delta {summary['privacy']['delta']:g} (unit: {summary['privacy']['unit']})")
     return 0
 
 
 @app.command()
 def loopback(folder: Folder,
-             devices: Annotated[int, typer.Option(help="SuperNodes to start, each holding one user's data.")] = 3,
+             devices: Annotated[int, typer.Option(help="Devices to start, each holding one user's data.")] = 3,
              config: Annotated[Path, typer.Option(help="The fedemb config (its [data] gives the users).")] = Path("simulations/configs/deploy.toml"),
              overrides: str = "", port: Port = 9092, timeout: float = 3600.0):
-    """Everything on this machine: credentials, SuperLink (TLS + node authentication), one SuperNode per
-    device with its own data file, the run, and then every process stopped."""
+    """docs/deployment.md on this machine: credentials, the SuperLink, one device per user (its own
+    folder, key, data file and join, as `fedemb-device` does them), the run, and every process stopped."""
     deployment = Deployment(folder, port)
+    device_folders = [DeviceFolder(folder / "devices" / f"node{i}") for i in range(1, devices + 1)]
     try:
         make_server_credentials(folder / "certs", ["127.0.0.1", "localhost"])
         subprocess.run([sys.executable, str(REPO / "scripts" / "deploy" / "make_shards.py"), str(REPO / config),
                         str(folder / "shards"), "--devices", str(devices)], check=True)
         shards = json.loads((folder / "shards" / "shards.json").read_text())
         deployment.start_superlink(authenticate_nodes=True)
-        for i, shard in enumerate(shards, start=1):
-            private, public = make_node_key(folder / "keys", f"node{i}")
-            node_id = deployment.register(public, f"node{i}")
-            deployment.start_supernode(f"node{i}", private, port + 10 + i, f"data-path='{shard['file']}'")
-            typer.echo(f"node{i}: node id {node_id}, user {shard['user']} ({shard['examples']} examples)")
+        for device, shard in zip(device_folders, shards):
+            name = device.name() if device.has_key() else make_key(device, device.path.name, force=False)
+            deployment.register_device(device.file(PUBLIC_KEY))
+            request = JoinRequest(parse_address(deployment.address), folder / "certs" / "ca.crt", Path(shard["file"]),
+                                  port=free_port())
+            joined = wait_for_activation(device, request, start_node(device, request))
+            if joined.node_id is None:
+                raise FedembError(f"{name} did not join: {joined.reason}")
+            typer.echo(f"{name}: node id {joined.node_id}, user {shard['user']} ({shard['examples']} examples)")
         overrides = f"deployment.devices={devices} deployment.min_devices={devices} {overrides}".strip()
         code = submit_and_wait(deployment, config, overrides, None, timeout)
     except (FedembError, subprocess.CalledProcessError) as exc:
         typer.echo(f"error: {exc}", err=True)
         code = 2
     finally:
+        for device in device_folders:
+            stop_device(device)
         deployment.stop_all()
     raise typer.Exit(code)
 
 
 @app.command()
-def status(folder: Folder, port: Port = 9092, host: str = "127.0.0.1"):
-    """Which processes of the folder run, and the SuperNodes the SuperLink knows."""
-    deployment = Deployment(folder, port, host)
+def status(folder: Folder):
+    """The folder's processes, and every registered device by name with what the SuperLink says of it."""
+    deployment = Deployment.open(folder)
     pids = sorted(p.stem for p in (folder / "pids").glob("*.pid")) if (folder / "pids").is_dir() else []
     for name in pids:
         typer.echo(f"{name}: pid {deployment.pid(name)} {'running' if deployment.alive(name) else 'not running'}")
-    if "superlink" in pids and deployment.alive("superlink"):
-        for node in deployment.supernodes():
-            typer.echo(f"  {node}")
+    names = NodeRegistry(folder / "keys").names_by_node_id()
+    if not deployment.alive("superlink"):
+        for node_id, name in sorted(names.items(), key=lambda kv: kv[1]):
+            typer.echo(f"  {name}: node id {node_id} (SuperLink not running)")
+        return
+    try:
+        nodes = deployment.supernodes()
+    except FedembError as exc:
+        fail(exc)
+    for node in sorted(nodes, key=lambda n: names.get(int(n["node-id"]), "~")):
+        node_id = int(node["node-id"])
+        since = f" since {node['online-at']}" if node.get("status") == "online" else ""
+        typer.echo(f"  {names.get(node_id, '(unnamed)')}: node id {node_id}, {node.get('status')}{since}")
 
 
 @app.command()

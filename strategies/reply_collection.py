@@ -1,0 +1,49 @@
+"""Send a round's train messages and collect the replies until all are in or the round's deadline,
+saying while it waits which nodes it still waits for and until when.
+
+Which nodes were sent work is the round's secret sample, so the progress lines go to the server's
+private event log (monitoring.private_console echoes them, marked); `scripts/deploy/deploy.py run`
+shows them to the operator with the registered names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedemb.monitoring.private_log import private_log
+
+WAITING = "waiting for"  # the start of a progress line; deploy.py recognises it
+
+
+def send_and_collect(grid: Grid, messages: Sequence[Message], *, server_round: int, timeout_s: float,
+                     progress_every_s: float, poll_s: float = 1.0) -> list[Message]:
+    """Push `messages`, then pull replies every `poll_s` seconds until every message has one or
+    `timeout_s` has passed; every `progress_every_s` seconds of waiting, one private line naming the
+    nodes still awaited and the deadline."""
+    message_ids = list(grid.push_messages(messages))
+    awaiting = {mid: msg.metadata.dst_node_id for mid, msg in zip(message_ids, messages) if mid}
+    started = time.monotonic()
+    deadline = started + timeout_s
+    deadline_utc = datetime.fromtimestamp(time.time() + timeout_s, timezone.utc).strftime("%H:%M:%S")
+    next_report = started + progress_every_s
+    replies: list[Message] = []
+    while awaiting:
+        for reply in grid.pull_messages(list(awaiting)):
+            awaiting.pop(reply.metadata.reply_to_message_id, None)
+            replies.append(reply)
+        now = time.monotonic()
+        if not awaiting or now >= deadline:
+            break
+        if now >= next_report:
+            nodes = " ".join(str(n) for n in sorted(awaiting.values()))
+            private_log.info("round %d: %s %d of %d replies until %s UTC (simulation.round_timeout_s = %g s): "
+                             "nodes %s", server_round, WAITING, len(awaiting), len(messages), deadline_utc,
+                             timeout_s, nodes)
+            next_report = now + progress_every_s
+        time.sleep(max(0.0, min(poll_s, deadline - now)))
+    return replies
