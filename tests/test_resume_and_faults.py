@@ -47,11 +47,12 @@ def ledger_entries(run_dir: Path) -> int:
         return 0
 
 
-def kill_when(run_dir: Path, entries: int, tmp_path: Path) -> list:
-    """Start the run in its own session and SIGKILL the whole session once the ledger holds `entries`.
-    Returns the processes the run had started (Ray's among them), to check that none survive."""
-    proc = subprocess.Popen(simulate_cmd(run_dir, SMALL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=tmp_path, env=env(), start_new_session=True)
+def kill_when(run_dir: Path, entries: int, tmp_path: Path, command: list[str] | None = None) -> list:
+    """Start the run (or `command`) in its own session and SIGKILL the whole session once the ledger
+    holds `entries`. Returns the processes the run had started (Ray's among them), to check that none
+    survive."""
+    proc = subprocess.Popen(command or simulate_cmd(run_dir, SMALL), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=tmp_path, env=env(), start_new_session=True)
     deadline = time.monotonic() + 240
     while ledger_entries(run_dir) < entries:
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -94,20 +95,21 @@ def test_a_run_killed_at_several_points_resumes_to_the_same_model_and_ledger(tmp
     expected_ledger = json.loads((reference / "privacy.json").read_text())
     assert len(expected_ledger["entries"]) == 6
 
-    for kill_at in (1, 4):  # before the first checkpoint; between checkpoints, mid-round
-        run_dir = tmp_path / f"killed-at-{kill_at}"
-        started = kill_when(run_dir, kill_at, tmp_path)
+    # killed before the first checkpoint, then its resumption killed again between checkpoints, mid-round
+    run_dir = tmp_path / "killed"
+    resume = [EXE, "simulate", "--resume", str(run_dir)]
+    for kill_at, command in ((1, None), (4, resume)):
+        started = kill_when(run_dir, kill_at, tmp_path, command)
         assert not (run_dir / "results.json").exists()
         assert_all_gone(started)
-        resumed = subprocess.run([EXE, "simulate", "--resume", str(run_dir)], capture_output=True, text=True,
-                                 cwd=tmp_path, env=env(), timeout=300)
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        model = torch.load(run_dir / "checkpoints/final.pt")
-        assert all(torch.equal(model[k], expected_model[k]) for k in expected_model), f"model differs (kill at {kill_at})"
-        assert json.loads((run_dir / "privacy.json").read_text()) == expected_ledger
-        results = json.loads((run_dir / "results.json").read_text())
-        assert results["resumed"] and results["rounds_completed"] == 6
-        assert [r["round"] for r in results["history"]] == list(range(1, 7))
+    resumed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, env=env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    model = torch.load(run_dir / "checkpoints/final.pt")
+    assert all(torch.equal(model[k], expected_model[k]) for k in expected_model), "the resumed model differs"
+    assert json.loads((run_dir / "privacy.json").read_text()) == expected_ledger
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["resumed"] and results["rounds_completed"] == 6
+    assert [r["round"] for r in results["history"]] == list(range(1, 7))
     assert_nothing_left(before)
 
 

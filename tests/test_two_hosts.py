@@ -35,7 +35,7 @@ GUIDE = REPO / "docs" / "deployment.md"
 BLOCK = re.compile(r"<!-- two-hosts: (\w+) -->\s*```bash\n(.*?)```", re.S)
 DOC_ADDRESS = "10.0.0.5"
 DOC_OVERRIDES = "deployment.devices=1 deployment.min_devices=1"
-TEST_OVERRIDES = "deployment.devices=3 deployment.min_devices=3 run.rounds=2 simulation.round_timeout_s=60"
+TEST_OVERRIDES = "deployment.devices=3 deployment.min_devices=3 run.rounds=2 simulation.round_timeout_s=45"
 
 
 def guide_blocks() -> list[tuple[str, str]]:

@@ -1,6 +1,2 @@
-"""User-partitioned image datasets."""
-
-from fedemb.data.population import Population
-from fedemb.data.splits import DataSplits, load_splits
-
-__all__ = ["DataSplits", "Population", "load_splits"]
+"""User-partitioned image datasets. The package imports nothing itself, so that a device's lean
+install can read its data file (fedemb.data.npz_format) without torch."""

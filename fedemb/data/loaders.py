@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from fedemb.data.idx import find_idx, read_idx, read_qmnist_writers
+from fedemb.data.npz_format import read_npz
 from fedemb.errors import DataError
 
 
@@ -79,26 +80,9 @@ def load_npz_dataset(cfg) -> RawDataset:
     p = Path(cfg.path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as exc:  # zipfile/npy errors come in many types
-        raise DataError(f"cannot read .npz file {p}: {exc}") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DataError(f"{p}: missing array {key!r} (need x, y and optionally user)")
-    x = _as_nchw(arrays["x"], str(p))
-    if x.dtype != np.uint8:
-        x = x.astype(np.float32)
-        if x.size and (x.min() < 0 or x.max() > 1):
-            raise DataError(f"{p}: float images must lie in [0, 1]")
-    y = arrays["y"].astype(np.int64).reshape(-1)
-    users = arrays["user"].astype(np.int64).reshape(-1) if "user" in arrays else None
-    if len(y) != len(x) or (users is not None and len(users) != len(x)):
-        raise DataError(f"{p}: x, y and user must have the same length")
-    if len(y) and y.min() < 0:
-        raise DataError(f"{p}: labels must be non-negative")
-    return RawDataset(RawSplit(x, y, users, _scale(x)), None, int(y.max()) + 1 if len(y) else 0)
+    data = read_npz(p)
+    y = data.labels
+    return RawDataset(RawSplit(data.images, y, data.users, data.pixel_scale), None, int(y.max()) + 1 if len(y) else 0)
 
 
 def load_npy_dataset(cfg) -> RawDataset:

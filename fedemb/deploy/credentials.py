@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedemb.errors import ConfigError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 
 
@@ -101,10 +103,17 @@ def make_server_credentials(folder: Path, hosts: list[str], days: int = 365) -> 
     return creds
 
 
+def checked_node_name(name: str) -> str:
+    """A device's name: its key's comment, the server's file name for it, and how it is shown."""
+    if not NODE_NAME.fullmatch(name):
+        raise ConfigError(f"device name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    return name
+
+
 def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     """An OpenSSH ECDSA P-384 key pair `folder/name` (private, 0600) and `folder/name.pub`."""
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"node key name must be a plain file name, got {name!r}")
+    checked_node_name(name)
     key = ec.generate_private_key(ec.SECP384R1())
     private = folder / name
     public = folder / f"{name}.pub"

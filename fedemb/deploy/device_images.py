@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fedemb.deploy.device_data import DeviceData, checked_arrays
+from fedemb.data.npz_format import ImageArrays, checked_arrays
 from fedemb.errors import DataError
 
 MODES = {1: "L", 3: "RGB"}
@@ -112,7 +112,7 @@ def _as_mode(image: Image.Image, mode: str, file: Path) -> Image.Image:
     return image.convert(mode)
 
 
-def read_image_folder(folder: ImageFolder, user: int) -> tuple[DeviceData, dict[int, int]]:
+def read_image_folder(folder: ImageFolder, user: int) -> tuple[ImageArrays, dict[int, int]]:
     """The folder's images as device data of `user`, and the number of examples of each class id."""
     ids = class_ids(folder)
     files = [(f, label) for sub, label in ids.items() for f in _visible_files(sub)]
@@ -131,7 +131,7 @@ def read_image_folder(folder: ImageFolder, user: int) -> tuple[DeviceData, dict[
     return data, _counts(data.labels)
 
 
-def read_arrays(x_file: Path, y_file: Path, user: int) -> tuple[DeviceData, dict[int, int]]:
+def read_arrays(x_file: Path, y_file: Path, user: int) -> tuple[ImageArrays, dict[int, int]]:
     """Arrays someone already has: x (n, H, W) or (n, C, H, W), uint8 or float in [0, 1]; y labels."""
     x, y = (_load_npy(f) for f in (x_file, y_file))
     data = checked_arrays(x, y, np.full(len(y.reshape(-1)), user, dtype=np.int64), f"{x_file}, {y_file}")
@@ -146,7 +146,7 @@ def checked_output(out: Path) -> Path:
     return out
 
 
-def write_device_file(data: DeviceData, out: Path) -> None:
+def write_device_file(data: ImageArrays, out: Path) -> None:
     """Written whole or not at all: a temporary file in the same folder, then renamed."""
     checked_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from fedemb.deploy.credentials import make_node_key
+from fedemb.deploy.credentials import checked_node_name, make_node_key
 from fedemb.deploy.device_data import DATA_PATH, USER, read_device_file
 from fedemb.deploy.process_group import group_running, process_running, read_pid, start_detached, stop_group
 from fedemb.errors import FedembError
@@ -36,7 +36,6 @@ from fedemb.errors import FedembError
 HOME_VARIABLE = "FEDEMB_DEVICE_HOME"
 KEY, PUBLIC_KEY, SETTINGS, CA, LOG, PID = "node.key", "node.key.pub", "device.json", "ca.crt", "supernode.log", "supernode.pid"
 DEFAULT_PORT = 9094
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ACTIVATED = re.compile(r"SuperNode ID: (\d+)")
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 LEVEL_PREFIX = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
@@ -109,13 +108,6 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 # --- the key ---------------------------------------------------------------------------------------
 
-def checked_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name):
-        raise FedembError(f"device name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
-                          "starting with a letter or digit")
-    return name
-
-
 def default_name() -> str:
     """<short host name>-<6 random hex digits>: two devices with the same host name still differ."""
     host = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname().split(".")[0]).strip("-._")[:40]
@@ -124,7 +116,7 @@ def default_name() -> str:
 
 def make_key(folder: DeviceFolder, name: str | None, force: bool) -> str:
     """The device's key pair under `folder`; its name (the public key's comment)."""
-    name = checked_name(name) if name is not None else default_name()
+    name = checked_node_name(name) if name is not None else default_name()
     if folder.has_key() and not force:
         raise FedembError(f"{folder.path} already has a key ({folder.name()}): --force replaces it, and the "
                           "server must then register the new one")

@@ -13,14 +13,13 @@ import base64
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedemb.deploy.credentials import checked_node_name
 from fedemb.errors import ConfigError
 
 REGISTRY = "registry.json"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KEY_TYPE = "ecdsa-sha2-nistp384"
 
 
@@ -45,8 +44,10 @@ def read_public_key(path: Path, name: str | None = None) -> PublicKey:
     except ValueError:
         raise ConfigError(f"{path}: the key is not valid base64") from None
     name = name or (parts[2] if len(parts) > 2 else path.name.removesuffix(".pub"))
-    if not NAME.fullmatch(name):
-        raise ConfigError(f"{path}: device name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
+    try:
+        checked_node_name(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
     return PublicKey(name, f"{parts[0]} {parts[1]} {name}\n", fingerprint)
 
