@@ -36,6 +36,9 @@ from strategies.server_optimizer import ServerOptimizer
 from strategies.worker_assignment import assign_balanced, assign_by_slot
 
 
+FLOAT32_ROUNDING = 1e-5
+
+
 class DPFedEmb(Strategy):
     def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: dict, mechanism: RoundMechanism,
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
@@ -136,9 +139,12 @@ class DPFedEmb(Strategy):
                 continue
             if checked.projected:
                 stats["projected"] += 1
-                private_log.warning("round %s: node %s: update norm %.9g above %s x clip norm %.6g: projected onto "
-                                    "the ball", server_round, node, checked.projected,
-                                    len(assignment.virtual_clients), self.clip_norm)
+                bound = len(assignment.virtual_clients) * self.clip_norm
+                # float32 sums of clipped updates overshoot by ~1e-7: routine; more is worth a warning
+                level = WARNING if checked.projected > bound * (1 + FLOAT32_ROUNDING) else INFO
+                private_log.log(level, "round %s: node %s: update norm %.9g above %s x clip norm %.6g: projected "
+                                "onto the ball", server_round, node, checked.projected,
+                                len(assignment.virtual_clients), self.clip_norm)
             for k in total:
                 total[k] += checked.update[k]
             m = checked.metrics

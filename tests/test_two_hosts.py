@@ -255,3 +255,12 @@ def _cmdline(pid: int) -> str:
         return " ".join(psutil.Process(pid).cmdline())
     except psutil.NoSuchProcess:
         return f"{pid} (gone)"
+
+
+def test_without_the_rights_to_make_namespaces_the_test_says_why(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(NamespacesUnavailable, match="needs root"):
+        TwoHosts.make()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(NamespacesUnavailable, match="iproute2"):
+        TwoHosts.make()
