@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -128,6 +129,8 @@ class Checkpointer(RoundCallback):
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         if self.every and server_round % self.every == 0:
             save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:05d}.pt", arrays.to_torch_state_dict())
+            save_state(self.run_dir / STATE_FILE, self.run_state())
+        elif server_round == self.rounds:  # training is over: a crash in what follows resumes without retraining
             save_state(self.run_dir / STATE_FILE, self.run_state())
 
     def run_state(self) -> dict:
@@ -256,8 +259,6 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     if final not in result.evaluate_metrics_serverapp:
         result.evaluate_metrics_serverapp[final] = evaluator(final, result.arrays)
     final_eval = dict(result.evaluate_metrics_serverapp[final])
-    _write_projector(tensorboard, evaluator, final)
-    tensorboard.close()
     save_checkpoint(run_dir / "checkpoints" / "final.pt", final_state)
 
     telemetry_rounds = read_telemetry(run_dir)
@@ -309,8 +310,26 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         "server_private": f"{PRIVATE_DIR}/ (exact telemetry, timings and failure counts: never publish)",
     }
     write_json(run_dir / "results.json", results)
+    # the results, the ledger and the final model are on disk: what follows is optional and may fail
+    failed = [warning for warning in (
+        optional_output("the TensorBoard projector", lambda: _write_projector(tensorboard, evaluator, final)),
+        optional_output("the TensorBoard log", tensorboard.close)) if warning]
+    if failed:
+        results["warnings"] = failed
+        write_json(run_dir / "results.json", results)
     checkpointer.settle(strategy)  # last: a crash before it leaves a state that resumes to these results
     return results
+
+
+def optional_output(what: str, write: Callable[[], None]) -> str:
+    """Run `write`; a failure costs only that output: a warning (returned), never the run's results."""
+    try:
+        write()
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional output
+        warning = f"{what} was not written ({type(exc).__name__}: {exc}); the run's results are complete"
+        log(WARNING, warning)
+        return warning
+    return ""
 
 
 def _placement(cfg: Config) -> str:

@@ -137,3 +137,28 @@ def test_npy_directory_without_labels_is_one_line(tmp_path):
 
     with pytest.raises(DataError, match="missing y.npy"):
         load_splits(load_config(None, ['data.name="npy"', f'data.path="{tmp_path}"']).data)
+
+
+@pytest.mark.parametrize("shape, dtype", [((6, 10, 10), np.uint8), ((6, 10, 10, 3), np.uint8), ((6, 3, 10, 10), np.float32),
+                                          ((6, 10, 10, 1), np.float32), ((6, 1, 10, 10), np.uint8),
+                                          ((6, 10, 10, 4), np.uint8)])
+def test_npz_images_in_the_layouts_people_keep_them(tmp_path, shape, dtype):
+    rng = np.random.default_rng(2)
+    x = (rng.random(shape) * (255 if dtype == np.uint8 else 1)).astype(dtype)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(6) % 2, user=np.arange(6) // 2)
+    cfg = load_config(None, ['data.name="npz"', f'data.path="{tmp_path / "d.npz"}"', "data.eval_users=0.34"])
+    s = load_splits(cfg.data)
+    channels = shape[3] if len(shape) == 4 and shape[3] in (1, 3, 4) else (shape[1] if len(shape) == 4 else 1)
+    assert s.train.image_shape == (channels, 10, 10)
+    from fedemb.data.loaders import load_npz_dataset
+
+    raw = load_npz_dataset(cfg.data).train.images  # the pixels, not just the shape, are where they were
+    expected = x[:, None] if len(shape) == 3 else (x.transpose(0, 3, 1, 2) if shape[3] in (1, 3, 4) else x)
+    assert raw.dtype == dtype and np.array_equal(raw, expected)
+
+
+def test_npz_images_that_are_no_image_stack_are_refused_in_one_line(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((6, 10)), y=np.zeros(6, dtype=np.int64))
+    cfg = load_config(None, ['data.name="npz"', f'data.path="{tmp_path / "d.npz"}"'])
+    with pytest.raises(DataError, match=r"images must be \(n, H, W\), \(n, H, W, C\) or \(n, C, H, W\), got shape \(6, 10\)"):
+        load_splits(cfg.data)

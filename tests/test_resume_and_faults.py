@@ -277,3 +277,63 @@ def test_a_finished_run_deletes_its_tree_noise_and_secret_unless_asked_to_keep_t
     results = run_in_process(kept, *TREE, "run.keep_private_state=true", "run.rounds=3", resume=True)
     assert results["rounds_completed"] == 3
     assert [(e["round"], e["attempt"]) for e in ledger_of(kept)["entries"]] == [(1, 0), (2, 0), (3, 0)]
+
+
+# ---------------------------------------------------------------- the end of a run
+
+
+def test_a_failing_optional_output_costs_only_itself(tmp_path, monkeypatch):
+    """The projector fails (as it did on channels-last RGB data): the run still succeeds, with its
+    results, ledger and final model written and the failure stated as a warning."""
+    import fedemb.federated
+
+    def broken_projector(*_):
+        raise ValueError("Input should be a 4D numpy array with 3 channels")
+
+    monkeypatch.setattr(fedemb.federated, "_write_projector", broken_projector)
+    results = run_in_process(tmp_path / "run", "run.rounds=2")
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["rounds_completed"] == 2 and written == json.loads(json.dumps(results))
+    assert written["warnings"] == ["the TensorBoard projector was not written (ValueError: Input should be a 4D numpy "
+                                   "array with 3 channels); the run's results are complete"]
+    assert len(json.loads((tmp_path / "run" / "privacy.json").read_text())["entries"]) == 2
+    assert (tmp_path / "run" / "checkpoints" / "final.pt").is_file()
+
+
+def test_a_run_that_crashes_after_training_is_finished_by_resume_without_retraining(tmp_path, monkeypatch):
+    import fedemb.federated
+    from fedemb.inprocess import InProcessGrid
+    from simulations.client_app import train
+
+    trained = []
+
+    def counting_train(msg, context):
+        trained.append(msg.content["config"]["server-round"])
+        return train(msg, context)
+
+    class CountingGrid(InProcessGrid):
+        def __init__(self, _train, nodes):
+            super().__init__(counting_train, nodes)
+
+    monkeypatch.setattr("fedemb.inprocess.InProcessGrid", CountingGrid)
+    real_write_json = fedemb.federated.write_json
+
+    def crash_on_results(path, data):
+        if Path(path).name == "results.json":
+            raise MemoryError("the machine ran out of memory after the last round")
+        real_write_json(path, data)
+
+    monkeypatch.setattr(fedemb.federated, "write_json", crash_on_results)
+    run_dir = tmp_path / "run"
+    with pytest.raises(MemoryError):  # checkpoint_every = 0: no periodic checkpoint to fall back on
+        run_in_process(run_dir, "run.rounds=3", "run.checkpoint_every=0")
+    assert trained and max(trained) == 3 and not (run_dir / "results.json").exists()
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+
+    monkeypatch.setattr(fedemb.federated, "write_json", real_write_json)
+    trained.clear()
+    results = run_in_process(run_dir, "run.rounds=3", "run.checkpoint_every=0", resume=True)
+    assert trained == []  # nothing retrained
+    assert results["rounds_completed"] == 3 and results["resumed"]
+    assert json.loads((run_dir / "privacy.json").read_text()) == ledger  # nothing accounted again
+    assert (run_dir / "results.json").is_file()

@@ -1,7 +1,7 @@
 """The .npz image format (x, y and optionally user), read and checked with NumPy alone: the server's
 `data.name = "npz"` and a device's data file (fedemb.deploy.device_data) share it.
 
-x is (n, H, W) or (n, C, H, W), uint8 (pixels / 255) or float in [0, 1]; y holds non-negative integer
+x is (n, H, W), (n, C, H, W) or channels-last (n, H, W, C), uint8 (pixels / 255) or float in [0, 1]; y holds non-negative integer
 labels; user, optionally, one integer id per row.
 """
 
@@ -30,12 +30,24 @@ class ImageArrays:
         return 1.0 / 255.0 if self.images.dtype == np.uint8 else 1.0
 
 
+CHANNELS = (1, 3, 4)  # grayscale, RGB, RGBA
+
+
+def channels_first(x: np.ndarray, source: str) -> np.ndarray:
+    """(n, C, H, W) from (n, H, W), (n, C, H, W) or channels-last (n, H, W, C): an array is taken as
+    channels-last when its last axis has 1, 3 or 4 entries and its second does not."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{source}: images must be (n, H, W), (n, H, W, C) or (n, C, H, W), got shape {x.shape}")
+    if x.shape[3] in CHANNELS and x.shape[1] not in CHANNELS:
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x
+
+
 def checked_arrays(x: np.ndarray, y: np.ndarray, users: np.ndarray | None, source: str) -> ImageArrays:
     """The format's rules, for a file read or about to be written; a DataError names the problem."""
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise DataError(f"{source}: images must be (n, H, W) or (n, C, H, W), got shape {x.shape}")
+    x = channels_first(x, source)
     if x.dtype != np.uint8:
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise DataError(f"{source}: images must be uint8 or float in [0, 1], got {x.dtype}")
