@@ -28,12 +28,14 @@ from fedemb.evaluation.embed import embed
 from fedemb.evaluation.metrics import embedding_metrics
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net, shared_state
 from fedemb.monitoring.callback import RoundCallback
+from fedemb.monitoring.divergence import DivergenceWatch
 from fedemb.monitoring.outputs import public_round_metrics
 from fedemb.monitoring.private_log import PrivateLog
 from fedemb.monitoring.progress import ProgressReporter
 from fedemb.monitoring.telemetry import TELEMETRY_FILE, PrivateTelemetry, read_telemetry
 from fedemb.monitoring.tensorboard import TensorBoardLogger
 from fedemb.privacy.accountant import PrivacyPlan, make_privacy_plan
+from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.keyed_random import keyed_seed, run_secret
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.mechanisms import STAGE, make_mechanism
@@ -234,7 +236,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     run_facts = {"secret": secret, "initial_eval": initial_eval}
     telemetry = PrivateTelemetry(run_dir, cfg.monitoring.private_tensorboard, purge_step=done_round + 1 if state else None)
     checkpointer = Checkpointer(run_dir, cfg.run.checkpoint_every, history, run_facts, cfg.run.keep_private_state)
-    callbacks: list[RoundCallback] = [tensorboard, telemetry, history, checkpointer]
+    divergence = DivergenceWatch(global_norm(initial_state), tensorboard.writer)
+    callbacks: list[RoundCallback] = [tensorboard, telemetry, history, checkpointer, divergence]
     if show_progress:
         callbacks.append(ProgressReporter())
     strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, mechanism=mechanism,
@@ -274,6 +277,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         "rounds_planned": cfg.run.rounds,
         "rounds_completed": final,
         "stop_reason": strategy.stop_reason or "completed",
+        "diverged": divergence.report,  # None, or the round it started, why and what to change
         "initial": initial_eval,
         "final": final_eval,
         "privacy": {

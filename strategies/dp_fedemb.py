@@ -9,6 +9,7 @@ sum; let the round's DP mechanism add its noise; divide by the fixed number of v
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedemb.monitoring.private_log import private_log
+from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.ledger import LedgerEntry, PrivacyLedger, release_digest
 from fedemb.privacy.mechanisms import RoundMechanism
 from fedemb.privacy.sampling import UserSampler
@@ -274,6 +276,7 @@ class DPFedEmb(Strategy):
             arrays, train_metrics = self.aggregate_train(server_round, replies)
             self._account_replay(server_round, entry)  # before anything of the release leaves the server
             self.rounds_completed = server_round
+            train_metrics["model-norm"] = model_norm = global_norm(arrays.to_torch_state_dict())
             seconds = time.monotonic() - started
             train_metrics["epsilon"] = self.ledger.epsilon
             train_metrics["round-seconds"] = seconds
@@ -289,6 +292,10 @@ class DPFedEmb(Strategy):
             for cb in self.callbacks:
                 cb.on_round_end(server_round, arrays, dict(train_metrics),
                                 dict(eval_metrics) if eval_metrics is not None else None)
+            if not math.isfinite(model_norm):  # every further round would spend budget on a broken model
+                self.stop_reason = f"round {server_round + 1} not run: the model is no longer finite (training diverged)"
+                log(WARNING, self.stop_reason)
+                break
         for cb in self.callbacks:
             cb.on_run_end(result, self)
         return result

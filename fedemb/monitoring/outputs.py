@@ -20,6 +20,7 @@ PUBLIC_ROUND_METRICS = {
     "unclipped-fraction-estimate": "adaptive clipping's released noisy count, post-processed",
     "dp-train-loss": "the released noisy sum of bounded losses (privacy.metrics), post-processed",
     "dp-fraction-clipped": "the released noisy clipped count (privacy.metrics or adaptive clipping), post-processed",
+    "model-norm": "the norm of the released model after the round: post-processing of the releases",
 }
 
 

@@ -16,6 +16,7 @@ from fedemb.monitoring.callback import RoundCallback
 PUBLIC_SCALARS = {
     "train/dp_loss": "dp-train-loss",
     "train/dp_fraction_clipped": "dp-fraction-clipped",
+    "train/model_norm": "model-norm",
     "privacy/noise_std": "noise-std",
     "privacy/clip_norm": "clip-norm",
     "privacy/effective_noise_multiplier": "effective-noise-multiplier",

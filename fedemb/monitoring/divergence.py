@@ -1,0 +1,46 @@
+"""Training that blows up says so: the round it started, in the console, results.json and TensorBoard.
+
+It watches only what a run may publish: the norm of the released model after each round (post-processing
+of the DP releases), so the verdict itself is publishable. A model that is no longer finite stops the run
+(in the strategy: every further round would spend budget on nothing); a model whose norm has grown by
+GROWTH_FACTOR over the initial one is reported and the run goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from logging import WARNING
+
+from flwr.common.logger import log
+
+from fedemb.monitoring.callback import RoundCallback
+
+GROWTH_FACTOR = 100.0
+ADVICE = ("lower server.lr (or server.momentum) and client.lr; with DP, a smaller privacy.clip_norm "
+          "or more users per round lowers the noise per step (docs/configuration.md, 'When a run diverges')")
+
+
+class DivergenceWatch(RoundCallback):
+    def __init__(self, initial_norm: float, tensorboard_writer=None, growth_factor: float = GROWTH_FACTOR):
+        self.initial_norm = max(float(initial_norm), 1e-12)
+        self.writer = tensorboard_writer
+        self.growth_factor = growth_factor
+        self.report: dict | None = None  # {"round", "reason", "advice"} once diverged
+
+    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
+        if self.report is not None:
+            return
+        norm = float(train_metrics.get("model-norm", 0.0))
+        if not math.isfinite(norm):
+            reason = "the model is no longer finite"
+        elif norm > self.growth_factor * self.initial_norm:
+            reason = (f"the model's norm grew to {norm:.3g}, {norm / self.initial_norm:.3g} times its initial "
+                      f"{self.initial_norm:.3g}")
+        else:
+            return
+        self.report = {"round": server_round, "reason": reason, "advice": ADVICE}
+        log(WARNING, "training diverged in round %s: %s; %s", server_round, reason, ADVICE)
+        if self.writer is not None:
+            self.writer.add_text("run/diverged", f"round {server_round}: {reason}. What to change: {ADVICE}",
+                                 server_round)
+            self.writer.flush()
