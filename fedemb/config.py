@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedemb.errors import ConfigError
+from fedemb.errors import ConfigError, DataError
 
 SAMPLING_METHODS = ("poisson", "fixed", "limited")
 SIMULATION_MODES = ("workers", "devices")
@@ -22,6 +22,8 @@ CLIPPING = ("fixed", "adaptive")
 FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("dirichlet", "shards", "iid")
+USER_SOURCES = ("", "folder")
+IMAGE_CHANNELS = (0, 1, 3)
 HEAD_KINDS = ("local", "global", "shared")
 HEAD_INITS = ("random", "anchors")
 SYNTH_COVARIANCES = ("isotropic", "diag", "full", "lowrank")
@@ -43,8 +45,12 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | idx | npz | npy
+    name: str = "digits"  # digits | idx | npz | npy | folder
     path: str = ""
+    manifest: str = ""  # folder: a CSV with columns path, user (and optionally label), relative to data.path
+    user_from: str = ""  # folder: "folder" takes users from a level above the classes (root/<user>/<class>/<file>)
+    image_size: str = ""  # folder: "HxW" to resize every image to; "": keep (all images must agree)
+    channels: int = 0  # folder: 1 (grayscale) or 3 (RGB); 0: 3 if any image is colour, else 1
     writers: str = ""  # QMNIST extended labels for the train images (idx only)
     test_writers: str = ""  # QMNIST extended labels for the t10k images (idx only)
     use_test_split: bool = False  # idx: evaluate on the t10k files instead of held-out train users
@@ -400,6 +406,7 @@ def validate(cfg: Config) -> None:
 
     _one_of(d.name, tuple(DATASETS), "data.name")
     _one_of(d.partition, PARTITIONS, "data.partition")
+    validate_image_folder(d)
     _check(d.num_users >= 2, f"data.num_users must be >= 2, got {d.num_users}")
     _check(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
     _check(d.shards_per_user >= 1, f"data.shards_per_user must be >= 1, got {d.shards_per_user}")
@@ -480,6 +487,25 @@ def validate(cfg: Config) -> None:
     _check(pt.lr > 0, f"pretrain.lr must be > 0, got {pt.lr}")
     validate_synth(cfg.synth)
     validate_invert(cfg.invert)
+
+
+def validate_image_folder(d: DataConfig) -> None:
+    if d.name != "folder":
+        for key in ("manifest", "user_from", "image_size", "channels"):
+            _check(not getattr(d, key), f"data.{key} applies to data.name = 'folder' only, not {d.name!r}")
+        return
+    _check(d.user_from in USER_SOURCES,
+           f"data.user_from must be \"folder\" (users from root/<user>/<class>/) or \"\", got {d.user_from!r}")
+    _check(not (d.manifest and d.user_from),
+           "data.manifest and data.user_from both say where users come from: set one of them")
+    _check(d.channels in IMAGE_CHANNELS, f"data.channels must be 1, 3 or 0 (3 if any image is colour), got {d.channels}")
+    if d.image_size:
+        from fedemb.data.image_files import parse_size
+
+        try:
+            parse_size(d.image_size, "data.image_size")
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def validate_projection(cfg: Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -9,8 +10,11 @@ from typing import Callable
 import numpy as np
 
 from fedemb.data.idx import find_idx, read_idx, read_qmnist_writers
+from fedemb.data.image_folder import decoded_images, list_folder, source_files
 from fedemb.data.npz_format import read_npz
 from fedemb.errors import DataError
+
+log = logging.getLogger("fedemb")
 
 
 @dataclass
@@ -26,6 +30,7 @@ class RawDataset:
     train: RawSplit
     test: RawSplit | None
     num_classes: int
+    class_names: dict[int, str] | None = None  # image folders: the name of each class id
 
 
 def _as_nchw(x: np.ndarray, source: str) -> np.ndarray:
@@ -114,9 +119,23 @@ def load_npy_dataset(cfg) -> RawDataset:
     return RawDataset(RawSplit(x, y, users, 1.0 / 255.0), None, int(y.max()) + 1 if len(y) else 0)
 
 
+def load_folder_dataset(cfg) -> RawDataset:
+    """Image files in class folders (fedemb.data.image_folder), decoded once into a memory-mapped array."""
+    listing = list_folder(cfg)
+    images = decoded_images(cfg, listing.files)
+    log.info("data: %s: %d images of %s; users: %s; classes: %s", cfg.path, len(images),
+             "x".join(map(str, images.shape[1:])), listing.users_from,
+             ", ".join(f"{i}={name}" for i, name in sorted(listing.class_names.items())))
+    return RawDataset(RawSplit(images, listing.labels, listing.users, 1.0 / 255.0), None,
+                      int(listing.labels.max()) + 1, listing.class_names)
+
+
 DATASETS: dict[str, Callable] = {
     "digits": load_digits_dataset,
     "idx": load_idx_dataset,
     "npz": load_npz_dataset,
     "npy": load_npy_dataset,
+    "folder": load_folder_dataset,
 }
+# formats whose files are not just data.path (or the files directly in it): the store's key stats these
+SOURCE_FILES: dict[str, Callable] = {"folder": source_files}

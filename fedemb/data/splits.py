@@ -24,6 +24,7 @@ class DataSplits:
     train: Population  # private users that federated training samples from
     eval: Population  # held-out users (and held-out classes when configured)
     public: Population | None  # users declared public, for central pretraining
+    class_names: dict[int, str] | None = None  # image folders: the name of each class id
 
 
 @dataclass

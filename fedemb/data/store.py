@@ -8,13 +8,12 @@ the arrays with mmap: a worker reads only the rows of the users it trains, nothi
 messages or contexts, and memory does not grow with the population.
 
 The directory is keyed by a hash of the data config and of the files it reads (path, size, mtime), so
-a changed config or file gets a new store. Location: `data.cache_dir`, else $FEDEMB_CACHE_DIR, else
-~/.cache/fedemb.
+a changed config or file gets a new store (the files of an image folder: every file under it and its
+manifest). Location: fedemb.data.cache (`data.cache_dir`, else $FEDEMB_CACHE_DIR, else ~/.cache/fedemb).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedemb.data.cache import cache_root, file_stats, key_of
+from fedemb.data.loaders import SOURCE_FILES
 from fedemb.data.population import Population
 from fedemb.data.splits import DataSplits, plan_splits
 from fedemb.errors import DataError
@@ -33,14 +34,11 @@ CHUNK_ROWS = 65536
 SPLITS = ("train", "eval", "public")
 
 
-def cache_root(data_cfg) -> Path:
-    root = data_cfg.cache_dir or os.environ.get("FEDEMB_CACHE_DIR") or "~/.cache/fedemb"
-    return Path(root).expanduser()
-
-
 def _source_files(data_cfg) -> list[Path]:
     files = []
-    if data_cfg.path:
+    if data_cfg.name in SOURCE_FILES:
+        files += SOURCE_FILES[data_cfg.name](data_cfg)
+    elif data_cfg.path:
         p = Path(data_cfg.path)
         files += sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
     files += [Path(f) for f in (data_cfg.writers, data_cfg.test_writers) if f]
@@ -49,15 +47,7 @@ def _source_files(data_cfg) -> list[Path]:
 
 def store_key(data_cfg) -> str:
     config = {k: v for k, v in asdict(data_cfg).items() if k != "cache_dir"}
-    stats = []
-    for f in _source_files(data_cfg):
-        try:
-            st = f.stat()
-            stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-        except OSError:
-            stats.append([str(f), None, None])  # the loader will name the problem
-    blob = json.dumps({"version": STORE_VERSION, "config": config, "files": stats}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return key_of({"version": STORE_VERSION, "config": config, "files": file_stats(_source_files(data_cfg))})
 
 
 def materialize(data_cfg) -> Path:
@@ -77,7 +67,7 @@ def materialize(data_cfg) -> Path:
         source = raw.test if raw.test is not None else raw.train
         users = plan.test_users if raw.test is not None else plan.train_users
         _write_split(tmp / "eval", source.images, source.labels, users, plan.eval_rows, sort=False)
-        meta = {"version": STORE_VERSION, "num_classes": raw.num_classes,
+        meta = {"version": STORE_VERSION, "num_classes": raw.num_classes, "class_names": raw.class_names,
                 "pixel_scale": {"train": raw.train.pixel_scale, "eval": source.pixel_scale,
                                 "public": raw.train.pixel_scale},
                 "splits": [s for s in SPLITS if (tmp / s).is_dir()]}
@@ -129,4 +119,6 @@ def open_store(path: Path) -> DataSplits:
                   for name in meta["splits"]}
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"the data store {path} is damaged ({exc}); delete it and it will be rebuilt") from None
-    return DataSplits(splits["train"], splits["eval"], splits.get("public"))
+    names = meta.get("class_names")
+    return DataSplits(splits["train"], splits["eval"], splits.get("public"),
+                      {int(i): n for i, n in names.items()} if names else None)

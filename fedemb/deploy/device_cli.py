@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from fedemb.data.image_files import parse_size
 from fedemb.deploy import device_images, device_node
 from fedemb.deploy.device_node import DEFAULT_PORT, LOG, PUBLIC_KEY, DeviceFolder
 from fedemb.errors import FedembError
@@ -94,7 +95,7 @@ def data(out: Annotated[Path, typer.Argument(help="The data file to write (.npz)
             fail("--labels goes with --arrays; with --images the class folders give the labels")
         if channels not in (None, 1, 3):
             fail(f"--channels must be 1 or 3, got {channels}")
-        resize = device_images.parse_size(size) if size is not None else None
+        resize = parse_size(size) if size is not None else None
         made, counts = device_images.read_image_folder(
             device_images.ImageFolder(images, resize, channels or 1, names), user)
     device_images.write_device_file(made, out)

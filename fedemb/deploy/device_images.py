@@ -3,28 +3,23 @@
     photos/0/a.jpg photos/0/b.png photos/1/c.bmp ...      one subfolder per class, named by its id
     photos/cat/... photos/dog/... with classes cat,dog     or by name, ids given by the order of `classes`
 
-Every image is read with Pillow whatever its format, mode and size: turned upright as its EXIF says,
-transparent pixels laid on white (as on a page), converted to grayscale ("L") or "RGB", and resized
-(stretched) to `size` when one is given; without one, all images must already agree in size. Arrays
-someone already has (x.npy, y.npy) go through the same checks.
+Every image is read by fedemb.data.image_files (any format, mode and size; upright, transparency on white,
+grayscale or RGB) and resized to `size` when one is given; without one, all images must already agree in
+size. Arrays someone already has (x.npy, y.npy) go through the same checks.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fedemb.data.image_files import hxw, read_image, visible_files
 from fedemb.data.npz_format import ImageArrays, checked_arrays
 from fedemb.errors import DataError
-
-MODES = {1: "L", 3: "RGB"}
-SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -35,14 +30,6 @@ class ImageFolder:
     size: tuple[int, int] | None = None
     channels: int = 1
     classes: tuple[str, ...] | None = None
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """"28x28" → (28, 28): height x width."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match or min(int(match[1]), int(match[2])) < 1:
-        raise DataError(f"size must be HEIGHTxWIDTH in pixels, like 28x28, got {text!r}")
-    return int(match[1]), int(match[2])
 
 
 def parse_classes(text: str) -> tuple[str, ...]:
@@ -82,47 +69,17 @@ def class_ids(folder: ImageFolder) -> dict[Path, int]:
     return ids
 
 
-def read_image(file: Path, folder: ImageFolder) -> np.ndarray:
-    """(C, H, W) uint8."""
-    try:
-        with Image.open(file) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        reason = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
-        raise DataError(f"{file}: {reason}") from None
-    mode = MODES[folder.channels]
-    image = _as_mode(image, mode, file)
-    if folder.size is not None and image.size != (folder.size[1], folder.size[0]):
-        image = image.resize((folder.size[1], folder.size[0]), Image.Resampling.LANCZOS)
-    pixels = np.asarray(image, dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-
-
-def _as_mode(image: Image.Image, mode: str, file: Path) -> Image.Image:
-    if image.mode in SIXTEEN_BIT_MODES:  # Pillow's own conversion clips 16-bit values at 255
-        eight_bit = (np.asarray(image, dtype=np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(eight_bit, "L")
-    elif image.mode == "F":
-        raise DataError(f"{file}: floating-point images (mode F) are not supported: save it with 8 or 16 bits")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image.alpha_composite(rgba)
-    return image.convert(mode)
-
-
 def read_image_folder(folder: ImageFolder, user: int) -> tuple[ImageArrays, dict[int, int]]:
     """The folder's images as device data of `user`, and the number of examples of each class id."""
     ids = class_ids(folder)
-    files = [(f, label) for sub, label in ids.items() for f in _visible_files(sub)]
+    files = [(f, label) for sub, label in ids.items() for f in visible_files(sub)]
     if not files:
         raise DataError(f"{folder.root} has no images in its class folders")
     images, labels = [], []
     for file, label in files:
-        pixels = read_image(file, folder)
+        pixels = read_image(file, folder.size, folder.channels)
         if images and pixels.shape != images[0].shape:
-            raise DataError(f"{file} is {_hxw(pixels.shape[1:])} but {files[0][0]} is {_hxw(images[0].shape[1:])}: "
+            raise DataError(f"{file} is {hxw(pixels.shape[1:])} but {files[0][0]} is {hxw(images[0].shape[1:])}: "
                             "give --size HxW to resize them all")
         images.append(pixels)
         labels.append(label)
@@ -162,12 +119,6 @@ def write_device_file(data: ImageArrays, out: Path) -> None:
         raise
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Files under `folder`, hidden ones (.DS_Store, .thumbnails/...) left out."""
-    return [f for f in sorted(folder.rglob("*"))
-            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
-
-
 def _load_npy(file: Path) -> np.ndarray:
     if not file.is_file():
         raise DataError(f"{file}: no such file")
@@ -184,7 +135,3 @@ def _load_npy(file: Path) -> np.ndarray:
 def _counts(labels: np.ndarray) -> dict[int, int]:
     ids, counts = np.unique(labels, return_counts=True)
     return dict(zip(ids.tolist(), counts.tolist()))
-
-
-def _hxw(shape: tuple[int, ...]) -> str:
-    return f"{shape[0]}x{shape[1]}"

@@ -35,7 +35,10 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BATCHNORM) for m in model.modules())
 
 
-def create_backbone(name: str, in_chans: int, norm: str, pretrained_file: str = "") -> nn.Module:
+def create_backbone(name: str, in_chans: int, norm: str, pretrained_file: str = "",
+                    img_size: tuple[int, int] | None = None) -> nn.Module:
+    """A timm backbone for `in_chans` channels; architectures with a fixed input size (ViT and other
+    patch models) are built for `img_size`, the data's (H, W)."""
     if not timm.is_model(name):
         raise ConfigError(f"model.name {name!r} is not a timm model (see timm.list_models(); "
                           "fedemb adds 'fedemb_lenet')")
@@ -46,7 +49,7 @@ def create_backbone(name: str, in_chans: int, norm: str, pretrained_file: str = 
         # timm drops the checkpoint's classifier when the architecture's default class count is not 0
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     try:
-        backbone = timm.create_model(name, pretrained=bool(pretrained_file), **kwargs)
+        backbone = _create(name, bool(pretrained_file), kwargs, img_size)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot build model {name!r}: {exc}") from None
     if norm == "group" and has_batchnorm(backbone):
@@ -54,6 +57,16 @@ def create_backbone(name: str, in_chans: int, norm: str, pretrained_file: str = 
     elif norm == "affine":
         _replace_batchnorm(backbone, _as_channel_affine)
     return backbone
+
+
+def _create(name: str, pretrained: bool, kwargs: dict, img_size: tuple[int, int] | None) -> nn.Module:
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=tuple(img_size), **kwargs)
+        except TypeError as exc:  # convolutional families take any size and no img_size argument
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def to_group_norm(backbone: nn.Module) -> nn.Module:
@@ -115,7 +128,8 @@ def _replace_batchnorm(module: nn.Module, replacement) -> None:
 def build_embedding_net(model_cfg, image_shape: tuple[int, int, int], dp_enabled: bool,
                         shared_classes: int = 0) -> EmbeddingNet:
     """`shared_classes` > 0: with a shared classifier over that many classes (client.head = "shared")."""
-    backbone = create_backbone(model_cfg.name, image_shape[0], model_cfg.norm, model_cfg.pretrained_file)
+    backbone = create_backbone(model_cfg.name, image_shape[0], model_cfg.norm, model_cfg.pretrained_file,
+                               tuple(image_shape[1:]))
     if dp_enabled and has_batchnorm(backbone) and not model_cfg.batchnorm_in_update:
         raise ConfigError(
             f"model {model_cfg.name!r} keeps BatchNorm, whose running statistics would leave clients "

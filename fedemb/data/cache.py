@@ -1,0 +1,31 @@
+"""Where a machine keeps what it derives from a dataset (the split store, decoded image folders), and the
+fingerprint of the files it was derived from: a changed file gets a new key, hence a new directory.
+Location: `data.cache_dir`, else $FEDEMB_CACHE_DIR, else ~/.cache/fedemb."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def cache_root(data_cfg) -> Path:
+    root = data_cfg.cache_dir or os.environ.get("FEDEMB_CACHE_DIR") or "~/.cache/fedemb"
+    return Path(root).expanduser()
+
+
+def file_stats(files: list[Path]) -> list[list]:
+    """(resolved path, size, mtime in ns) of each file; a missing one is kept by name for its loader to report."""
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+            stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            stats.append([str(f), None, None])
+    return stats
+
+
+def key_of(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
