@@ -344,8 +344,16 @@ OWN_PACKAGES = ("fedemb", "strategies", "simulations")
 
 
 def main() -> None:
+    import logging
+
     from fedemb.simulation import offline_flower_environment
 
+    # fedemb's own log lines (such as a seeded run's notice) once each, plain: "WARNING: message"; not
+    # through the root logger, which importing Opacus configures with timestamps
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.getLogger("fedemb").addHandler(handler)
+    logging.getLogger("fedemb").propagate = False
     offline_flower_environment()
     try:
         app()

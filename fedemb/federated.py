@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import WARNING
+from logging import WARNING, getLogger
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +216,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     recorded_after = any((e.round or 0) > done_round for e in ledger.entries)
     attempt = max((e.attempt for e in ledger.entries), default=0) + (0 if seeded or not recorded_after else 1)
     if seeded and cfg.privacy.enabled:
-        warnings.warn("run.seed is set: the DP noise is predictable from it; use this for tests and "
-                      "reproduction only, never for a release", stacklevel=2)
+        getLogger("fedemb").warning("run.seed = %s: this run is seeded for reproduction, so its DP noise is predictable "
+                                    "from the seed; do not use it for a release (leave run.seed unset)", cfg.run.seed)
     privacy = setup.privacy
     noise = GaussianNoise(privacy.noise_multiplier * cfg.privacy.clip_norm, secret if seeded else None)
     mechanism = make_mechanism(cfg, privacy, noise, setup.virtual_clients)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -23,6 +24,19 @@ def offline_flower_environment(env: MutableMapping[str, str] = os.environ) -> No
     env.pop("RAY_ADDRESS", None)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+# Third-party notices that a user of fedemb cannot act on, silenced narrowly: (category, message start,
+# module that raises it). Ray's tip at ray.init is about a future default for workers that request
+# no GPU; fedemb's workers request GPUs only through simulation.gpus_per_client.
+THIRD_PARTY_NOTICES = [
+    (FutureWarning, "Tip: In future versions of Ray, Ray will no longer override accelerator", r"ray\._private\.worker"),
+]
+
+
+def silence_third_party_notices() -> None:
+    for category, message, module in THIRD_PARTY_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def parallel_workers(cfg: Config, cpus: float, gpus: float = 0.0) -> int:
@@ -50,6 +64,7 @@ def num_supernodes(cfg: Config, virtual_clients: int, cpus: float | None = None,
 def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bool = False,
                    show_progress: bool = True, resume: bool = False, ray_address: str = "") -> dict:
     offline_flower_environment()
+    silence_third_party_notices()
     import ray
 
     from flwr.app import Context

@@ -1,13 +1,20 @@
 """ε must be exactly what Opacus says for the mechanism actually run; a wrong ε is a privacy bug."""
 
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedemb.privacy.accountant import default_delta, make_privacy_plan
+from fedemb.config import load_config
+from fedemb.privacy.accountant import calibrate_accounting_z, default_delta, epsilon_for, make_privacy_plan
+from fedemb.privacy.rdp_accountant import ORDER_BLOCKS, privacy_spent
 from fedemb.privacy.sensitivity import accounting_noise_multiplier, sensitivity_in_clip_norms
+from fedemb.synth.budget import stage_noise_multiplier
 from tests.helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def opacus_rdp_epsilon(q, z, rounds, delta):
@@ -114,3 +121,74 @@ def test_a_projection_needs_a_cohort_a_target_and_the_sampled_gaussian(overrides
     with pytest.raises(Exception, match=message):
         tiny_config("sampling.users_per_client=1", "privacy.target_epsilon=4", "privacy.projection.population=1000000",
                     "privacy.projection.cohort=1000", *overrides)
+
+
+# ---------------------------------------------------------------- RDP orders past Opacus's defaults
+
+
+def default_orders_privacy_spent(q, z, rounds, delta):
+    """Opacus's (ε, best order) with its default orders; it warns when the best one is an extreme."""
+    acc = RDPAccountant()
+    acc.history = [(z, q, rounds)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return acc.get_privacy_spent(delta=delta)
+
+
+@pytest.mark.parametrize("q, z, rounds, delta", [(0.01, 5.0, 10, 1e-5), (0.02, 8.0, 5, 1e-5), (1.0, 20.0, 1, 1e-5)])
+def test_when_the_best_default_order_is_the_largest_more_orders_tighten_epsilon_without_a_warning(q, z, rounds, delta):
+    """Much noise, small q, few rounds: Opacus's default orders end below the best order, so its ε is
+    loose (and it warns). The extended orders find an interior best order and a smaller ε, never a larger one."""
+    eps_default, order_default = default_orders_privacy_spent(q, z, rounds, delta)
+    assert order_default == RDPAccountant.DEFAULT_ALPHAS[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Opacus's "Optimal order is the largest alpha" would fail the test
+        eps = epsilon_for("rdp", q, z, rounds, delta)
+        eps_again, order = privacy_spent([(z, q, rounds)], delta)
+        # Opacus itself, given the orders up to twice the best, finds the same best order inside them
+        wider = [a for block in ORDER_BLOCKS for a in block if a <= 2 * order]
+        acc = RDPAccountant()
+        acc.history = [(z, q, rounds)]
+        eps_opacus, order_opacus = acc.get_privacy_spent(delta=delta, alphas=wider)
+    assert eps == eps_again <= eps_default
+    assert order_default < order < wider[-1]
+    assert (eps_opacus, order_opacus) == (pytest.approx(eps, rel=1e-12), order)
+
+
+@pytest.mark.parametrize("q, z, rounds, delta", [(0.1, 0.8, 40, default_delta(1120)),  # the quickstart
+                                                 (1.0, 1.5, 10, 1e-5)])
+def test_where_a_default_order_is_best_epsilon_is_opacus_default(q, z, rounds, delta, recwarn):
+    eps_default, order_default = default_orders_privacy_spent(q, z, rounds, delta)
+    assert order_default < RDPAccountant.DEFAULT_ALPHAS[-1]
+    assert epsilon_for("rdp", q, z, rounds, delta) == pytest.approx(eps_default, rel=1e-9)
+    assert not [w for w in recwarn if "alpha" in str(w.message)]
+
+
+def test_calibration_uses_the_same_orders_so_a_small_target_is_reachable():
+    """With Opacus's default orders ε cannot go below about log(1/δ) / 62 (0.19 at δ = 1e-5), whatever
+    the noise; with the same orders as the accounting, the calibrated z spends the target."""
+    q, target, rounds, delta = 0.01, 0.05, 10, 1e-5
+    assert default_orders_privacy_spent(q, 1e4, rounds, delta)[0] > target
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = calibrate_accounting_z("rdp", target, delta, q, rounds)
+        eps = epsilon_for("rdp", q, z, rounds, delta)
+    assert target - 0.01 <= eps <= target
+
+
+@pytest.mark.parametrize("overrides", [["privacy.target_epsilon=0.5"], ["privacy.noise_multiplier=5", "run.rounds=3"]])
+def test_planning_the_quickstart_with_a_target_or_much_noise_warns_nothing(overrides):
+    """Calibration tries large z on the way, whose best order is past the defaults: Opacus used to warn
+    whenever the quickstart was given a target."""
+    cfg = load_config(ROOT / "simulations/configs/quickstart.toml", overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = make_privacy_plan(cfg, population=1120)
+        assert plan.epsilon_after(cfg.run.rounds) <= (plan.target_epsilon or math.inf)
+
+
+def test_a_synthesis_stage_calibrates_with_the_same_orders():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = stage_noise_multiplier(0.1, 1e-5, "rdp")
+        assert 0.1 - 0.005 <= epsilon_for("rdp", 1.0, z, 1, 1e-5) <= 0.1

@@ -34,6 +34,27 @@ def test_cumulative_epsilon_composes_every_release_like_opacus(tmp_path):
     assert [e.epsilon for e in ledger.entries] == sorted(e.epsilon for e in ledger.entries)  # never decreases
 
 
+def test_a_ledger_of_noisy_releases_composes_past_opacus_default_orders_without_a_warning(tmp_path):
+    """Releases with much noise at a small rate: the best RDP order is past Opacus's defaults, so the
+    ledger's ε is the plan's (extended orders), below Opacus's default-order figure, and nothing warns."""
+    import warnings
+
+    from fedemb.privacy.accountant import epsilon_for
+
+    ledger = PrivacyLedger(tmp_path / "privacy.json", delta=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for r in range(1, 11):
+            ledger.record(gaussian_entry(r, z=5.0, q=0.01))
+        planned = epsilon_for("rdp", 0.01, 5.0, 10, 1e-5)
+    acc = RDPAccountant()
+    acc.history = [(5.0, 0.01, 10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus: "Optimal order is the largest alpha"
+        default_orders = acc.get_epsilon(1e-5)
+    assert ledger.epsilon == planned < 0.5 * default_orders
+
+
 def test_each_entry_is_on_disk_when_record_returns(tmp_path):
     path = tmp_path / "privacy.json"
     ledger = PrivacyLedger(path, delta=1e-5)

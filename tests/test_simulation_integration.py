@@ -65,6 +65,13 @@ def test_fedemb_simulate_on_ray_learns_survives_faults_and_cleans_up(tmp_path):
     assert (run_dir / "config.toml").is_file() and (run_dir / "checkpoints" / "final.pt").is_file()
     check_tensorboard(run_dir / "tensorboard", results, run_dir)
     assert "recall@1" in proc.stdout and "TensorBoard" in proc.stdout
+    # a first run reads cleanly: the seeded-run notice once, as a plain log line; no Python warnings
+    # (Ray's FutureWarning, a UserWarning with its source line) and no Opacus order warning
+    for noise in ("FutureWarning", "UserWarning", "DeprecationWarning"):
+        assert noise not in proc.stderr, proc.stderr
+    assert "optimal order" not in proc.stderr.lower(), proc.stderr
+    seeded = [line for line in proc.stderr.splitlines() if "seeded for reproduction" in line]
+    assert len(seeded) == 1 and seeded[0].startswith("WARNING: run.seed = 0: "), proc.stderr
 
     deadline = time.monotonic() + 15
     while (left := ray_like_processes() - before) and time.monotonic() < deadline:

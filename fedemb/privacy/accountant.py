@@ -1,6 +1,8 @@
 """User-level (ε, δ) of a run before it starts: what the planned mechanism will spend.
 
-- Sampled Gaussian (default): Opacus accountants (RDP or PRV) over one sampled-Gaussian step per round.
+- Sampled Gaussian (default): Opacus accountants (RDP or PRV) over one sampled-Gaussian step per round;
+  RDP with its orders extended past Opacus's defaults where the best order is the largest
+  (fedemb.privacy.rdp_accountant), for ε and for calibrating z alike.
 - Tree aggregation (DP-FTRL): no amplification; the tree so far is one Gaussian mechanism
   (fedemb.privacy.tree_accountant), converted with the same Opacus accountant.
 
@@ -12,14 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedemb.errors import ConfigError
+from fedemb.privacy import rdp_accountant
 from fedemb.privacy.sensitivity import (accounting_noise_multiplier, noise_multiplier_for,
                                         sensitivity_in_clip_norms)
 from fedemb.privacy.tree_accountant import ParticipationLimits, equivalent_noise_multiplier
@@ -29,27 +29,28 @@ def default_delta(population: int) -> float:
     return 1.0 / population**1.1
 
 
-@lru_cache(maxsize=4096)
-def _rdp_of_one_step(noise_multiplier: float, sampling_rate: float) -> np.ndarray:
-    return np.asarray(rdp_analysis.compute_rdp(q=sampling_rate, noise_multiplier=noise_multiplier, steps=1,
-                                               orders=RDPAccountant.DEFAULT_ALPHAS))
+# a config's accountant -> the Opacus accountant that computes it: RDP with orders extended past the
+# defaults when the best order is the largest (fedemb.privacy.rdp_accountant)
+OPACUS_ACCOUNTANTS = {"rdp": rdp_accountant.MECHANISM}
+
+
+def opacus_accountant(accountant: str) -> str:
+    """The name in Opacus's registry of the accountant a config names (`create_accountant`,
+    `get_noise_multiplier`, `PrivacyEngine`), so that calibration and ε use the same orders."""
+    return OPACUS_ACCOUNTANTS.get(accountant, accountant)
 
 
 def composed_epsilon(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
-    """ε of a composition of sampled-Gaussian mechanisms [(z, q, steps), ...], as Opacus's accountant
+    """ε of a composition of sampled-Gaussian mechanisms [(z, q, steps), ...], as the Opacus accountant
     computes it. For RDP the per-step curves are cached (Opacus's compute_rdp is linear in steps), so
-    asking after every round costs nothing; the figure is the same as RDPAccountant.get_epsilon."""
+    asking after every round costs nothing."""
     if not history:
         return 0.0
     if any(z <= 0 for z, _, _ in history):
         return math.inf
-    if accountant == "rdp":
-        rdp = sum(steps * _rdp_of_one_step(z, q) for z, q, steps in history)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-        return float(eps)
-    acc = create_accountant(accountant)
+    acc = create_accountant(opacus_accountant(accountant))
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta, eps_error=0.01))
+    return float(acc.get_epsilon(delta=delta, eps_error=0.01))  # eps_error: PRV's precision; RDP ignores it
 
 
 def epsilon_for(accountant: str, sampling_rate: float, accounting_z: float, rounds: int, delta: float) -> float:
@@ -73,7 +74,8 @@ def calibrate_accounting_z(accountant: str, target_epsilon: float, delta: float,
                            rounds: int) -> float:
     try:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sampling_rate, steps=rounds, accountant=accountant,
+                                          sample_rate=sampling_rate, steps=rounds,
+                                          accountant=opacus_accountant(accountant),
                                           epsilon_tolerance=0.01))
     except ValueError as exc:
         raise ConfigError(f"privacy.target_epsilon = {target_epsilon} cannot be reached: {exc}") from None

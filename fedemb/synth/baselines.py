@@ -22,6 +22,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedemb.privacy.accountant import opacus_accountant
 from fedemb.privacy.release import EntryNoise, LedgerStage, gaussian_entry
 from fedemb.synth.contribution import cell_statistics, sum_sensitivity, user_weights
 from fedemb.synth.embedded import RADIUS, Embedded
@@ -69,7 +70,7 @@ def dpsgd_linear_probe(emb: Embedded, num_classes: int, epsilon: float, cfg, sta
     batches = math.ceil(users / batch)  # Opacus samples each user with q = 1 / batches
     q, steps = 1.0 / batches, cfg.probe_epochs * batches
     z = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=ledger.delta, sample_rate=q, steps=steps,
-                                   accountant=ledger.accountant))
+                                   accountant=opacus_accountant(ledger.accountant)))
     entry = gaussian_entry(stage.name, PROBE_RELEASE, z, cfg.probe_clip,
                            "DP-SGD (Opacus) on a linear probe: per-user clipped gradients, Poisson-sampled users",
                            ledger.unit, {"epochs": cfg.probe_epochs, "expected_batch_users": batch,
@@ -85,7 +86,7 @@ def dpsgd_linear_probe(emb: Embedded, num_classes: int, epsilon: float, cfg, sta
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.probe_lr, momentum=0.9)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure_mode and the generator on every call
-            engine = PrivacyEngine(accountant=ledger.accountant, secure_mode=False)
+            engine = PrivacyEngine(accountant=opacus_accountant(ledger.accountant), secure_mode=False)
             model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=z,
                 max_grad_norm=cfg.probe_clip, poisson_sampling=True,

@@ -13,6 +13,7 @@ import math
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedemb.errors import ConfigError
+from fedemb.privacy.accountant import opacus_accountant
 
 
 def stage_noise_multiplier(epsilon: float, delta: float, accountant: str) -> float:
@@ -22,7 +23,7 @@ def stage_noise_multiplier(epsilon: float, delta: float, accountant: str) -> flo
         return 0.0
     try:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=1,
-                                          accountant=accountant, epsilon_tolerance=0.005))
+                                          accountant=opacus_accountant(accountant), epsilon_tolerance=0.005))
     except ValueError as exc:
         raise ConfigError(f"synthesis epsilon {epsilon} cannot be reached at delta {delta:.3g}: {exc}") from None
 
