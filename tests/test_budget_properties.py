@@ -47,6 +47,7 @@ budget_cases = st.tuples(st.floats(0.01, 1.0), st.floats(0.3, 5.0), st.integers(
                          st.floats(1e-7, 1e-3), st.floats(0.1, 20.0))
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(budget_cases)
 def test_no_round_past_the_target_is_ever_released(case):

@@ -14,6 +14,7 @@ device receives except the model.
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from fedemb.federated import run_federated
@@ -173,6 +174,7 @@ def ids(nodes):
     return [int(u) for u in node_user_ids(nodes)]
 
 
+@pytest.mark.slow
 def test_a_device_cannot_recover_the_sampling_key_or_predict_other_devices_participation(
         tmp_path, flower_identity):
     nodes = list(range(1, DEVICES + 1))
@@ -199,6 +201,7 @@ def test_a_device_cannot_recover_the_sampling_key_or_predict_other_devices_parti
     assert abs(accuracy(predicted, sampled) - 0.5) < tolerance  # no better than a coin at q = 0.5
 
 
+@pytest.mark.slow
 def test_what_a_device_receives_besides_the_model_does_not_depend_on_other_devices_participation(
         tmp_path, flower_identity):
     """Same device, same run secret, two worlds: all 64 devices online, or only it and a few others.

@@ -51,6 +51,7 @@ def clipped_sums(cfg, placement, nodes, rounds=2):
     return sums, strategy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 4])
 def test_worker_mode_and_device_mode_give_the_same_pre_noise_aggregate(flower_identity, k):
     cfg = tiny_config(f"sampling.users_per_client={k}", "sampling.rate=0.3")
