@@ -32,8 +32,6 @@ def test_a_diverging_run_reports_it_and_goes_on(tmp_path):
     assert "server.lr" in written["diverged"]["advice"]
     assert all("model-norm" in r for r in written["history"])
     assert results["rounds_completed"] == 3  # reported, not stopped
-    calm = run_in_process(tmp_path / "calm", "run.rounds=2")
-    assert calm["diverged"] is None
 
 
 @pytest.mark.slow
