@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from datetime import datetime, timezone
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -27,7 +26,7 @@ from flwr.serverapp import Grid
 from fedemb.errors import FedembError
 from fedemb.monitoring.private_log import private_log
 from fedemb.privacy.sampling import VirtualClient
-from strategies.reply_collection import WAITING
+from strategies.reply_collection import WAITING, utc_clock_after
 
 
 def node_user_ids(node_ids: Iterable[int]) -> np.ndarray:
@@ -54,7 +53,7 @@ def wait_for_devices(grid: Grid, minimum: int, timeout_s: float, progress_every_
     (which devices are online is not published)."""
     started = time.monotonic()
     deadline = started + timeout_s
-    deadline_utc = datetime.fromtimestamp(time.time() + timeout_s, timezone.utc).strftime("%H:%M:%S")
+    deadline_utc = utc_clock_after(timeout_s)
     next_report = started
     online = sorted(grid.get_node_ids())
     while len(online) < minimum:

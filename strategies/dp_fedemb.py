@@ -175,6 +175,7 @@ class DPFedEmb(Strategy):
 
         planned = sum(len(a.virtual_clients) for a in self.assignments.values())
         metrics = {
+            "model-norm": global_norm(new_state),  # of the released model: post-processing, published
             "virtual-clients-planned": planned,
             "virtual-clients-accepted": int(accepted),
             "virtual-clients-failed": int(stats["failed"]),
@@ -276,7 +277,7 @@ class DPFedEmb(Strategy):
             arrays, train_metrics = self.aggregate_train(server_round, replies)
             self._account_replay(server_round, entry)  # before anything of the release leaves the server
             self.rounds_completed = server_round
-            train_metrics["model-norm"] = model_norm = global_norm(arrays.to_torch_state_dict())
+            model_norm = train_metrics["model-norm"]
             seconds = time.monotonic() - started
             train_metrics["epsilon"] = self.ledger.epsilon
             train_metrics["round-seconds"] = seconds

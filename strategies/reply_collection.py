@@ -20,6 +20,11 @@ from fedemb.monitoring.private_log import private_log
 WAITING = "waiting for"  # the start of a progress line; deploy.py recognises it
 
 
+def utc_clock_after(seconds: float) -> str:
+    """HH:MM:SS (UTC) `seconds` from now: the deadline a progress line names."""
+    return datetime.fromtimestamp(time.time() + seconds, timezone.utc).strftime("%H:%M:%S")
+
+
 def send_and_collect(grid: Grid, messages: Sequence[Message], *, server_round: int, timeout_s: float,
                      progress_every_s: float, poll_s: float = 1.0) -> list[Message]:
     """Push `messages`, then pull replies every `poll_s` seconds until every message has one or
@@ -29,7 +34,7 @@ def send_and_collect(grid: Grid, messages: Sequence[Message], *, server_round: i
     awaiting = {mid: msg.metadata.dst_node_id for mid, msg in zip(message_ids, messages) if mid}
     started = time.monotonic()
     deadline = started + timeout_s
-    deadline_utc = datetime.fromtimestamp(time.time() + timeout_s, timezone.utc).strftime("%H:%M:%S")
+    deadline_utc = utc_clock_after(timeout_s)
     next_report = started + progress_every_s
     replies: list[Message] = []
     while awaiting:
