@@ -17,6 +17,7 @@ from fedemb.errors import ConfigError, DataError
 
 SAMPLING_METHODS = ("poisson", "fixed", "limited")
 SIMULATION_MODES = ("workers", "devices")
+SIMULATION_ENGINES = ("ray", "inprocess")
 MECHANISMS = ("gaussian", "tree")
 CLIPPING = ("fixed", "adaptive")
 FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
@@ -49,8 +50,8 @@ class DataConfig:
     path: str = ""
     manifest: str = ""  # folder: a CSV with columns path, user (and optionally label), relative to data.path
     user_from: str = ""  # folder: "folder" takes users from a level above the classes (root/<user>/<class>/<file>)
-    image_size: str = ""  # folder: "HxW" to resize every image to; "": keep (all images must agree)
-    channels: int = 0  # folder: 1 (grayscale) or 3 (RGB); 0: 3 if any image is colour, else 1
+    image_size: str = ""  # "HxW" to resize (stretch) every image to; "": keep (a folder's images must agree)
+    channels: int = 0  # 1 (grayscale) or 3 (RGB); 0: as stored (a folder: 3 if any image is colour, else 1)
     writers: str = ""  # QMNIST extended labels for the train images (idx only)
     test_writers: str = ""  # QMNIST extended labels for the t10k images (idx only)
     use_test_split: bool = False  # idx: evaluate on the t10k files instead of held-out train users
@@ -172,6 +173,9 @@ class FaultConfig:
 @dataclass
 class SimulationConfig:
     mode: str = "workers"  # workers: a few nodes train many virtual clients each; devices: one node per slot
+    # ray: Flower's simulation engine; inprocess: the same strategy, messages and ClientApp called in this
+    # process one after another (no Ray start-up: for debugging and small runs; ray_address does not apply)
+    engine: str = "ray"
     num_supernodes: int = 0  # 0: workers: one per parallel ClientApp the resources allow; devices: M
     ray_address: str = ""  # an existing Ray cluster (also --ray-address); "": a local Ray for this run
     cpus_per_client: float = 1.0
@@ -471,6 +475,9 @@ def validate(cfg: Config) -> None:
             "to account every round as if every user took part (no amplification by sampling)")
     _check(sim.num_supernodes >= 0, f"simulation.num_supernodes must be >= 0, got {sim.num_supernodes}")
     _one_of(sim.mode, SIMULATION_MODES, "simulation.mode")
+    _one_of(sim.engine, SIMULATION_ENGINES, "simulation.engine")
+    _check(not (sim.engine == "inprocess" and sim.ray_address),
+           "simulation.ray_address needs simulation.engine = 'ray'")
     _check(sim.cpus_per_client > 0, f"simulation.cpus_per_client must be > 0, got {sim.cpus_per_client}")
     _check(sim.gpus_per_client >= 0, f"simulation.gpus_per_client must be >= 0, got {sim.gpus_per_client}")
     _check(sim.round_timeout_s > 0, f"simulation.round_timeout_s must be > 0, got {sim.round_timeout_s}")
@@ -490,15 +497,16 @@ def validate(cfg: Config) -> None:
 
 
 def validate_image_folder(d: DataConfig) -> None:
+    """The image settings of every source, and the keys that only image folders have."""
     if d.name != "folder":
-        for key in ("manifest", "user_from", "image_size", "channels"):
+        for key in ("manifest", "user_from"):
             _check(not getattr(d, key), f"data.{key} applies to data.name = 'folder' only, not {d.name!r}")
-        return
     _check(d.user_from in USER_SOURCES,
            f"data.user_from must be \"folder\" (users from root/<user>/<class>/) or \"\", got {d.user_from!r}")
     _check(not (d.manifest and d.user_from),
            "data.manifest and data.user_from both say where users come from: set one of them")
-    _check(d.channels in IMAGE_CHANNELS, f"data.channels must be 1, 3 or 0 (3 if any image is colour), got {d.channels}")
+    _check(d.channels in IMAGE_CHANNELS,
+           f"data.channels must be 1, 3 or 0 (0: as stored; a folder: 3 if any image is colour), got {d.channels}")
     if d.image_size:
         from fedemb.data.image_files import parse_size
 

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedemb.config import Config
+from fedemb.config import Config, to_dict, to_toml
 from fedemb.data.splits import DataSplits, load_splits
 from fedemb.errors import ConfigError
 from fedemb.evaluation.embed import embed
@@ -28,11 +28,12 @@ from fedemb.evaluation.metrics import embedding_metrics
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net, shared_state
 from fedemb.monitoring.callback import RoundCallback
 from fedemb.monitoring.divergence import DivergenceWatch
+from fedemb.monitoring.image_grid import sample_by_class
 from fedemb.monitoring.outputs import public_round_metrics
 from fedemb.monitoring.private_log import PrivateLog
 from fedemb.monitoring.progress import ProgressReporter
 from fedemb.monitoring.telemetry import TELEMETRY_FILE, PrivateTelemetry, read_telemetry
-from fedemb.monitoring.tensorboard import TensorBoardLogger
+from fedemb.monitoring.tensorboard import TensorBoardLogger, hparams_entry, round_curves
 from fedemb.privacy.accountant import PrivacyPlan, make_privacy_plan
 from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.keyed_random import keyed_seed, run_secret
@@ -98,6 +99,58 @@ class Evaluator:
         self.net.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         self.last_embeddings = embed(self.net, self.pop)
         return MetricRecord(embedding_metrics(self.last_embeddings, self.pop.labels))
+
+    def projection(self):
+        """The latest evaluation for the projector: unit-length embeddings, classes, users and images in
+        [0, 1] of the first PROJECTOR_MAX_POINTS held-out examples."""
+        if self.last_embeddings is None:
+            return None
+        n = min(len(self.last_embeddings), PROJECTOR_MAX_POINTS)
+        emb = self.last_embeddings[:n]
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb, self.pop.labels[:n], self.pop.users[:n], self._images(n)
+
+    def inputs(self, per_class: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out images as the model sees them (after resizing), up to per_class of each class."""
+        return sample_by_class(self.pop, per_class)
+
+    def _images(self, n: int) -> torch.Tensor:
+        # a copy: the store is read-only
+        return torch.from_numpy(np.array(self.pop.images[:n])).to(torch.float32) * self.pop.pixel_scale
+
+
+def published_constants(cfg: Config, setup: RunSetup, mechanism) -> dict[str, object]:
+    """What a run fixes before it starts and may publish: shown once as text, and in its HParams entry."""
+    p = setup.privacy
+    fixed = cfg.privacy.enabled and cfg.privacy.clipping == "fixed"
+    return {
+        "privacy.delta": p.delta,
+        "privacy.unit": privacy_unit(setup),
+        "privacy.accountant": p.accountant,
+        "privacy.mechanism": mechanism.name,
+        "privacy.noise_multiplier (z)": p.noise_multiplier,
+        "privacy.clipping": cfg.privacy.clipping if cfg.privacy.enabled else "none",
+        "privacy.clip_norm (C)": cfg.privacy.clip_norm,  # adaptive clipping: where C starts
+        **({"privacy.noise_std (z·C)": p.noise_multiplier * cfg.privacy.clip_norm} if fixed else {}),
+        "privacy.sampling_rate (q)": p.sampling_rate,
+        "privacy.target_epsilon": p.target_epsilon,
+        "sampling.users_per_client (k)": cfg.sampling.users_per_client,
+        "virtual clients per round (M)": setup.virtual_clients,
+        "population": setup.population,
+        "noise predictable from run.seed": cfg.run.seed >= 0,
+    }
+
+
+def run_summary(results: dict) -> dict[str, object]:
+    """The published end of a run, as the summary text: from results.json, nothing else."""
+    privacy = results["privacy"]
+    return {
+        "rounds": f"{results['rounds_completed']} of {results['rounds_planned']} ({results['stop_reason']})",
+        "diverged": "no" if not results["diverged"] else f"round {results['diverged']['round']}: {results['diverged']['reason']}",
+        **{f"held-out {k}": f"{results['initial'][k]:.4f} → {v:.4f}" for k, v in results["final"].items()},
+        "ε": f"{privacy['epsilon']:.4g}", "δ": f"{privacy['delta']:.3g}", "unit": privacy["unit"],
+        "accountant": privacy["accountant"],
+    }
 
 
 class History(RoundCallback):
@@ -228,15 +281,17 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     from strategies.server_optimizer import ServerOptimizer
 
     initial_state = shared_state(setup.net)
-    tensorboard = TensorBoardLogger(run_dir / "tensorboard", purge_step=done_round + 1 if state else None)
     history = History(state["history"] if state else None)
     evaluator = Evaluator(setup.net, setup.splits)
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard", purge_step=done_round + 1 if state else None,
+                                    curves=round_curves(cfg.privacy.clipping == "adaptive"),
+                                    projector=evaluator.projection)
     initial_eval = state["initial_eval"] if state else dict(evaluator(0, ArrayRecord(initial_state)))
-    run_facts = {"secret": secret, "initial_eval": initial_eval}
+    run_facts = {"secret": secret, "initial_eval": initial_eval, "diverged": state.get("diverged") if state else None}
     telemetry = PrivateTelemetry(run_dir, cfg.monitoring.private_tensorboard, purge_step=done_round + 1 if state else None)
     checkpointer = Checkpointer(run_dir, cfg.run.checkpoint_every, history, run_facts, cfg.run.keep_private_state)
-    divergence = DivergenceWatch(global_norm(initial_state), tensorboard.writer)
-    callbacks: list[RoundCallback] = [tensorboard, telemetry, history, checkpointer, divergence]
+    divergence = DivergenceWatch(global_norm(initial_state), tensorboard.writer, run_facts)
+    callbacks: list[RoundCallback] = [tensorboard, telemetry, history, divergence, checkpointer]
     if show_progress:
         callbacks.append(ProgressReporter())
     strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, mechanism=mechanism,
@@ -252,6 +307,10 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         log(WARNING, "resuming %s after round %s (attempt %s)", run_dir, done_round, attempt)
     else:
         start_arrays = ArrayRecord(initial_state)
+        constants = published_constants(cfg, setup, mechanism)
+        tensorboard.log_run_start(to_toml(cfg), hparams_entry(to_dict(cfg), to_dict(Config()), constants), constants,
+                                  evaluator.inputs())
+        telemetry.log_training_inputs(setup.splits.train)
         tensorboard.log_eval(0, initial_eval)
     with PrivateLog(run_dir, cfg.monitoring.private_console):
         result = strategy.start(grid, start_arrays, num_rounds=cfg.run.rounds,
@@ -314,8 +373,9 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     }
     write_json(run_dir / "results.json", results)
     # the results, the ledger and the final model are on disk: what follows is optional and may fail
-    failed = [warning for warning in (
-        optional_output("the TensorBoard projector", lambda: _write_projector(tensorboard, evaluator, final)),
+    tensorboard.project(final)
+    failed = tensorboard.warnings + [warning for warning in (
+        optional_output("the TensorBoard summary", lambda: tensorboard.log_summary(run_summary(results), final)),
         optional_output("the TensorBoard log", tensorboard.close)) if warning]
     if failed:
         results["warnings"] = failed
@@ -339,14 +399,3 @@ def _placement(cfg: Config) -> str:
     if cfg.deployment.devices:
         return "devices"
     return "by_slot" if cfg.simulation.mode == "devices" else "balanced"
-
-
-def _write_projector(tensorboard: TensorBoardLogger, evaluator: Evaluator, step: int) -> None:
-    emb = evaluator.last_embeddings
-    if emb is None:
-        return
-    n = min(len(emb), PROJECTOR_MAX_POINTS)
-    pop = evaluator.pop
-    images = torch.from_numpy(np.array(pop.images[:n])).to(torch.float32) * pop.pixel_scale  # a copy: the store is read-only
-    emb = emb[:n] / np.maximum(np.linalg.norm(emb[:n], axis=1, keepdims=True), 1e-12)
-    tensorboard.add_projector(emb, pop.labels[:n], images, step)

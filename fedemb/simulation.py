@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedemb.config import Config
@@ -65,6 +66,9 @@ def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bo
                    show_progress: bool = True, resume: bool = False, ray_address: str = "") -> dict:
     offline_flower_environment()
     silence_third_party_notices()
+    if cfg.simulation.engine == "inprocess":
+        with _flower_log_level(verbose):
+            return _run_in_process(cfg, run_dir, virtual_clients, show_progress, resume, ray_address)
     import ray
 
     from flwr.app import Context
@@ -85,31 +89,52 @@ def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bo
             grid.pull_interval = 0.01
         outcome["results"] = run_federated(grid, cfg, run_dir, show_progress=show_progress, resume=resume)
 
-    flwr_logger = logging.getLogger("flwr")
-    previous = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.ERROR)  # round-by-round INFO lines would fight the progress bar
     address = ray_address or cfg.simulation.ray_address
     quiet = {"logging_level": logging.ERROR, "log_to_driver": verbose}
     backend_config = {"client_resources": {"num_cpus": cfg.simulation.cpus_per_client,
                                            "num_gpus": cfg.simulation.gpus_per_client}}
-    try:
-        if address:  # join the cluster first, to size the workers by its resources; Flower then reuses it
-            ray.init(address=address, **quiet)
-            resources = ray.cluster_resources()
-            nodes = num_supernodes(cfg, virtual_clients, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-        else:
-            backend_config["init_args"] = {"address": "local", "num_cpus": os.cpu_count() or 1,
-                                           "include_dashboard": False, **quiet}
-            nodes = num_supernodes(cfg, virtual_clients)
-        flower_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
-                              backend_config=backend_config, verbose_logging=verbose)
-    finally:
-        flwr_logger.setLevel(previous)
-        _shutdown_ray()
+    with _flower_log_level(verbose):
+        try:
+            if address:  # join the cluster first, to size the workers by its resources; Flower then reuses it
+                ray.init(address=address, **quiet)
+                resources = ray.cluster_resources()
+                nodes = num_supernodes(cfg, virtual_clients, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+            else:
+                backend_config["init_args"] = {"address": "local", "num_cpus": os.cpu_count() or 1,
+                                               "include_dashboard": False, **quiet}
+                nodes = num_supernodes(cfg, virtual_clients)
+            flower_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
+                                  backend_config=backend_config, verbose_logging=verbose)
+        finally:
+            _shutdown_ray()
     if "results" not in outcome:
         raise RuntimeError("the simulation ended without results (see the log above)")
     return outcome["results"]
+
+
+@contextmanager
+def _flower_log_level(verbose: bool) -> Iterator[None]:
+    flwr_logger = logging.getLogger("flwr")
+    previous = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.ERROR)  # round-by-round INFO lines would fight the progress bar
+    try:
+        yield
+    finally:
+        flwr_logger.setLevel(previous)
+
+
+def _run_in_process(cfg: Config, run_dir: Path, virtual_clients: int, show_progress: bool, resume: bool,
+                    ray_address: str) -> dict:
+    from fedemb.errors import ConfigError
+    from fedemb.federated import run_federated
+    from fedemb.inprocess import InProcessGrid
+    from simulations.client_app import train
+
+    if ray_address:
+        raise ConfigError("--ray-address needs simulation.engine = 'ray'")
+    grid = InProcessGrid(train, num_supernodes(cfg, virtual_clients))
+    return run_federated(grid, cfg, run_dir, show_progress=show_progress, resume=resume)
 
 
 def _shutdown_ray() -> None:

@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -8,6 +9,10 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FEDEMB_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedemb-test-store-")
 os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 os.environ.pop("RAY_ADDRESS", None)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["FEDEMB_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_addoption(parser):

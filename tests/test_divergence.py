@@ -23,15 +23,35 @@ def test_the_watch_names_the_first_round_whose_model_grew_past_the_factor_or_is_
 
 
 @pytest.mark.slow
-def test_a_diverging_run_reports_it_and_goes_on(tmp_path):
+def test_a_diverging_run_reports_it_goes_on_and_still_reports_it_when_resumed(tmp_path, monkeypatch):
+    import fedemb.federated
+    from tests.test_published_outputs import tensorboard_texts
     from tests.test_resume_and_faults import run_in_process
 
-    results = run_in_process(tmp_path / "steep", "run.rounds=3", "server.lr=3000", "server.momentum=0.9")
+    steep = ["run.rounds=3", "server.lr=3000", "server.momentum=0.9", "run.checkpoint_every=1"]
+    results = run_in_process(tmp_path / "steep", *steep)
     written = json.loads((tmp_path / "steep" / "results.json").read_text())
     assert written["diverged"]["round"] >= 1 and "times its initial" in written["diverged"]["reason"]
     assert "server.lr" in written["diverged"]["advice"]
     assert all("model-norm" in r for r in written["history"])
     assert results["rounds_completed"] == 3  # reported, not stopped
+    assert tensorboard_texts(tmp_path / "steep" / "tensorboard")["run/diverged"].startswith(
+        f"round {written['diverged']['round']}: ")
+
+    # the same run crashes after its last round and is resumed: the report is not forgotten
+    real_write_json = fedemb.federated.write_json
+
+    def crash_on_results(path, data):
+        if path.name == "results.json":
+            raise MemoryError("out of memory after the last round")
+        real_write_json(path, data)
+
+    monkeypatch.setattr(fedemb.federated, "write_json", crash_on_results)
+    with pytest.raises(MemoryError):
+        run_in_process(tmp_path / "crashed", *steep)
+    monkeypatch.setattr(fedemb.federated, "write_json", real_write_json)
+    resumed = run_in_process(tmp_path / "crashed", *steep, resume=True)
+    assert resumed["resumed"] and resumed["diverged"] == written["diverged"]
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ def test_the_runner_runs_a_spec_resumably_and_the_report_shows_it(tmp_path):
     spec = write_spec(tmp_path, '''
 name = "tiny"
 config = "simulations/configs/quickstart.toml"
-set = ["run.rounds=2", "run.eval_every=0", "run.checkpoint_every=0", "data.num_users=200"]
+set = ["run.rounds=2", "run.eval_every=0", "run.checkpoint_every=0", "data.num_users=200", 'simulation.engine="inprocess"']
 seeds = [0]
 [[group]]
 label = "centralized (non-private)"
@@ -105,7 +105,7 @@ command = "centralized"
 set = ["pretrain.epochs=1"]
 [[group]]
 label = "DP-FedEmb"
-grid = { "privacy.target_epsilon" = [2.0] }  # one Ray run: the grid's expansion is tested without running
+grid = { "privacy.target_epsilon" = [2.0] }  # one run: the grid's expansion is tested without running
 after = [["synth", "gmm", "{run}", "--no-baselines", "--set", "synth.seed=0", "--set", "synth.mlp_epochs=5", "--out", "{run}/synth/gmm"]]
 ''')
     runs = tmp_path / "runs"

@@ -5,13 +5,14 @@ and the published files must not contain any of them."""
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedemb.config import load_config
+from fedemb.config import load_config, to_toml
 from fedemb.federated import run_federated
 from fedemb.inprocess import InProcessGrid
 from fedemb.monitoring.outputs import PUBLIC_ROUND_METRICS
@@ -62,7 +63,47 @@ def published_numbers(run_dir: Path) -> list[tuple[str, float]]:
     acc.Reload()
     for tag in acc.Tags()["scalars"]:
         found += [(f"tensorboard {tag}", e.value) for e in acc.Scalars(tag)]
+    for tag, text in tensorboard_texts(run_dir / "tensorboard").items():
+        found += [(f"tensorboard text {tag}", float(n)) for n in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)]
+    found += [(f"tensorboard hparams {k}", v) for k, v in tensorboard_hparams(run_dir / "tensorboard").items()
+              if isinstance(v, float)]
     return found
+
+
+def tensorboard_texts(log_dir: Path) -> dict[str, str]:
+    """The text tab's entries: tag -> the latest text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag.removesuffix("/text_summary"): acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+            for tag in acc.Tags()["tensors"] if acc.SummaryMetadata(tag).plugin_data.plugin_name == "text"}
+
+
+def tensorboard_events(log_dir: Path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        yield from EventFileLoader(str(path)).Load()
+
+
+def tensorboard_hparams(log_dir: Path, metric_tags: list | None = None) -> dict:
+    """The HParams entry's values (and, into metric_tags if given, the metrics it compares them on)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    values = {}
+    for event in tensorboard_events(log_dir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name != "hparams":
+                continue
+            data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+            if data.HasField("session_start_info"):
+                for name, v in data.session_start_info.hparams.items():
+                    values[name] = {"number_value": v.number_value, "string_value": v.string_value,
+                                    "bool_value": v.bool_value}[v.WhichOneof("kind")]
+            if data.HasField("experiment") and metric_tags is not None:
+                metric_tags += [m.name.tag for m in data.experiment.metric_infos]
+    return values
 
 
 def leaked_statistics(run_dir: Path, console: str) -> list[str]:
@@ -91,8 +132,9 @@ def quickstart_run(tmp_path_factory):
     from fedemb import cli
 
     run_dir = tmp_path_factory.mktemp("quickstart")
-    cfg = load_config(QUICKSTART, ["run.rounds=3", "run.eval_every=0", "privacy.metrics.enabled=true",
+    cfg = load_config(QUICKSTART, ["run.rounds=3", "run.eval_every=2", "privacy.metrics.enabled=true",
                                    "monitoring.private_tensorboard=true"])
+    (run_dir / "config.toml").write_text(to_toml(cfg))
     stream = io.StringIO()
     console, cli.console = cli.console, Console(file=stream)
     try:
@@ -180,3 +222,87 @@ def test_the_released_loss_and_clipped_fraction_are_noisy_estimates_of_the_truth
     assert sum(losses) / 400 == pytest.approx(1.5, abs=0.02)
     assert sum(fractions) / 400 == pytest.approx(0.25, abs=0.01)
     assert len(set(losses)) == 400  # noised every round, never the exact value
+
+
+def test_tensorboard_shows_the_watched_curves_first_and_the_constants_once_as_text(quickstart_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedemb.monitoring.tensorboard import HPARAM_METRICS
+
+    run_dir, results, _ = quickstart_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    groups = sorted({tag.split("/")[0] for tag in acc.Tags()["scalars"]})
+    assert groups == ["1_training", "2_evaluation", "3_privacy"]  # TensorBoard orders groups by name
+    assert acc.Tags()["scalars"] and "3_privacy/clip_norm" not in acc.Tags()["scalars"]  # fixed clipping: text
+    assert [e.step for e in acc.Scalars("2_evaluation/recall_at_1")] == [0, 2, 3]
+
+    texts = tensorboard_texts(run_dir / "tensorboard")
+    config_lines = [line.strip() for line in (run_dir / "config.toml").read_text().splitlines() if line.strip()]
+    assert [line.strip() for line in texts["run/config"].splitlines() if line.strip()] == config_lines
+    privacy = results["privacy"]
+    assert f"| privacy.delta | {privacy['delta']} |" in texts["run/privacy"]
+    assert "| privacy.unit | user |" in texts["run/privacy"]
+    assert f"| privacy.clip_norm (C) | {privacy['clip_norm']} |" in texts["run/privacy"]
+    assert f"| ε | {privacy['epsilon']:.4g} |" in texts["run/summary"]
+    assert "| rounds | 3 of 3 (completed) |" in texts["run/summary"]
+
+    metrics: list[str] = []
+    hparams = tensorboard_hparams(run_dir / "tensorboard", metrics)
+    assert metrics == list(HPARAM_METRICS) and set(metrics) <= set(acc.Tags()["scalars"])
+    assert hparams["privacy.delta"] == pytest.approx(privacy["delta"]) and hparams["sampling.rate"] == 0.1
+    assert hparams["privacy.unit"] == "user" and hparams["model.name"] == "fedemb_lenet_small"
+    assert hparams["run.eval_every"] == 2  # changed from the built-in default, so compared
+    assert "client.batch_size" in hparams and "data.split_seed" not in hparams  # changed by the quickstart; not
+
+
+def test_tensorboard_images_are_held_out_users_and_training_images_stay_private(quickstart_run):
+    """The published grid is rebuilt exactly from the held-out split; the training split's grid is only in
+    the server-private log."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedemb.data.splits import load_splits
+    from fedemb.monitoring.image_grid import class_rows, sample_by_class
+
+    run_dir, _, _ = quickstart_run
+    splits = load_splits(load_config(run_dir / "config.toml").data)
+
+    def decoded(log_dir: Path, tag: str) -> np.ndarray:
+        from PIL import Image
+        import io
+
+        acc = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+        acc.Reload()
+        return np.asarray(Image.open(io.BytesIO(acc.Images(tag)[0].encoded_image_string)).convert("L"), dtype=np.float32) / 255
+
+    def expected(pop) -> np.ndarray:
+        return class_rows(*sample_by_class(pop))[0].numpy()
+
+    public = decoded(run_dir / "tensorboard", "2_evaluation/held_out_inputs_one_class_per_row")
+    np.testing.assert_allclose(public, expected(splits.eval), atol=1.5 / 255)
+    training = expected(splits.train)
+    assert public.shape != training.shape or not np.allclose(public, training, atol=1.5 / 255)
+    private = decoded(run_dir / "private" / "tensorboard", "server-private/training_inputs_one_class_per_row")
+    np.testing.assert_allclose(private, expected(splits.train), atol=1.5 / 255)
+
+
+def test_the_projector_has_every_evaluation_with_class_and_user(quickstart_run):
+    import numpy as np
+
+    from fedemb.data.splits import load_splits
+
+    run_dir, _, _ = quickstart_run
+    board = run_dir / "tensorboard"
+    config = (board / "projector_config.pbtxt").read_text()
+    # the projector opens the alphabetically first tensor: the latest evaluation
+    assert re.findall(r'tensor_name: "(held_out_users [^"]+)"', config) == [
+        "held_out_users (round 0)", "held_out_users (round 2)", "held_out_users (latest: round 3)"]
+    assert sorted(re.findall(r'tensor_name: "([^"]+)"', config))[0] == "held_out_users (latest: round 3)"
+    eval_pop = load_splits(load_config(run_dir / "config.toml").data).eval
+    rows = (board / "00003" / "held_out_users" / "metadata.tsv").read_text().splitlines()
+    assert rows[0] == "class\tuser" and len(rows) - 1 == len(eval_pop)
+    assert rows[1:] == [f"{int(c)}\t{int(u)}" for c, u in zip(eval_pop.labels, eval_pop.users)]
+    first = np.loadtxt(board / "00000" / "held_out_users" / "tensors.tsv", delimiter="\t")
+    last = np.loadtxt(board / "00003" / "held_out_users" / "tensors.tsv", delimiter="\t")
+    assert first.shape == last.shape and not np.allclose(first, last)  # the untrained and the trained model

@@ -92,8 +92,8 @@ def check_tensorboard(tb_dir: Path, results: dict, run_dir: Path) -> None:
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/dp_loss", "train/dp_fraction_clipped", "privacy/noise_std",
-                "eval/recall_at_1", "eval/tar_at_far_1e-3", "eval/tar_at_far_1e-1"):
+    for tag in ("1_training/dp_loss", "1_training/dp_fraction_clipped", "3_privacy/epsilon",
+                "2_evaluation/recall_at_1", "2_evaluation/tar_at_far_1e-3", "2_evaluation/tar_at_far_1e-1"):
         assert tag in tags, tag
     # exact round statistics are server-private: not in the published TensorBoard run
     assert not tags & {"train/loss", "train/delta_norm_max", "train/fraction_clipped", "time/round_seconds"}
@@ -101,18 +101,18 @@ def check_tensorboard(tb_dir: Path, results: dict, run_dir: Path) -> None:
 
     telemetry = read_telemetry(run_dir)
     assert [r["round"] for r in telemetry] == list(range(1, results["rounds_completed"] + 1))
-    assert [e.step for e in acc.Scalars("train/dp_loss")] == [r["round"] for r in telemetry]
-    assert [e.step for e in acc.Scalars("privacy/noise_std")] == list(range(1, results["rounds_completed"] + 1))
-    final_recall = acc.Scalars("eval/recall_at_1")[-1].value
+    assert [e.step for e in acc.Scalars("1_training/dp_loss")] == [r["round"] for r in telemetry]
+    assert [e.step for e in acc.Scalars("3_privacy/epsilon")] == list(range(1, results["rounds_completed"] + 1))
+    final_recall = acc.Scalars("2_evaluation/recall_at_1")[-1].value
     assert abs(final_recall - results["final"]["recall_at_1"]) < 1e-6
 
     projector = (tb_dir / "projector_config.pbtxt").read_text()
-    sub = tb_dir / f"{results['rounds_completed']:05d}" / "eval_embeddings"
+    sub = tb_dir / f"{results['rounds_completed']:05d}" / "held_out_users"
     assert f"{sub.relative_to(tb_dir)}/sprite.png" in projector
     eval_pop = load_splits(load_config(tb_dir.parent / "config.toml").data).eval
     n = len(eval_pop)
-    labels = (sub / "metadata.tsv").read_text().split()
-    assert labels == [str(int(y)) for y in eval_pop.labels[:n]]
+    rows = (sub / "metadata.tsv").read_text().splitlines()[1:]
+    assert rows == [f"{int(y)}\t{int(u)}" for y, u in zip(eval_pop.labels[:n], eval_pop.users[:n])]
     vectors = np.loadtxt(sub / "tensors.tsv", delimiter="\t")
     assert vectors.shape[0] == n
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)

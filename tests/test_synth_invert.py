@@ -178,7 +178,14 @@ def test_invert_on_a_run_adds_one_stage_at_its_epsilon_and_publishes_only_its_po
     for name in ("invert_results.json", "statistics.npz", "prototypes.npy", "inverted.npz", "inverted.png",
                  "no_statistics.npz", "no_statistics.png"):
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tests.test_published_outputs import tensorboard_texts
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard" / "synthesis-invert"))  # a run of its own, named by its kind
+    board.Reload()
+    assert board.Tags()["images"] == ["synthesis-invert/inverted_one_class_per_row",
+                                      "synthesis-invert/no_statistics_one_class_per_row"]
+    assert f"| δ | {results['delta']} |" in tensorboard_texts(out / "tensorboard" / "synthesis-invert")["synthesis-invert/summary"]
     for name in ("inverted", "no_statistics"):
         for key in ("from_scratch_accuracy", "distilled_accuracy"):
             assert 0 <= results["evaluation"][name][key] <= 1

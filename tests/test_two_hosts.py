@@ -35,7 +35,9 @@ GUIDE = REPO / "docs" / "deployment.md"
 BLOCK = re.compile(r"<!-- two-hosts: (\w+) -->\s*```bash\n(.*?)```", re.S)
 DOC_ADDRESS = "10.0.0.5"
 DOC_OVERRIDES = "deployment.devices=1 deployment.min_devices=1"
-TEST_OVERRIDES = "deployment.devices=3 deployment.min_devices=3 run.rounds=1 simulation.round_timeout_s=30"
+# progress every 4 s: at least one line falls between the other replies and the deadline, even on a loaded machine
+TEST_OVERRIDES = ("deployment.devices=3 deployment.min_devices=3 run.rounds=1 simulation.round_timeout_s=30 "
+                  "monitoring.wait_progress_s=4")
 
 
 def guide_blocks() -> list[tuple[str, str]]:

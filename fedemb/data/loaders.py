@@ -1,17 +1,20 @@
-"""Dataset loaders by name. Each returns train (and optionally test) arrays, users where known."""
+"""Dataset loaders by name. Each returns train (and optionally test) arrays, users where known;
+load_dataset then brings the images to data.image_size and data.channels (fedemb.data.conform)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from fedemb.data.conform import conformed
 from fedemb.data.idx import find_idx, read_idx, read_qmnist_writers
 from fedemb.data.image_folder import decoded_images, list_folder, source_files
-from fedemb.data.npz_format import read_npz
+from fedemb.data.npz_format import checked_images, checked_labels, integer_column, read_npz
+from fedemb.data.npz_format import pixel_scale as pixel_scale_of
 from fedemb.errors import DataError
 
 log = logging.getLogger("fedemb")
@@ -19,10 +22,11 @@ log = logging.getLogger("fedemb")
 
 @dataclass
 class RawSplit:
-    images: np.ndarray  # (n, C, H, W)
+    images: np.ndarray  # (n, C, H, W), possibly a memory-mapped view; the store keeps uint8 or float32
     labels: np.ndarray
     users: np.ndarray | None  # None: synthetic users are made by partitioning
     pixel_scale: float
+    files: list[Path] = field(default_factory=list)  # where the images come from: keys their conversion
 
 
 @dataclass
@@ -53,21 +57,24 @@ def load_idx_dataset(cfg) -> RawDataset:
     root = Path(cfg.path)
     if not cfg.path or not root.is_dir():
         raise DataError(f"data.path must be a directory with IDX files, got {cfg.path!r}")
-    train_x = _as_nchw(read_idx(find_idx(root, "train", "images")), "train images")
+    train_file = find_idx(root, "train", "images")
+    train_x = _as_nchw(read_idx(train_file), "train images")
     train_y = read_idx(find_idx(root, "train", "labels")).astype(np.int64)
     if len(train_x) != len(train_y):
         raise DataError(f"{root}: {len(train_x)} train images but {len(train_y)} labels")
     train_users = _writers(cfg.writers, train_y) if cfg.writers else None
     test = None
     if cfg.use_test_split:
-        test_x = _as_nchw(read_idx(find_idx(root, "t10k", "images")), "t10k images")
+        test_file = find_idx(root, "t10k", "images")
+        test_x = _as_nchw(read_idx(test_file), "t10k images")
         test_y = read_idx(find_idx(root, "t10k", "labels")).astype(np.int64)
         if len(test_x) != len(test_y):
             raise DataError(f"{root}: {len(test_x)} t10k images but {len(test_y)} labels")
         test_users = _writers(cfg.test_writers, test_y) if cfg.test_writers else None
-        test = RawSplit(test_x, test_y, test_users, _scale(test_x))
+        test = RawSplit(test_x, test_y, test_users, pixel_scale_of(test_x.dtype), [test_file])
     num_classes = int(max(train_y.max(), test.labels.max() if test else 0)) + 1
-    return RawDataset(RawSplit(train_x, train_y, train_users, _scale(train_x)), test, num_classes)
+    train = RawSplit(train_x, train_y, train_users, pixel_scale_of(train_x.dtype), [train_file])
+    return RawDataset(train, test, num_classes)
 
 
 def _writers(path: str, labels: np.ndarray) -> np.ndarray:
@@ -77,46 +84,47 @@ def _writers(path: str, labels: np.ndarray) -> np.ndarray:
     return writers
 
 
-def _scale(x: np.ndarray) -> float:
-    return 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
-
-
 def load_npz_dataset(cfg) -> RawDataset:
     p = Path(cfg.path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     data = read_npz(p)
     y = data.labels
-    return RawDataset(RawSplit(data.images, y, data.users, data.pixel_scale), None, int(y.max()) + 1 if len(y) else 0)
+    return RawDataset(RawSplit(data.images, y, data.users, data.pixel_scale, [p]), None, _num_classes(y))
+
+
+NPY_FILES = ("x", "y", "user")
 
 
 def load_npy_dataset(cfg) -> RawDataset:
     """A directory with x.npy, y.npy and optionally user.npy, memory-mapped: populations larger than
-    memory go into the store without ever being loaded whole."""
+    memory go into the store without ever being loaded whole (channels-last x as a transposed view)."""
     root = Path(cfg.path)
     if not cfg.path or not root.is_dir():
         raise DataError(f"data.path must be a directory with x.npy, y.npy (and user.npy), got {cfg.path!r}")
-    arrays = {}
-    for name in ("x", "y", "user"):
-        f = root / f"{name}.npy"
-        if not f.is_file():
-            if name == "user":
-                continue
-            raise DataError(f"{root}: missing {name}.npy (need x.npy, y.npy and optionally user.npy)")
-        try:
-            arrays[name] = np.load(f, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"cannot read {f}: {exc}") from None
-    x = _as_nchw(arrays["x"], str(root / "x.npy"))
-    if x.dtype != np.uint8:
-        raise DataError(f"{root}/x.npy: images must be uint8 (got {x.dtype})")
-    y = np.asarray(arrays["y"]).astype(np.int64).reshape(-1)
-    users = np.asarray(arrays["user"]).astype(np.int64).reshape(-1) if "user" in arrays else None
-    if len(y) != len(x) or (users is not None and len(users) != len(x)):
-        raise DataError(f"{root}: x, y and user must have the same length")
-    if len(y) and y.min() < 0:
-        raise DataError(f"{root}: labels must be non-negative")
-    return RawDataset(RawSplit(x, y, users, 1.0 / 255.0), None, int(y.max()) + 1 if len(y) else 0)
+    arrays = {name: _open_npy(root, name) for name in NPY_FILES}
+    x = checked_images(arrays["x"], str(root / "x.npy"))
+    y = checked_labels(arrays["y"], len(x), str(root / "y.npy"))
+    users = None
+    if arrays["user"] is not None:
+        users = integer_column(arrays["user"], len(x), str(root / "user.npy"), "user ids")
+    return RawDataset(RawSplit(x, y, users, pixel_scale_of(x.dtype), [root / "x.npy"]), None, _num_classes(y))
+
+
+def _open_npy(root: Path, name: str) -> np.ndarray | None:
+    f = root / f"{name}.npy"
+    if not f.is_file():
+        if name == "user":
+            return None
+        raise DataError(f"{root}: missing {name}.npy (need x.npy, y.npy and optionally user.npy)")
+    try:
+        return np.load(f, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"cannot read {f}: {exc}") from None
+
+
+def _num_classes(labels: np.ndarray) -> int:
+    return int(labels.max()) + 1 if len(labels) else 0
 
 
 def load_folder_dataset(cfg) -> RawDataset:
@@ -139,3 +147,16 @@ DATASETS: dict[str, Callable] = {
 }
 # formats whose files are not just data.path (or the files directly in it): the store's key stats these
 SOURCE_FILES: dict[str, Callable] = {"folder": source_files}
+
+
+def load_dataset(cfg) -> RawDataset:
+    """The dataset `cfg.name` names, its images in the shape data.image_size and data.channels ask for."""
+    raw = DATASETS[cfg.name](cfg)
+    raw.train = _conformed(raw.train, cfg, "train")
+    if raw.test is not None:
+        raw.test = _conformed(raw.test, cfg, "test")
+    return raw
+
+
+def _conformed(split: RawSplit, cfg, part: str) -> RawSplit:
+    return replace(split, images=conformed(split.images, split.pixel_scale, cfg, split.files, part))

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedemb.data.loaders import DATASETS, RawDataset
+from fedemb.data.loaders import RawDataset, load_dataset
 from fedemb.data.partition import synthetic_users
 from fedemb.data.population import Population
 from fedemb.errors import DataError
@@ -63,7 +63,7 @@ def _users(split, cfg, seed_offset: int) -> np.ndarray:
 
 
 def plan_splits(cfg) -> SplitPlan:
-    raw = DATASETS[cfg.name](cfg)
+    raw = load_dataset(cfg)
     users = _users(raw.train, cfg, 0)
     labels = np.asarray(raw.train.labels)
     rng = np.random.default_rng(cfg.split_seed)

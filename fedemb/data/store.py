@@ -5,7 +5,8 @@ to a cache directory: `images.npy`, `labels.npy`, `users.npy`, with the training
 sorted by user, plus each split's user index (`user_ids.npy`, `starts.npy`). It builds in a temporary
 directory and renames it into place, so a reader never sees half a store. Every process then opens
 the arrays with mmap: a worker reads only the rows of the users it trains, nothing is pickled into
-messages or contexts, and memory does not grow with the population.
+messages or contexts, and memory does not grow with the population. Images are kept as uint8 (integer
+pixels) or float32, read from the source (a memory-mapped view, possibly channels-last) in chunks.
 
 The directory is keyed by a hash of the data config and of the files it reads (path, size, mtime), so
 a changed config or file gets a new store (the files of an image folder: every file under it and its
@@ -25,12 +26,12 @@ import numpy as np
 
 from fedemb.data.cache import cache_root, file_stats, key_of
 from fedemb.data.loaders import SOURCE_FILES
+from fedemb.data.npz_format import chunk_rows, stored_dtype
 from fedemb.data.population import Population
 from fedemb.data.splits import DataSplits, plan_splits
 from fedemb.errors import DataError
 
 STORE_VERSION = 1
-CHUNK_ROWS = 65536
 SPLITS = ("train", "eval", "public")
 
 
@@ -88,10 +89,12 @@ def _write_split(directory: Path, images, labels, users, rows: np.ndarray, sort:
     if sort:  # by user, keeping each user's examples in their original order
         rows = rows[np.argsort(users[rows], kind="stable")]
     shape = (len(rows),) + tuple(images.shape[1:])
-    out = np.lib.format.open_memmap(directory / "images.npy", mode="w+", dtype=images.dtype, shape=shape)
-    for start in range(0, len(rows), CHUNK_ROWS):
-        chunk = rows[start:start + CHUNK_ROWS]
-        out[start:start + len(chunk)] = images[chunk]
+    out = np.lib.format.open_memmap(directory / "images.npy", mode="w+", dtype=stored_dtype(images.dtype),
+                                    shape=shape)
+    step = chunk_rows(images)
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
+        out[start:start + len(chunk)] = images[chunk]  # casts: integer pixels were checked to be 0..255
     out.flush()
     del out
     np.save(directory / "labels.npy", np.asarray(labels)[rows].astype(np.int64))

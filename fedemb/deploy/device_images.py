@@ -89,7 +89,7 @@ def read_image_folder(folder: ImageFolder, user: int) -> tuple[ImageArrays, dict
 
 
 def read_arrays(x_file: Path, y_file: Path, user: int) -> tuple[ImageArrays, dict[int, int]]:
-    """Arrays someone already has: x (n, H, W) or (n, C, H, W), uint8 or float in [0, 1]; y labels."""
+    """Arrays someone already has: x (n, H, W), (n, H, W, C) or (n, C, H, W), uint8 or float in [0, 1]; y labels."""
     x, y = (_load_npy(f) for f in (x_file, y_file))
     data = checked_arrays(x, y, np.full(len(y.reshape(-1)), user, dtype=np.int64), f"{x_file}, {y_file}")
     return data, _counts(data.labels)

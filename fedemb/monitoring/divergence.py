@@ -21,11 +21,20 @@ ADVICE = ("lower server.lr (or server.momentum) and client.lr; with DP, a smalle
 
 
 class DivergenceWatch(RoundCallback):
-    def __init__(self, initial_norm: float, tensorboard_writer=None, growth_factor: float = GROWTH_FACTOR):
+    def __init__(self, initial_norm: float, tensorboard_writer=None, run_state: dict | None = None,
+                 growth_factor: float = GROWTH_FACTOR):
+        """run_state: the dict a checkpoint saves; the report is kept in it under "diverged", so a resumed
+        run still reports the round its training diverged in."""
         self.initial_norm = max(float(initial_norm), 1e-12)
         self.writer = tensorboard_writer
         self.growth_factor = growth_factor
-        self.report: dict | None = None  # {"round", "reason", "advice"} once diverged
+        self.run_state = run_state if run_state is not None else {}
+        self.run_state.setdefault("diverged", None)
+
+    @property
+    def report(self) -> dict | None:
+        """{"round", "reason", "advice"} once diverged, else None."""
+        return self.run_state["diverged"]
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         if self.report is not None:
@@ -38,7 +47,7 @@ class DivergenceWatch(RoundCallback):
                       f"{self.initial_norm:.3g}")
         else:
             return
-        self.report = {"round": server_round, "reason": reason, "advice": ADVICE}
+        self.run_state["diverged"] = {"round": server_round, "reason": reason, "advice": ADVICE}
         log(WARNING, "training diverged in round %s: %s; %s", server_round, reason, ADVICE)
         if self.writer is not None:
             self.writer.add_text("run/diverged", f"round {server_round}: {reason}. What to change: {ADVICE}",

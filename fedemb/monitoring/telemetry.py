@@ -37,6 +37,14 @@ class PrivateTelemetry(RoundCallback):
 
             self.writer = SummaryWriter(log_dir=str(private_dir(run_dir) / "tensorboard"), purge_step=purge_step)
 
+    def log_training_inputs(self, train_population) -> None:
+        """Training images are private data: a grid of them (one class per row) only in this private log."""
+        if self.writer is not None:
+            from fedemb.monitoring.image_grid import class_rows, sample_by_class
+
+            images, labels = sample_by_class(train_population)
+            self.writer.add_image("server-private/training_inputs_one_class_per_row", class_rows(images, labels), 0)
+
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         append_private_jsonl(self.run_dir, TELEMETRY_FILE,
                              {"round": server_round, "logged_at": time.time(), **train_metrics})

@@ -160,7 +160,7 @@ def run_custom(model_cfg, net: torch.nn.Module, centre: np.ndarray | None, task:
     from fedemb.synth.figures import save_image_grids
 
     grids |= shared_views(received)
-    save_image_grids(grids, out)
+    save_image_grids(grids, out, "custom", {"ε per reference image": ledger.epsilon, "δ": task.delta, "unit": ledger.unit})
     return results
 
 

@@ -48,29 +48,28 @@ def projector(test: Embedded, x_syn: np.ndarray, y_syn: np.ndarray, logdir: Path
     meta = [[str(int(label)), "real (held-out users)"] for label in test.labels[real]]
     meta += [[str(int(label)), "synthetic"] for label in y_syn[syn]]
     with SummaryWriter(str(logdir)) as writer:
-        writer.add_embedding(mat, metadata=meta, metadata_header=["label", "source"], tag="real_vs_synthetic")
+        writer.add_embedding(mat, metadata=meta, metadata_header=["class", "source"], tag="real_vs_synthetic")
 
 
-def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 16):
-    """One row per class, up to per_class images each: a (C, H, W) tensor in [0, 1]."""
-    import torch
-    from torchvision.utils import make_grid
-
-    rows = []
-    for c in np.unique(labels):
-        picked = images[labels == c][:per_class]
-        pad = np.zeros((per_class - len(picked), *images.shape[1:]), dtype=images.dtype)
-        rows.append(np.concatenate([picked, pad]))
-    return make_grid(torch.as_tensor(np.concatenate(rows)), nrow=per_class, padding=1, pad_value=0.5)
+def log_dir(out: Path, kind: str) -> Path:
+    """A synthesis command's TensorBoard run: named by its kind and apart from the training run's events,
+    so `tensorboard --logdir RUN` lists training and each synthesis separately."""
+    return out / "tensorboard" / f"synthesis-{kind}"
 
 
-def save_image_grids(grids: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> None:
-    """Each named (images, labels) set as out/NAME.png and as an image in out/tensorboard."""
+def save_image_grids(grids: dict[str, tuple[np.ndarray, np.ndarray]], out: Path, kind: str,
+                     summary: dict[str, object]) -> None:
+    """Each named (images, labels) set as out/NAME.png (one class per row) and in the synthesis run's
+    TensorBoard images, with the release's summary as text."""
     from torch.utils.tensorboard import SummaryWriter
     from torchvision.utils import save_image
 
-    with SummaryWriter(str(out / "tensorboard")) as writer:
+    from fedemb.monitoring.image_grid import class_rows
+    from fedemb.monitoring.tensorboard import markdown_table
+
+    with SummaryWriter(str(log_dir(out, kind))) as writer:
+        writer.add_text(f"synthesis-{kind}/summary", markdown_table(summary), 0)
         for name, (images, labels) in grids.items():
-            grid = image_grid(images, labels)
+            grid = class_rows(images, labels)
             save_image(grid, out / f"{name}.png")
-            writer.add_image(name, grid, 0)
+            writer.add_image(f"synthesis-{kind}/{name}_one_class_per_row", grid, 0)

@@ -158,7 +158,9 @@ def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, pr
     write_json(out / "invert_results.json", results)
     from fedemb.synth.figures import save_image_grids
 
-    save_image_grids({name: (images, labels) for name, (images, _, _) in sets.items()}, out)
+    save_image_grids({name: (images, labels) for name, (images, _, _) in sets.items()}, out, "invert",
+                     {"ε of this release": results["released"]["epsilon"], "δ": results["delta"], "unit": results["unit"],
+                      "ledger ε in all": results["ledger_epsilon_total"]})
     return results
 
 

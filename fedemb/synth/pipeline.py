@@ -137,9 +137,9 @@ def run_gmm_synthesis(private: Embedded, test: Embedded, num_classes: int, cfg, 
         "settings": dict(cfg.__dict__),
     }
     write_json(out / "synth_results.json", results)
-    from fedemb.synth.figures import accuracy_plot, projector
+    from fedemb.synth.figures import accuracy_plot, log_dir, projector
 
     accuracy_plot(results, out / "accuracy_vs_epsilon.png")
-    projector(test, released.x, released.y, out / "tensorboard",
+    projector(test, released.x, released.y, log_dir(out, "gmm"),
               np.random.default_rng(keyed_seed(seed, STREAM_SAMPLES, 1)))
     return results
