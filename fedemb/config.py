@@ -25,6 +25,7 @@ ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("dirichlet", "shards", "iid")
 USER_SOURCES = ("", "folder")
 IMAGE_CHANNELS = (0, 1, 3)
+RESIZE_MODES = ("stretch", "crop")
 HEAD_KINDS = ("local", "global", "shared")
 HEAD_INITS = ("random", "anchors")
 SYNTH_COVARIANCES = ("isotropic", "diag", "full", "lowrank")
@@ -50,7 +51,8 @@ class DataConfig:
     path: str = ""
     manifest: str = ""  # folder: a CSV with columns path, user (and optionally label), relative to data.path
     user_from: str = ""  # folder: "folder" takes users from a level above the classes (root/<user>/<class>/<file>)
-    image_size: str = ""  # "HxW" to resize (stretch) every image to; "": keep (a folder's images must agree)
+    image_size: str = ""  # "HxW" to resize every image to; "": keep (a folder's images must agree)
+    resize: str = "stretch"  # to image_size: "stretch" the whole image, or "crop" the centre to its aspect ratio first
     channels: int = 0  # 1 (grayscale) or 3 (RGB); 0: as stored (a folder: 3 if any image is colour, else 1)
     writers: str = ""  # QMNIST extended labels for the train images (idx only)
     test_writers: str = ""  # QMNIST extended labels for the t10k images (idx only)
@@ -507,6 +509,8 @@ def validate_image_folder(d: DataConfig) -> None:
            "data.manifest and data.user_from both say where users come from: set one of them")
     _check(d.channels in IMAGE_CHANNELS,
            f"data.channels must be 1, 3 or 0 (0: as stored; a folder: 3 if any image is colour), got {d.channels}")
+    _one_of(d.resize, RESIZE_MODES, "data.resize")
+    _check(d.resize == "stretch" or bool(d.image_size), "data.resize = 'crop' needs data.image_size (the size to crop to)")
     if d.image_size:
         from fedemb.data.image_files import parse_size
 

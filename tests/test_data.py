@@ -353,3 +353,34 @@ def test_image_size_and_channels_are_settings_of_every_source(name):
         load_config(None, [f'data.name="{name}"', "data.channels=4"])
     with pytest.raises(ConfigError, match="data.image_size must be HEIGHTxWIDTH"):
         load_config(None, [f'data.name="{name}"', 'data.image_size="32"'])
+
+
+@pytest.mark.parametrize("source", ["npz", "folder"])
+def test_crop_resizes_only_the_centre_at_the_target_aspect_ratio(tmp_path, source):
+    """A 10x20 (portrait 1:2) image cropped to 8x8 is its centre 10x10 resized: the side strips, here
+    marked white, are gone; stretched, they are squeezed in."""
+    from PIL import Image
+
+    x = np.zeros((6, 10, 20), dtype=np.uint8)
+    x[:, :, :5] = x[:, :, 15:] = 255  # white strips left and right of a black 10x10 centre
+    if source == "npz":
+        settings = write_arrays(tmp_path, "npz", x, np.arange(6) % 2, np.arange(6) // 2)
+    else:
+        root = tmp_path / "photos"
+        lines = ["path,user"]
+        for i in range(6):
+            (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(root / f"c{i % 2}" / f"{i}.png")
+            lines.append(f"c{i % 2}/{i}.png,u{i // 2}")
+        (root / "users.csv").write_text("\n".join(lines) + "\n")
+        settings = ['data.name="folder"', f'data.path="{root}"', 'data.manifest="users.csv"',
+                    f'data.cache_dir="{tmp_path / "cache"}"']
+    cropped = stored_images(settings + ['data.image_size="8x8"', 'data.resize="crop"'])
+    stretched = stored_images(settings + ['data.image_size="8x8"'])
+    assert cropped.shape == stretched.shape == (6, 1, 8, 8)
+    assert cropped.max() <= 2, "only the black centre is left"
+    assert stretched[:, :, :, 0].min() >= 200, "stretched: the white strips are squeezed into the edges"
+    with pytest.raises(ConfigError, match="data.resize = 'crop' needs data.image_size"):
+        load_config(None, settings + ['data.resize="crop"'])
+    with pytest.raises(ConfigError, match="data.resize must be one of stretch, crop"):
+        load_config(None, settings + ['data.resize="pad"'])

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedemb.data.cache import cache_root, file_stats, key_of
-from fedemb.data.image_files import parse_size
+from fedemb.data.image_files import centre_crop_box, parse_size
 from fedemb.data.npz_format import chunks, stored_dtype
 
 CONFORM_VERSION = 1
@@ -38,7 +38,8 @@ def conformed(images: np.ndarray, pixel_scale: float, cfg, files: list[Path], pa
     shape = target_shape(tuple(images.shape[1:]), cfg)
     if shape == tuple(images.shape[1:]):
         return images
-    key = key_of({"version": CONFORM_VERSION, "part": part, "shape": shape, "files": file_stats(files),
+    crop = cfg.resize == "crop"
+    key = key_of({"version": CONFORM_VERSION, "part": part, "shape": shape, "crop": crop, "files": file_stats(files),
                   "source_shape": list(images.shape), "dtype": str(images.dtype)})
     target = cache_root(cfg) / f"{cfg.name}-images-{key}.npy"
     if not target.is_file():
@@ -46,29 +47,33 @@ def conformed(images: np.ndarray, pixel_scale: float, cfg, files: list[Path], pa
         fd, temporary = tempfile.mkstemp(prefix=f".{cfg.name}-images-", suffix=".npy", dir=target.parent)
         os.close(fd)
         try:
-            _convert(images, shape, 1.0 / pixel_scale, Path(temporary))
+            _convert(images, shape, 1.0 / pixel_scale, Path(temporary), crop)
             os.replace(temporary, target)
         finally:
             Path(temporary).unlink(missing_ok=True)
     return np.load(target, mmap_mode="r")
 
 
-def _convert(images: np.ndarray, shape: tuple[int, int, int], white: float, out: Path) -> None:
+def _convert(images: np.ndarray, shape: tuple[int, int, int], white: float, out: Path, crop: bool = False) -> None:
     dtype = stored_dtype(images.dtype)
     result = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(len(images), *shape))
     for start, chunk in chunks(images):
-        converted = convert_chunk(chunk, shape, white)
+        converted = convert_chunk(chunk, shape, white, crop)
         result[start:start + len(chunk)] = _as_dtype(converted, dtype, white)
     result.flush()
     del result
 
 
-def convert_chunk(chunk: np.ndarray, shape: tuple[int, int, int], white: float):
-    """(rows, C, H, W) → a float32 tensor (rows, *shape), values in [0, white]."""
+def convert_chunk(chunk: np.ndarray, shape: tuple[int, int, int], white: float, crop: bool = False):
+    """(rows, C, H, W) → a float32 tensor (rows, *shape), values in [0, white]; with `crop`, the centre
+    at the target's aspect ratio is what gets resized."""
     import torch
 
-    x = torch.from_numpy(np.array(chunk, dtype=np.float32))
     channels, height, width = shape
+    if crop:
+        top, left, h, w = centre_crop_box(chunk.shape[2], chunk.shape[3], (height, width))
+        chunk = chunk[:, :, top:top + h, left:left + w]
+    x = torch.from_numpy(np.array(chunk, dtype=np.float32))
     if channels < x.shape[1]:  # fewer channels first: less to resize
         x = to_channels(x, channels, white)
     if (height, width) != tuple(x.shape[2:]):

@@ -65,8 +65,19 @@ def read_header(file: Path) -> Header:
         raise DataError(f"{file}: {_reason(exc)}") from None
 
 
-def read_image(file: Path, size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    """(channels, H, W) uint8; resized to `size` (height, width) unless it is None."""
+def centre_crop_box(height: int, width: int, target: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the largest centred box with the target's aspect ratio."""
+    th, tw = target
+    if height * tw > width * th:  # taller than the target: crop rows
+        h = max(1, round(width * th / tw))
+        return (height - h) // 2, 0, h, width
+    w = max(1, round(height * tw / th))
+    return 0, (width - w) // 2, height, w
+
+
+def read_image(file: Path, size: tuple[int, int] | None, channels: int, crop: bool = False) -> np.ndarray:
+    """(channels, H, W) uint8; resized to `size` (height, width) unless it is None, after cropping its
+    centre to size's aspect ratio when `crop`."""
     try:
         with Image.open(file) as opened:
             image = ImageOps.exif_transpose(opened)
@@ -74,6 +85,9 @@ def read_image(file: Path, size: tuple[int, int] | None, channels: int) -> np.nd
     except READ_ERRORS as exc:
         raise DataError(f"{file}: {_reason(exc)}") from None
     image = _as_mode(image, MODES[channels], file)
+    if size is not None and crop:
+        top, left, h, w = centre_crop_box(image.height, image.width, size)
+        image = image.crop((left, top, left + w, top + h))
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.uint8)

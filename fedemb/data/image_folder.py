@@ -71,7 +71,7 @@ def list_folder(cfg) -> Listing:
 
 def decoded_images(cfg, files: list[Path]) -> np.ndarray:
     """The files' images as a memory-mapped (n, C, H, W) uint8 array, decoded now unless already cached."""
-    key = key_of({"version": DECODED_VERSION, "image_size": cfg.image_size, "channels": cfg.channels,
+    key = key_of({"version": DECODED_VERSION, "image_size": cfg.image_size, "channels": cfg.channels, "resize": cfg.resize,
                   "files": file_stats(files)})
     target = cache_root(cfg) / f"folder-images-{key}.npy"
     if not target.is_file():
@@ -79,14 +79,14 @@ def decoded_images(cfg, files: list[Path]) -> np.ndarray:
         fd, temporary = tempfile.mkstemp(prefix=".folder-images-", suffix=".npy", dir=target.parent)
         os.close(fd)
         try:
-            _decode(files, cfg.image_size, cfg.channels, Path(temporary))
+            _decode(files, cfg.image_size, cfg.channels, Path(temporary), crop=cfg.resize == "crop")
             os.replace(temporary, target)
         finally:
             Path(temporary).unlink(missing_ok=True)
     return np.load(target, mmap_mode="r")
 
 
-def _decode(files: list[Path], image_size: str, channels: int, out: Path) -> None:
+def _decode(files: list[Path], image_size: str, channels: int, out: Path, crop: bool = False) -> None:
     """Headers first (sizes that disagree and unreadable files are found before any pixel is decoded),
     then every image straight into the memory-mapped file."""
     headers = [read_header(f) for f in files]
@@ -99,7 +99,7 @@ def _decode(files: list[Path], image_size: str, channels: int, out: Path) -> Non
     channels = channels or (3 if any(h.colour for h in headers) else 1)
     images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(files), channels, *size))
     for i, file in enumerate(files):
-        pixels = read_image(file, size if image_size else None, channels)
+        pixels = read_image(file, size if image_size else None, channels, crop)
         if pixels.shape[1:] != size:  # turned by an EXIF orientation that its header did not show
             raise _sizes_differ(file, pixels.shape[1:], files[0], size)
         images[i] = pixels

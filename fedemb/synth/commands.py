@@ -172,7 +172,7 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
            as_json: JsonOpt = False):
     """Release DP activation statistics and DP class prototypes of the private data, invert them into
     images, and train fresh classifiers on those images alone (hard labels, and distilled from the private
-    model), tested on real held-out images next to an ablation without statistics. Settings: [invert]."""
+    model), tested on real held-out images next to an ablation without statistics. Settings: the config's invert section."""
     from fedemb.synth.invert_run import load_private_model, run_inversion
 
     cfg = run_config(run, config, set_)
