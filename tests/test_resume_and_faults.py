@@ -97,13 +97,12 @@ def test_a_run_killed_at_several_points_resumes_to_the_same_model_and_ledger(tmp
     expected_ledger = json.loads((reference / "privacy.json").read_text())
     assert len(expected_ledger["entries"]) == 6
 
-    # killed before the first checkpoint, then its resumption killed again between checkpoints, mid-round
+    # killed between checkpoints, mid-round (a crash before the first checkpoint: the in-process test below)
     run_dir = tmp_path / "killed"
     resume = [EXE, "simulate", "--resume", str(run_dir)]
-    for kill_at, command in ((1, None), (4, resume)):
-        started = kill_when(run_dir, kill_at, tmp_path, command)
-        assert not (run_dir / "results.json").exists()
-        assert_all_gone(started)
+    started = kill_when(run_dir, 4, tmp_path)
+    assert not (run_dir / "results.json").exists()
+    assert_all_gone(started)
     resumed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, env=env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     model = torch.load(run_dir / "checkpoints/final.pt")
@@ -215,6 +214,37 @@ def test_resume_with_a_ledger_that_does_not_match_the_state_or_config_is_refused
 
 def ledger_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "privacy.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_run_that_crashes_before_its_first_checkpoint_resumes_to_the_same_model_and_ledger(tmp_path, monkeypatch):
+    """Round 2 is recorded in the ledger, then the process dies before any checkpoint (no state.pt):
+    --resume starts over from the config and, seeded, replays rounds 1 and 2 bit for bit at no new cost."""
+    import torch
+
+    from strategies.server_optimizer import ServerOptimizer
+
+    small = ["run.rounds=3", "run.checkpoint_every=3", "run.eval_every=0"]
+    run_in_process(tmp_path / "uninterrupted", *small)
+    honest_step, steps = ServerOptimizer.step, []
+
+    def dies_in_round_2(self, mean_delta):
+        steps.append(1)
+        if len(steps) == 2:
+            raise SystemExit("killed")
+        return honest_step(self, mean_delta)
+
+    monkeypatch.setattr(ServerOptimizer, "step", dies_in_round_2)
+    with pytest.raises(SystemExit):
+        run_in_process(tmp_path / "crashed", *small)
+    assert not (tmp_path / "crashed" / "checkpoints" / "state.pt").exists() and ledger_entries(tmp_path / "crashed") == 2
+    monkeypatch.setattr(ServerOptimizer, "step", honest_step)
+    results = run_in_process(tmp_path / "crashed", *small, resume=True)
+    assert results["rounds_completed"] == 3 and results["resumed"]
+    expected = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "final.pt")
+    model = torch.load(tmp_path / "crashed" / "checkpoints" / "final.pt")
+    assert all(torch.equal(model[k], expected[k]) for k in expected), "the resumed model differs"
+    assert ledger_of(tmp_path / "crashed") == ledger_of(tmp_path / "uninterrupted")
 
 
 def test_a_seeded_replay_is_free_only_if_it_releases_the_same_bits(tmp_path):
