@@ -1,5 +1,5 @@
 """Experiment specs (scripts/experiments/*.toml): a base config, groups of runs over grids and seeds,
-and what runs after each training run (synthesis). `scripts/run_experiments.py` runs them; every run
+and what runs after each training run (synthesis). `fedemb experiments run` runs them; every run
 directory gets an experiment.json saying which experiment, group, grid point and seed it is, which is
 what `fedemb report` groups by.
 

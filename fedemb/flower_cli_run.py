@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from fedemb.errors import FedembError
-from fedemb.simulation import offline_flower_environment
+from fedemb.flower_env import offline_flower_environment
 
 DEFAULT_PORT = "39091"
 STATUS_POLL_S = 10.0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedemb.data.population import Population
-from fedemb.data.splits import load_splits
+from fedemb.data.store import load_splits
 from fedemb.errors import ConfigError
 from fedemb.evaluation.embed import embed
 from fedemb.evaluation.metrics import embedding_metrics

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +22,15 @@ from typing import Annotated
 import numpy as np
 import typer
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedemb.config import load_config, to_toml
+from fedemb.models.embedding_net import has_batchnorm
+from fedemb.monitoring.telemetry import read_telemetry
+from fedemb.run_setup import prepare_run
+from simulations.client_app import train
+from simulations.inprocess import InProcessGrid
+from simulations.run import run_federated
 
-from fedemb.config import load_config, to_toml  # noqa: E402
-from fedemb.federated import prepare_run, run_federated  # noqa: E402
-from fedemb.inprocess import InProcessGrid  # noqa: E402
-from fedemb.models.embedding_net import has_batchnorm  # noqa: E402
-from fedemb.monitoring.telemetry import read_telemetry  # noqa: E402
-from simulations.client_app import train  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BASELINE = ("baseline", "fedemb_lenet")
 FAMILIES = [("ResNet", "resnet18"), ("EfficientNet", "efficientnet_b0"), ("MobileNet", "mobilenetv3_small_100"),

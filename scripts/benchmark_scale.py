@@ -38,7 +38,6 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CLIENTS, EXAMPLES, BATCH, LR, MOMENTUM, HEAD_SCALE = 100, 50, 10, 0.01, 0.9, 10.0
 MODELS = {"A": "fedemb_lenet_small", "B": "resnet18"}
@@ -131,7 +130,7 @@ def arm_plain(data: Path, users: int, workload: str, rounds: int) -> list[float]
 
 def arm_flower(data: Path, users: int, workload: str, rounds: int) -> list[float]:
     """Flower's own way: one SuperNode per virtual client, each ClientApp loading its partition."""
-    from fedemb.simulation import offline_flower_environment
+    from fedemb.flower_env import offline_flower_environment
 
     offline_flower_environment()
     import logging
@@ -193,8 +192,8 @@ def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: in
     import tempfile
 
     from fedemb.config import load_config
-    from fedemb.federated import prepare_run
-    from fedemb.simulation import run_simulation
+    from fedemb.run_setup import prepare_run
+    from simulations.engine import run_simulation
 
     cfg = load_config(None, fedemb_overrides(data, users, workload, rounds, vectorize))
     setup = prepare_run(cfg)

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_info
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fedemb.config import SynthConfig  # noqa: E402
-from fedemb.privacy.ledger import PrivacyLedger  # noqa: E402
-from fedemb.privacy.release import LedgerStage, NoiseSource  # noqa: E402
-from fedemb.synth.embedded import Embedded, to_sphere  # noqa: E402
-from fedemb.synth.gmm import fit_dp_gmm  # noqa: E402
+from fedemb.config import SynthConfig
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
+from fedemb.synth.embedded import Embedded, to_sphere
+from fedemb.synth.gmm import fit_dp_gmm
 
 CLASSES, ROWS_PER_USER = 10, 10
 

@@ -24,14 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fedemb.config import load_config  # noqa: E402
-from fedemb.synth.custom import custom_settings  # noqa: E402
-from fedemb.synth.custom_run import run_custom, task_accuracy  # noqa: E402
-from fedemb.synth.task_spec import load_task  # noqa: E402
-from make_custom_task import write_task, writer_images  # noqa: E402
+from fedemb.config import load_config
+from fedemb.synth.custom import custom_settings
+from fedemb.synth.custom_run import run_custom, task_accuracy
+from fedemb.synth.task_spec import load_task
+from fedemb.synth.task_writer import write_task, writer_images
 
 CONFIGS = {  # name: (foreground level, background level, foreground embedding ε)
     "L1 foreground": ("L1", "L0", 0.0),

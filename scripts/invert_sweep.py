@@ -22,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fedemb.config import load_config  # noqa: E402
-from fedemb.privacy.ledger import PrivacyLedger  # noqa: E402
-from fedemb.privacy.release import NoiseSource  # noqa: E402
-from fedemb.run_dir import LEDGER_FILE, write_private_json  # noqa: E402
-from fedemb.synth.invert_run import load_private_model, run_inversion  # noqa: E402
+from fedemb.config import load_config
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import NoiseSource
+from fedemb.run_dir import LEDGER_FILE, write_private_json
+from fedemb.synth.invert_run import load_private_model, run_inversion
 
 
 def main() -> None:

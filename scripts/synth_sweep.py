@@ -22,16 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fedemb.config import load_config  # noqa: E402
-from fedemb.privacy.accountant import default_delta  # noqa: E402
-from fedemb.privacy.ledger import PrivacyLedger  # noqa: E402
-from fedemb.privacy.release import LedgerStage, NoiseSource  # noqa: E402
-from fedemb.run_dir import LEDGER_FILE, write_private_json  # noqa: E402
-from fedemb.synth.classifier import accuracy, train_mlp  # noqa: E402
-from fedemb.synth.from_run import embed_for_synthesis  # noqa: E402
-from fedemb.synth.pipeline import METHODS, release_point  # noqa: E402
+from fedemb.config import load_config
+from fedemb.privacy.accountant import default_delta
+from fedemb.privacy.ledger import PrivacyLedger
+from fedemb.privacy.release import LedgerStage, NoiseSource
+from fedemb.run_dir import LEDGER_FILE, write_private_json
+from fedemb.synth.classifier import accuracy, train_mlp
+from fedemb.synth.from_run import embed_for_synthesis
+from fedemb.synth.pipeline import METHODS, release_point
 
 NAMES = {"gmm_mlp": "MLP on DP-GMM samples", "dpsgd_linear_probe": "DP-SGD linear probe",
          "dp_prototypes": "DP prototypes"}

@@ -18,7 +18,7 @@ view. From Python (e.g. a pytest test)::
         facts = capture(url, ["timeseries", "text"], out_dir)
     assert facts["text"]["rendered"], facts["text"]["text"][:500]
 
-(`scripts` imports as a namespace package when the repository root is on sys.path, as it is under pytest.)
+(`scripts` imports as a namespace package from the repository root, as it does under pytest.)
 
 Routes (TensorBoard 2.21): ``#NAME`` for each plugin NAME in /data/plugins_listing, e.g. timeseries (the
 Angular Time Series), scalars, images, text, hparams, graphs, distributions, histograms, custom_scalars,

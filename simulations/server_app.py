@@ -5,7 +5,7 @@ Run config keys (pyproject [tool.flwr.app.config], or `flwr run . --run-config "
                Flower unpacks the app elsewhere and runs it from the directory the SuperLink started in
   overrides    "section.key=value" items separated by spaces
   run-dir      where results go (default: runs/<name>-<time> under the SuperLink's working directory)
-`fedemb simulate` builds its own ServerApp around an already loaded config (fedemb.simulation).
+`fedemb simulate` builds its own ServerApp around an already loaded config (simulations.engine).
 """
 
 import shlex
@@ -15,8 +15,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedemb.config import load_config
-from fedemb.federated import run_federated
 from fedemb.run_dir import new_run_dir
+from simulations.run import run_federated
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 saying while it waits which nodes it still waits for and until when.
 
 Which nodes were sent work is the round's secret sample, so the progress lines go to the server's
-private event log (monitoring.private_console echoes them, marked); `scripts/deploy/deploy.py run`
+private event log (monitoring.private_console echoes them, marked); `fedemb deploy run`
 shows them to the operator with the registered names.
 """
 
@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from fedemb.monitoring.private_log import private_log
 
-WAITING = "waiting for"  # the start of a progress line; deploy.py recognises it
+WAITING = "waiting for"  # the start of a progress line; `fedemb deploy run` recognises it
 
 
 def utc_clock_after(seconds: float) -> str:

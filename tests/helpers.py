@@ -21,9 +21,9 @@ SMALL_RUN = ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.n
 def train_small_run(run_dir):
     """A 2-round DP run on digits (in process), with its config, checkpoints and ledger in run_dir."""
     from fedemb.config import to_toml
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
     from simulations.client_app import train
+    from simulations.inprocess import InProcessGrid
+    from simulations.run import run_federated
 
     cfg = load_config(None, SMALL_RUN)
     run_dir.mkdir(parents=True)

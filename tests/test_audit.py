@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from fedemb.audit.bounds import (cheapest_trials, clopper_pearson, epsilon_from_rates, epsilon_lower_bound,
                                  pick_size, reachable_epsilon, trials_to_decide)
-from fedemb.audit.canary_runs import run_audit
 from fedemb.cli import app
 from fedemb.config import load_config
+from simulations.canary_runs import run_audit
 
 AUDIT = ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=12", "sampling.rate=1.0",
          "sampling.users_per_client=1", "client.epochs=1", "client.max_examples=8", "client.batch_size=8",

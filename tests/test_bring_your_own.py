@@ -27,11 +27,11 @@ def test_every_backbone_family_trains_under_dp_with_nothing_outside_the_clipped_
     import torch
 
     from fedemb.config import load_config, to_toml
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
     from fedemb.models.embedding_net import has_batchnorm
     from fedemb.protocol import UPDATE
     from simulations.client_app import train
+    from simulations.inprocess import InProcessGrid
+    from simulations.run import run_federated
 
     rgb_users(tmp_path / "rgb.npz")
     cfg = load_config(None, ['data.name="npz"', f'data.path="{tmp_path / "rgb.npz"}"', f'model.name="{FAMILIES[family]}"',
@@ -51,7 +51,7 @@ def test_every_backbone_family_trains_under_dp_with_nothing_outside_the_clipped_
     results = run_federated(InProcessGrid(recording_train, 2), cfg, run_dir, show_progress=False)
     assert results["rounds_completed"] == 2 and results["diverged"] is None and "warnings" not in results
     assert list((run_dir / "tensorboard").rglob("projector_config.pbtxt"))  # the projector took the RGB images
-    from fedemb.federated import prepare_run
+    from fedemb.run_setup import prepare_run
 
     net = prepare_run(cfg).net
     assert not has_batchnorm(net) and not list(net.backbone.buffers())

@@ -8,7 +8,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedemb.inprocess import InProcessGrid
 from fedemb.privacy.accountant import (PrivacyPlan, calibrate_accounting_z, calibrate_tree_z, epsilon_for,
                                        tree_epsilon_for)
 from fedemb.privacy.ledger import PrivacyLedger
@@ -18,6 +17,7 @@ from fedemb.privacy.sampling import UserSampler
 from fedemb.privacy.tree_accountant import ParticipationLimits
 from fedemb.protocol import read_train_message, train_reply
 from flwr.app import ArrayRecord
+from simulations.inprocess import InProcessGrid
 from strategies.dp_fedemb import DPFedEmb
 from strategies.server_optimizer import ServerOptimizer
 
@@ -95,8 +95,8 @@ def test_calibrated_tree_noise_spends_the_target_within_tolerance(rounds, separa
 
 def test_epsilon_in_the_results_is_the_ledger_epsilon(tmp_path):
     from fedemb.config import load_config
-    from fedemb.federated import run_federated
     from simulations.client_app import train
+    from simulations.run import run_federated
 
     cfg = load_config(None, ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=60",
                              "sampling.rate=0.3", "sampling.users_per_client=2", "client.epochs=1", "run.rounds=3",

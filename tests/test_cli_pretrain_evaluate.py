@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from fedemb.cli import app
 from fedemb.config import load_config
-from fedemb.data.splits import load_splits
+from fedemb.data.store import load_splits
 from fedemb.models.embedding_net import build_embedding_net, shared_state
 
 PUBLIC = ["data.num_users=300", "data.public_users=0.3", "pretrain.epochs=8", "run.seed=0",

@@ -6,10 +6,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedemb.federated import prepare_run
 from fedemb.models.embedding_net import shared_state
 from fedemb.privacy.clipping import global_norm
 from fedemb.protocol import METRICS, UPDATE, TrainAssignment, train_message
+from fedemb.run_setup import prepare_run
 from fedemb.training.client_task import make_task, run_train_assignment
 from simulations.client_app import train as client_train
 from tests.helpers import tiny_config
@@ -126,7 +126,7 @@ def test_local_head_spans_only_the_classes_present():
 
 
 def test_head_warmup_trains_only_the_head_first():
-    from fedemb.data.splits import load_splits
+    from fedemb.data.store import load_splits
     from fedemb.training.local import LocalTrainingConfig, train_virtual_client
 
     cfg = tiny_config()

@@ -13,8 +13,7 @@ from fedemb.data import conform, npz_format
 from fedemb.data.idx import read_idx
 from fedemb.data.loaders import load_dataset, load_npy_dataset
 from fedemb.data.partition import synthetic_users
-from fedemb.data.splits import load_splits
-from fedemb.data.store import materialize, open_store
+from fedemb.data.store import load_splits, materialize, open_store
 from fedemb.errors import ConfigError, DataError
 
 

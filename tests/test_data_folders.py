@@ -12,8 +12,8 @@ from PIL import Image
 from fedemb.config import load_config
 from fedemb.data import image_folder
 from fedemb.data.partition import synthetic_users
-from fedemb.data.splits import load_splits, plan_splits
-from fedemb.data.store import materialize, open_store
+from fedemb.data.splits import plan_splits
+from fedemb.data.store import load_splits, materialize, open_store
 from fedemb.errors import ConfigError, DataError
 
 USERS = ("carol", "alice", "bob", "dave", "erin")  # sorted: alice=0, bob=1, carol=2, dave=3, erin=4
@@ -211,9 +211,9 @@ def test_the_images_are_decoded_once_per_version_of_the_files(tmp_path, monkeypa
 @pytest.mark.slow
 def test_a_manifest_folder_of_32x32_rgb_images_trains_two_rounds_and_writes_results(tmp_path):
     from fedemb.config import to_toml
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
     from simulations.client_app import train
+    from simulations.inprocess import InProcessGrid
+    from simulations.run import run_federated
 
     root, rng = tmp_path / "photos", np.random.default_rng(0)
     lines = ["path,user"]

@@ -8,7 +8,6 @@ import re
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import psutil
 import pytest
@@ -22,8 +21,6 @@ from fedemb.deploy.registry import NodeRegistry, read_public_key
 from fedemb.deploy.run_events import EventTail
 from fedemb.errors import ConfigError, FedembError
 from fedemb.flower_cli_run import format_status, process_alive
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_server_certificate_is_signed_by_the_ca_for_the_hosts_given(tmp_path):
@@ -105,11 +102,11 @@ def test_a_run_status_reads_as_words():
 
 @pytest.mark.integration
 def test_the_loopback_command_runs_the_guide_on_this_machine_and_leaves_nothing_running(tmp_path):
-    """`deploy.py loopback`: credentials, SuperLink, devices joined from their own folders with the
+    """`fedemb deploy loopback`: credentials, SuperLink, devices joined from their own folders with the
     device code, one round, everything stopped. (The guide's two-host version, with a tampered, a
     killed and two refused devices, is tests/test_two_hosts.py.)"""
     folder = tmp_path / "loopback"
-    done = subprocess.run([sys.executable, str(REPO / "scripts/deploy/deploy.py"), "loopback", str(folder),
+    done = subprocess.run([sys.executable, "-m", "fedemb", "deploy", "loopback", str(folder),
                            "--devices", "1", "--port", str(free_port()), "--overrides", "run.rounds=1"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     out = done.stdout + done.stderr

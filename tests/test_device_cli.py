@@ -305,7 +305,7 @@ ACTIVATED = flower_log("\x1b[92mINFO \x1b[0m:      SuperNode ID: 842702716273224
 
 
 @pytest.mark.parametrize("log, says", [
-    (UNREGISTERED, ["refused to activate", "key phone is not registered", "deploy.py register ... phone.pub",
+    (UNREGISTERED, ["refused to activate", "key phone is not registered", "fedemb deploy register ... phone.pub",
                     "already online"]),
     (WRONG_CA, ["TLS verification of 127.0.0.1:9092 failed (certificate signature failure)",
                 "the CA file does not match the server's certificate, or the certificate does not cover 127.0.0.1"]),

@@ -11,12 +11,12 @@ from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from fedemb.config import load_config
 from fedemb.deploy.device_data import device_population
 from fedemb.errors import ConfigError, DataError
-from fedemb.federated import prepare_run
 from fedemb.models.embedding_net import shared_state
 from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.sampling import UserSampler, VirtualClient
 from fedemb.protocol import METRICS, UPDATE, TrainAssignment, train_message
+from fedemb.run_setup import prepare_run
 from fedemb.training.client_task import make_task
 from simulations.client_app import train as client_train
 from strategies.device_sampling import assign_to_own_node, node_user_ids

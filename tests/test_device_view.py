@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedemb.federated import run_federated
-from fedemb.inprocess import InProcessGrid
 from fedemb.protocol import (CONFIG, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE, NUM_USERS,
                              NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, read_train_message, train_reply)
+from simulations.inprocess import InProcessGrid
+from simulations.run import run_federated
 from strategies.device_sampling import node_user_ids
 from tests.helpers import tiny_config
 

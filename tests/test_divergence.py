@@ -24,7 +24,7 @@ def test_the_watch_names_the_first_round_whose_model_grew_past_the_factor_or_is_
 
 @pytest.mark.slow
 def test_a_diverging_run_reports_it_goes_on_and_still_reports_it_when_resumed(tmp_path, monkeypatch):
-    import fedemb.federated
+    import simulations.run
     from tests.test_published_outputs import tensorboard_texts
     from tests.test_resume_and_faults import run_in_process
 
@@ -39,17 +39,17 @@ def test_a_diverging_run_reports_it_goes_on_and_still_reports_it_when_resumed(tm
         f"round {written['diverged']['round']}: ")
 
     # the same run crashes after its last round and is resumed: the report is not forgotten
-    real_write_json = fedemb.federated.write_json
+    real_write_json = simulations.run.write_json
 
     def crash_on_results(path, data):
         if path.name == "results.json":
             raise MemoryError("out of memory after the last round")
         real_write_json(path, data)
 
-    monkeypatch.setattr(fedemb.federated, "write_json", crash_on_results)
+    monkeypatch.setattr(simulations.run, "write_json", crash_on_results)
     with pytest.raises(MemoryError):
         run_in_process(tmp_path / "crashed", *steep)
-    monkeypatch.setattr(fedemb.federated, "write_json", real_write_json)
+    monkeypatch.setattr(simulations.run, "write_json", real_write_json)
     resumed = run_in_process(tmp_path / "crashed", *steep, resume=True)
     assert resumed["resumed"] and resumed["diverged"] == written["diverged"]
 

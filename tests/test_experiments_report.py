@@ -109,9 +109,9 @@ grid = { "privacy.target_epsilon" = [2.0] }  # one run: the grid's expansion is 
 after = [["synth", "gmm", "{run}", "--no-baselines", "--set", "synth.seed=0", "--set", "synth.mlp_epochs=5", "--out", "{run}/synth/gmm"]]
 ''')
     runs = tmp_path / "runs"
-    command = [sys.executable, str(REPO / "scripts" / "run_experiments.py"), str(spec), "--runs", str(runs)]
+    command = [sys.executable, "-m", "fedemb", "experiments", "run", str(spec), "--runs", str(runs)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr + (runs / "run_experiments.log").read_text()[-3000:]
+    assert done.returncode == 0, done.stdout + done.stderr + (runs / "experiments.log").read_text()[-3000:]
     cells = sorted(p.parent for p in runs.rglob("experiment.json"))
     assert len(cells) == 2 and all((c / "results.json").is_file() for c in cells)
     cell = runs / "tiny" / "dp-fedemb" / "target_epsilon=2.0" / "seed-0"
@@ -120,10 +120,10 @@ after = [["synth", "gmm", "{run}", "--no-baselines", "--set", "synth.seed=0", "-
     assert "wall_seconds" not in facts  # run times are server-private
     assert json.loads((cell / "private" / "experiment-timing.json").read_text())["wall_seconds"] > 0
 
-    logged = (runs / "run_experiments.log").read_text()
+    logged = (runs / "experiments.log").read_text()
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert again.returncode == 0 and again.stdout.count(": 0 s") == 2
-    assert "$ " not in (runs / "run_experiments.log").read_text()[len(logged):]  # all done: nothing ran again
+    assert "$ " not in (runs / "experiments.log").read_text()[len(logged):]  # all done: nothing ran again
 
     out = tmp_path / "report"
     shown = subprocess.run([sys.executable, "-m", "fedemb", "report", str(runs), "--out", str(out)],

@@ -3,13 +3,17 @@ no third-party chatter they cannot act on. The same through `fedemb simulate` on
 its stderr) is checked by tests/test_simulation_integration.py."""
 
 import logging
+import subprocess
+import sys
 import warnings
 
+import pytest
+
 from fedemb.config import load_config
-from fedemb.federated import run_federated
-from fedemb.inprocess import InProcessGrid
-from fedemb.simulation import silence_third_party_notices
+from fedemb.flower_env import silence_third_party_notices
 from simulations.client_app import train
+from simulations.inprocess import InProcessGrid
+from simulations.run import run_federated
 from tests.helpers import SMALL_RUN
 
 RAY_TIP = ("Tip: In future versions of Ray, Ray will no longer override accelerator visible devices env var if "
@@ -41,3 +45,13 @@ def test_ray_s_accelerator_tip_is_silenced_where_ray_raises_it_and_nothing_else_
         warnings.warn_explicit(RAY_TIP, FutureWarning, "elsewhere.py", 3, module="elsewhere")
         warnings.warn_explicit(RAY_TIP, UserWarning, "worker.py", 4, module="ray._private.worker")
     assert [w.lineno for w in shown] == [2, 3, 4]
+
+
+@pytest.mark.slow
+def test_fedemb_simulate_in_process_keeps_flower_s_round_by_round_info_lines_off_the_console(tmp_path):
+    """Flower sets its logger to DEBUG when first imported; the engine must quiet it after that import."""
+    settings = [a for item in SMALL_RUN + ['simulation.engine="inprocess"'] for a in ("--set", item)]
+    proc = subprocess.run([sys.executable, "-m", "fedemb", "simulate", *settings, "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFO" not in proc.stderr and "DP-FedEmb: q=" not in proc.stderr, proc.stderr

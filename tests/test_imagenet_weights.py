@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from fedemb.models.embedding_net import (ChannelAffine, _as_channel_affine, buil
                                          has_batchnorm)
 from fedemb.models.imagenet_weights import convert_checkpoint, convert_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # EfficientNet-Lite0 as the TF reference builds it: (repeats, kernel, expansion, output channels) per stage
 LITE0_STAGES = [(1, 3, 1, 16), (2, 3, 6, 24), (2, 5, 6, 40), (3, 3, 6, 80), (3, 5, 6, 112), (4, 5, 6, 192), (1, 3, 6, 320)]
@@ -100,10 +98,10 @@ def test_a_checkpoint_of_another_network_is_refused(damage, tmp_path):
 
 
 @pytest.mark.slow
-def test_script_gives_a_one_line_error_for_a_file_that_is_no_checkpoint(tmp_path):
+def test_the_fetch_command_gives_a_one_line_error_for_a_file_that_is_no_checkpoint(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_imagenet_weights.py"), str(tmp_path / "o.pth"),
+    done = subprocess.run([sys.executable, "-m", "fedemb", "data", "fetch", "imagenet-weights", str(tmp_path / "o.pth"),
                            "--source", str(bad)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "cannot read" in done.stderr

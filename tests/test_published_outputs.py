@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from fedemb.config import load_config, to_toml
-from fedemb.federated import run_federated
-from fedemb.inprocess import InProcessGrid
 from fedemb.monitoring.outputs import PUBLIC_ROUND_METRICS
 from fedemb.monitoring.telemetry import read_telemetry
 from fedemb.privacy.accountant import PrivacyPlan
@@ -22,6 +20,8 @@ from fedemb.privacy.mechanisms import SampledGaussian
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.protocol import read_train_message, train_reply
 from fedemb.training.client_task import run_train_assignment
+from simulations.inprocess import InProcessGrid
+from simulations.run import run_federated
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "simulations/configs/quickstart.toml"
@@ -129,20 +129,20 @@ def quickstart_run(tmp_path_factory):
 
     from rich.console import Console
 
-    from fedemb import cli
+    from fedemb.cli import train as train_commands
 
     run_dir = tmp_path_factory.mktemp("quickstart")
     cfg = load_config(QUICKSTART, ["run.rounds=3", "run.eval_every=2", "privacy.metrics.enabled=true",
                                    "monitoring.private_tensorboard=true"])
     (run_dir / "config.toml").write_text(to_toml(cfg))
     stream = io.StringIO()
-    console, cli.console = cli.console, Console(file=stream)
+    console, train_commands.console = train_commands.console, Console(file=stream)
     try:
         with contextlib.redirect_stderr(stream), contextlib.redirect_stdout(stream):
             results = run_federated(InProcessGrid(train, num_nodes=2), cfg, run_dir, show_progress=True)
-            cli._print_summary(results, run_dir)
+            train_commands.print_run_summary(results, run_dir)
     finally:
-        cli.console = console
+        train_commands.console = console
     return run_dir, results, stream.getvalue()
 
 
@@ -262,7 +262,7 @@ def test_tensorboard_images_are_held_out_users_and_training_images_stay_private(
     import numpy as np
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fedemb.data.splits import load_splits
+    from fedemb.data.store import load_splits
     from fedemb.monitoring.image_grid import class_rows, sample_by_class
 
     run_dir, _, _ = quickstart_run
@@ -290,7 +290,7 @@ def test_tensorboard_images_are_held_out_users_and_training_images_stay_private(
 def test_the_projector_has_every_evaluation_with_class_and_user(quickstart_run):
     import numpy as np
 
-    from fedemb.data.splits import load_splits
+    from fedemb.data.store import load_splits
 
     run_dir, _, _ = quickstart_run
     board = run_dir / "tensorboard"

@@ -117,7 +117,7 @@ def test_a_run_killed_at_several_points_resumes_to_the_same_model_and_ledger(tmp
 @pytest.mark.integration
 def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp_path):
     from fedemb.config import load_config
-    from fedemb.federated import prepare_run
+    from fedemb.run_setup import prepare_run
 
     before = ray_like_processes()
     # the deadline leaves room for the ClientApp actors' start-up (torch imports) in round 1; seed 15's
@@ -145,9 +145,9 @@ def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp
 
 def run_in_process(run_dir: Path, *overrides: str, resume: bool = False) -> dict:
     from fedemb.config import load_config, to_toml
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
     from simulations.client_app import train
+    from simulations.inprocess import InProcessGrid
+    from simulations.run import run_federated
 
     cfg = load_config(None, SMALL_RUN + list(overrides))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ def test_resume_without_the_ledger_is_refused_in_one_line_and_deletes_nothing(tm
 def test_resume_with_a_ledger_that_does_not_match_the_state_or_config_is_refused(tmp_path, change, reason):
     from fedemb.config import load_config
     from fedemb.errors import ConfigError
-    from fedemb.federated import check_resume, prepare_run
+    from fedemb.run_setup import check_resume, prepare_run
 
     run_dir = tmp_path / "run"
     run_in_process(run_dir, *KEEP)
@@ -333,9 +333,9 @@ def test_a_failing_optional_output_costs_only_itself(tmp_path, monkeypatch):
 
 
 def test_a_run_that_crashes_after_training_is_finished_by_resume_without_retraining(tmp_path, monkeypatch):
-    import fedemb.federated
-    from fedemb.inprocess import InProcessGrid
+    import simulations.run
     from simulations.client_app import train
+    from simulations.inprocess import InProcessGrid
 
     trained = []
 
@@ -347,22 +347,22 @@ def test_a_run_that_crashes_after_training_is_finished_by_resume_without_retrain
         def __init__(self, _train, nodes):
             super().__init__(counting_train, nodes)
 
-    monkeypatch.setattr("fedemb.inprocess.InProcessGrid", CountingGrid)
-    real_write_json = fedemb.federated.write_json
+    monkeypatch.setattr("simulations.inprocess.InProcessGrid", CountingGrid)
+    real_write_json = simulations.run.write_json
 
     def crash_on_results(path, data):
         if Path(path).name == "results.json":
             raise MemoryError("the machine ran out of memory after the last round")
         real_write_json(path, data)
 
-    monkeypatch.setattr(fedemb.federated, "write_json", crash_on_results)
+    monkeypatch.setattr(simulations.run, "write_json", crash_on_results)
     run_dir = tmp_path / "run"
     with pytest.raises(MemoryError):  # checkpoint_every = 0: no periodic checkpoint to fall back on
         run_in_process(run_dir, "run.rounds=3", "run.checkpoint_every=0")
     assert trained and max(trained) == 3 and not (run_dir / "results.json").exists()
     ledger = json.loads((run_dir / "privacy.json").read_text())
 
-    monkeypatch.setattr(fedemb.federated, "write_json", real_write_json)
+    monkeypatch.setattr(simulations.run, "write_json", real_write_json)
     trained.clear()
     results = run_in_process(run_dir, "run.rounds=3", "run.checkpoint_every=0", resume=True)
     assert trained == []  # nothing retrained

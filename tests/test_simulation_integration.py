@@ -87,7 +87,7 @@ def check_tensorboard(tb_dir: Path, results: dict, run_dir: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from fedemb.config import load_config
-    from fedemb.data.splits import load_splits
+    from fedemb.data.store import load_splits
 
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
@@ -133,9 +133,10 @@ def test_a_round_past_the_target_epsilon_is_not_run(tmp_path):
     """z pinned, target ε small: the run stops before the round that would exceed it, and says so.
     (The round loop is the engine's; here in process, the Ray path is the test above.)"""
     from fedemb.config import load_config, to_toml
-    from fedemb.federated import prepare_run, run_federated
-    from fedemb.inprocess import InProcessGrid
+    from fedemb.run_setup import prepare_run
     from simulations.client_app import train
+    from simulations.inprocess import InProcessGrid
+    from simulations.run import run_federated
 
     cfg = load_config(ROOT / "simulations/configs/quickstart.toml",
                       ["run.rounds=10", "run.seed=2", "privacy.noise_multiplier=3.0", "privacy.target_epsilon=1.2",

@@ -214,7 +214,7 @@ def test_the_round_is_in_the_ledger_before_any_message_is_sent(tmp_path, flower_
     """A crash between sending and aggregating must leave the ledger counting the round."""
     import json
 
-    from fedemb.inprocess import InProcessGrid
+    from simulations.inprocess import InProcessGrid
     from tests.test_budget_properties import zero_update_client
 
     seen = []

@@ -48,9 +48,9 @@ def test_the_guide_has_the_two_host_steps_in_order():
     hosts = [host for host, _ in guide_blocks()]
     assert hosts == ["server", "device", "server", "device", "server", "device", "server"], hosts
     text = "\n".join(body for _, body in guide_blocks())
-    for needed in ("deploy.py credentials", "deploy.py superlink", "fedemb-device key", "fedemb-device data",
-                   "deploy.py register", "fedemb-device join", "deploy.py run", "fedemb-device stop",
-                   "deploy.py stop", DOC_ADDRESS, DOC_OVERRIDES):
+    for needed in ("fedemb deploy credentials", "fedemb deploy superlink", "fedemb-device key", "fedemb-device data",
+                   "fedemb deploy register", "fedemb-device join", "fedemb deploy run", "fedemb-device stop",
+                   "fedemb deploy stop", DOC_ADDRESS, DOC_OVERRIDES):
         assert needed in text, needed
 
 
@@ -162,7 +162,7 @@ def test_the_guide_on_two_hosts(hosts, lean_python, tmp_path):
         assert re.search(rf"joined {hosts.server_ip}:9092 as {re.escape(guide_name)} \(node id \d+\)", out), out
         # ...and so do the others, at once: two must fail, saying why, and leave nothing running
         other_ca = tmp_path / "other"
-        subprocess.run([sys.executable, str(REPO / "scripts/deploy/deploy.py"), "credentials", str(other_ca),
+        subprocess.run([sys.executable, "-m", "fedemb", "deploy", "credentials", str(other_ca),
                         "--hosts", hosts.server_ip], check=True, capture_output=True)
         ca = {"wrongca": f"{other_ca}/certs/ca.crt"}
         joins = {name: device.start(f"fedemb-device join --folder ~/{name} --superlink {hosts.server_ip}:9092 "

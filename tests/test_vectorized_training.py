@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedemb.federated import prepare_run
+from fedemb.run_setup import prepare_run
 from fedemb.training.local import LocalTrainingConfig, class_anchors, train_virtual_client
 from fedemb.training.vectorized import train_virtual_clients
 from tests.helpers import tiny_config

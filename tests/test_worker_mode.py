@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from fedemb.config import load_config
-from fedemb.federated import STREAM_TRAINING_KEY, prepare_run
-from fedemb.inprocess import InProcessGrid
+from fedemb.run_setup import STREAM_TRAINING_KEY, prepare_run
 from fedemb.models.embedding_net import shared_state
 from fedemb.privacy.keyed_random import keyed_seed, run_secret
 from fedemb.privacy.ledger import PrivacyLedger
@@ -17,6 +16,7 @@ from fedemb.privacy.sampling import VirtualClient, make_sampler
 from fedemb.training.client_task import make_task
 from flwr.app import ArrayRecord
 from simulations.client_app import train
+from simulations.inprocess import InProcessGrid
 from strategies.dp_fedemb import DPFedEmb
 from strategies.server_optimizer import ServerOptimizer
 from strategies.worker_assignment import assign_balanced

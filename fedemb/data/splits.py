@@ -2,14 +2,12 @@
 
 The split is computed on row indices only (labels and user ids), so a dataset of millions of images is
 never copied in memory: fedemb.data.store writes each split once per machine as memory-mapped files,
-and every process opens those.
+and every process opens those (fedemb.data.store.load_splits).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from functools import lru_cache
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,20 +35,6 @@ class SplitPlan:
     train_rows: np.ndarray  # rows of raw.train
     public_rows: np.ndarray | None  # rows of raw.train
     eval_rows: np.ndarray  # rows of raw.test if there is one, else of raw.train; in their original order
-
-
-def load_splits(data_cfg) -> DataSplits:
-    """Deterministic in the data config: every process that loads it gets the same split, memory-mapped
-    from the machine's store (built by the first process that asks)."""
-    return _load_splits_cached(json.dumps(asdict(data_cfg), sort_keys=True))
-
-
-@lru_cache(maxsize=4)
-def _load_splits_cached(key: str) -> DataSplits:
-    from fedemb.config import DataConfig
-    from fedemb.data.store import materialize, open_store
-
-    return open_store(materialize(DataConfig(**json.loads(key))))
 
 
 def _users(split, cfg, seed_offset: int) -> np.ndarray:

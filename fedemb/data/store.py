@@ -20,10 +20,12 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from fedemb.config import DataConfig
 from fedemb.data.cache import cache_root, file_stats, key_of
 from fedemb.data.loaders import SOURCE_FILES
 from fedemb.data.npz_format import chunk_rows, stored_dtype
@@ -33,6 +35,17 @@ from fedemb.errors import DataError
 
 STORE_VERSION = 1
 SPLITS = ("train", "eval", "public")
+
+
+def load_splits(data_cfg) -> DataSplits:
+    """Deterministic in the data config: every process that loads it gets the same split, memory-mapped
+    from the machine's store (built by the first process that asks)."""
+    return _load_splits_cached(json.dumps(asdict(data_cfg), sort_keys=True))
+
+
+@lru_cache(maxsize=4)
+def _load_splits_cached(key: str) -> DataSplits:
+    return open_store(materialize(DataConfig(**json.loads(key))))
 
 
 def _source_files(data_cfg) -> list[Path]:

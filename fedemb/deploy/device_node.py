@@ -334,7 +334,7 @@ def reason_from_log(text: str, superlink: Address, name: str, gave_up_after: flo
     plain = ANSI_COLOUR.sub("", text)
     if "Failed to activate SuperNode" in plain:
         return (f"the server at {superlink} refused to activate this node: its key {name} is not registered "
-                f"there (ask the operator to run `deploy.py register ... {name}.pub` with this device's "
+                f"there (ask the operator to run `fedemb deploy register ... {name}.pub` with this device's "
                 "node.key.pub), or a node with this key is already online")
     if verify := re.search(r"certificate verify failed: ([^(\n]*)", plain):
         return (f"TLS verification of {superlink} failed ({verify[1].strip().rstrip('.')}): the CA file does not "

@@ -96,7 +96,7 @@ class Deployment:
         when the server certificate does not cover `host`: every device would fail TLS verification."""
         certs = self.path("certs")
         if not (certs / SERVER_CERT).is_file():
-            raise FedembError(f"no server certificate in {certs}: run `deploy.py credentials` first")
+            raise FedembError(f"no server certificate in {certs}: run `fedemb deploy credentials` first")
         covered = certificate_hosts(certs / SERVER_CERT)
         if self.host not in covered:
             raise FedembError(f"the certificate {certs / SERVER_CERT} covers {', '.join(covered)}, not {self.host}: "

@@ -4,7 +4,7 @@ A device makes its own key pair (`fedemb-device key`) and sends the server only 
 comment is the device's name. Registering it copies the key to keys/NAME.pub, registers it with the
 SuperLink (which from then on admits that key and no other under that node id) and records name, node id
 and the key's fingerprint in keys/registry.json, because the SuperLink itself keeps no names: `status`
-shows them from here, and `deploy.py run` prints the server's progress lines with them.
+shows them from here, and `fedemb deploy run` prints the server's progress lines with them.
 """
 
 from __future__ import annotations

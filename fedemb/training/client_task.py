@@ -29,7 +29,7 @@ import torch
 
 from fedemb.config import ClientConfig, DataConfig, ModelConfig
 from fedemb.data.population import Population
-from fedemb.data.splits import load_splits
+from fedemb.data.store import load_splits
 from fedemb.errors import DataError
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite

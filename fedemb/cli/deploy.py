@@ -1,125 +1,115 @@
-"""A Flower deployment on this machine (loopback) or as the SuperLink side of several machines.
+"""`fedemb deploy`: the server side of a Flower deployment, or all of it on this machine (loopback).
 
-    .venv/bin/python scripts/deploy/deploy.py credentials runs/deploy --hosts 10.0.0.5  # what devices dial
-    .venv/bin/python scripts/deploy/deploy.py superlink runs/deploy --host 10.0.0.5     # TLS + node authentication
-    .venv/bin/python scripts/deploy/deploy.py register runs/deploy incoming/*.pub       # devices' keys, by name
-    .venv/bin/python scripts/deploy/deploy.py status runs/deploy                        # processes, devices by name
-    .venv/bin/python scripts/deploy/deploy.py run runs/deploy --overrides "deployment.devices=1"
-    .venv/bin/python scripts/deploy/deploy.py stop runs/deploy                          # every process, by PID
-    .venv/bin/python scripts/deploy/deploy.py loopback runs/loopback --devices 3        # all of it on this machine
-
-The devices' side is `fedemb-device` (key, data, join, status, stop): docs/deployment.md.
-
-Every command is offline-safe (telemetry off, no runtime dependency installation). The `flwr` CLI's
-connection is written to RUN/flwr-home/config.toml under the name "fedemb":
+The devices' side is `fedemb-device` (key, data, join, status, stop): docs/deployment.md. Every command
+is offline-safe (telemetry off, no runtime dependency installation). The `flwr` CLI's connection is
+written to FOLDER/flwr-home/config.toml under the name "fedemb":
     FLWR_HOME=runs/deploy/flwr-home flwr run . fedemb --stream
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from fedemb.cli.common import app_root, friendly_errors
+from fedemb.errors import FedembError
 
-from fedemb.deploy.credentials import make_server_credentials  # noqa: E402
-from fedemb.deploy.device_node import (PUBLIC_KEY, DeviceFolder, JoinRequest, make_key, parse_address,  # noqa: E402
-                                       start_node, wait_for_activation)
-from fedemb.deploy.device_node import stop as stop_device  # noqa: E402
-from fedemb.deploy.processes import Deployment, free_port  # noqa: E402
-from fedemb.deploy.registry import NodeRegistry  # noqa: E402
-from fedemb.deploy.run_events import EventTail  # noqa: E402
-from fedemb.errors import FedembError  # noqa: E402
-
-app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+deploy_app = typer.Typer(help="Deploy to real devices: the server's side (SuperLink, keys, runs), or all of it on this machine.",
+                         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 Folder = Annotated[Path, typer.Argument(help="The deployment folder: certs/, keys/, logs/, pids/, flwr-home/.")]
 Port = Annotated[int, typer.Option(help="The SuperLink's port.")]
+DEPLOY_CONFIG = Path("simulations/configs/deploy.toml")
 
 
-def fail(exc: FedembError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
-
-
-@app.command()
+@deploy_app.command()
+@friendly_errors
 def credentials(folder: Folder, hosts: Annotated[str, typer.Option(help="Comma-separated names/IPs the devices dial.")] = "127.0.0.1,localhost",
                 days: int = 365):
-    """The server's TLS material: a CA (its key stays here) and the SuperLink's certificate for --hosts.
-    Devices get only certs/ca.crt; they make their own keys (`fedemb-device key`)."""
-    try:
-        creds = make_server_credentials(folder / "certs", [h.strip() for h in hosts.split(",") if h.strip()], days)
-    except FedembError as exc:
-        fail(exc)
+    """The server's TLS material: a CA and the SuperLink's certificate for --hosts.
+
+    The CA's key stays here. Devices get only certs/ca.crt; they make their own keys (`fedemb-device key`)."""
+    from fedemb.deploy.credentials import make_server_credentials
+
+    creds = make_server_credentials(folder / "certs", [h.strip() for h in hosts.split(",") if h.strip()], days)
     typer.echo(f"CA {creds.ca_cert} (give this file to each device); SuperLink certificate {creds.server_cert} "
                f"for {hosts}")
 
 
-@app.command()
+@deploy_app.command()
+@friendly_errors
 def superlink(folder: Folder, port: Port = 9092,
               host: Annotated[str, typer.Option(help="The address devices and the flwr CLI dial (in the certificate).")] = "127.0.0.1",
               bind: Annotated[str, typer.Option(help="The address to listen on (default: --host; 0.0.0.0: every interface).")] = ""):
-    """Start the SuperLink with TLS and SuperNode authentication; waits until it answers at HOST:PORT."""
+    """Start the SuperLink with TLS and SuperNode authentication.
+
+    Waits until it answers at HOST:PORT."""
+    from fedemb.deploy.processes import Deployment
+
     deployment = Deployment(folder, port, host, bind)
-    try:
-        pid = deployment.start_superlink(authenticate_nodes=True)
-    except FedembError as exc:
-        fail(exc)
+    pid = deployment.start_superlink(authenticate_nodes=True)
     typer.echo(f"SuperLink pid {pid} listening on {deployment.listen_address}; devices dial {deployment.address} "
                f"with {folder / 'certs' / 'ca.crt'} (log {folder / 'logs' / 'superlink.log'})")
     for line in deployment.listening():
         typer.echo(f"  {line}")
 
 
-@app.command()
+@deploy_app.command()
+@friendly_errors
 def register(folder: Folder,
              keys: Annotated[list[Path], typer.Argument(help="Devices' public keys (NAME.pub from `fedemb-device key`).")],
              name: Annotated[str, typer.Option(help="Register a single key under this name instead of its own.")] = ""):
-    """Register devices' public keys by name with the running SuperLink; only registered keys may join."""
+    """Register devices' public keys by name with the running SuperLink.
+
+    Only registered keys may join."""
+    from fedemb.deploy.processes import Deployment
+
     deployment = Deployment.open(folder)
     if name and len(keys) != 1:
-        fail(FedembError("--name names a single key"))
+        raise FedembError("--name names a single key")
     for key in keys:
-        try:
-            registered, node_id, before = deployment.register_device(key, name or None)
-        except FedembError as exc:
-            fail(exc)
+        registered, node_id, before = deployment.register_device(key, name or None)
         typer.echo(f"{registered}: node id {node_id}" + (" (registered before)" if before else ""))
 
 
-@app.command()
+@deploy_app.command()
+@friendly_errors
 def run(folder: Folder,
-        config: Annotated[Path, typer.Option(help="The fedemb config, relative to the app (this repository).")] = Path("simulations/configs/deploy.toml"),
+        config: Annotated[Path, typer.Option(help="The fedemb config, relative to the app (the fedemb checkout).")] = DEPLOY_CONFIG,
         overrides: Annotated[str, typer.Option(help='"section.key=value ..." applied to the config.')] = "",
         run_dir: Annotated[Path | None, typer.Option(help="Where results go (default FOLDER/run-<time>).")] = None,
         timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 3600.0,
         events: Annotated[bool, typer.Option(help="Show the run's server-private events (whom it waits for, "
                                                   "rejected replies) with device names, marked [server-private].")] = True):
-    """`flwr run . fedemb` with this config; waits for the run's final status (not `--stream`'s exit code)."""
+    """Submit `flwr run . fedemb` with this config and wait for its final status.
+
+    Waits for the SuperLink's final status of the run, not `--stream`'s exit code; exit 1 when the run
+    did not complete."""
+    from fedemb.deploy.processes import Deployment
+
     raise typer.Exit(submit_and_wait(Deployment.open(folder), config, overrides, run_dir, timeout, events))
 
 
-def submit_and_wait(deployment: Deployment, config: Path, overrides: str, run_dir: Path | None, timeout: float,
+def submit_and_wait(deployment, config: Path, overrides: str, run_dir: Path | None, timeout: float,
                     events: bool = True) -> int:
+    """Submit the run, show its server-private events with device names, print its outcome; the exit code."""
+    import json
+    import time
+
+    from fedemb.deploy.registry import NodeRegistry
+    from fedemb.deploy.run_events import EventTail
+
     run_dir = (run_dir or deployment.folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     tail = EventTail(run_dir, NodeRegistry(deployment.path("keys")).names_by_node_id())
 
     def show_events():
         for line in tail.new_lines():
             typer.echo(line)
-    try:
-        run_id = deployment.submit_run(REPO, {"config-file": str(config), "overrides": overrides, "run-dir": str(run_dir)})
-        typer.echo(f"run {run_id} submitted; results will be in {run_dir}")
-        status = deployment.wait_for_run(run_id, timeout, run_dir / "results.json", show_events if events else None)
-    except FedembError as exc:
-        fail(exc)
+    run_id = deployment.submit_run(app_root(), {"config-file": str(config), "overrides": overrides,
+                                                "run-dir": str(run_dir)})
+    typer.echo(f"run {run_id} submitted; results will be in {run_dir}")
+    status = deployment.wait_for_run(run_id, timeout, run_dir / "results.json", show_events if events else None)
     if events:
         show_events()
     results = run_dir / "results.json"
@@ -135,20 +125,28 @@ def submit_and_wait(deployment: Deployment, config: Path, overrides: str, run_di
     return 0
 
 
-@app.command()
+@deploy_app.command()
 def loopback(folder: Folder,
              devices: Annotated[int, typer.Option(help="Devices to start, each holding one user's data.")] = 3,
-             config: Annotated[Path, typer.Option(help="The fedemb config (its [data] gives the users).")] = Path("simulations/configs/deploy.toml"),
+             config: Annotated[Path, typer.Option(help="The fedemb config (its [data] gives the users), relative to the app.")] = DEPLOY_CONFIG,
              overrides: str = "", port: Port = 9092, timeout: float = 3600.0):
-    """docs/deployment.md on this machine: credentials, the SuperLink, one device per user (its own
-    folder, key, data file and join, as `fedemb-device` does them), the run, and every process stopped."""
+    """docs/deployment.md on this machine, in one command.
+
+    Credentials, the SuperLink, one device per user (its own folder, key, data file and join, as
+    `fedemb-device` does them), the run, and every process stopped."""
+    from fedemb.config import load_config
+    from fedemb.deploy.credentials import make_server_credentials
+    from fedemb.deploy.device_node import (PUBLIC_KEY, DeviceFolder, JoinRequest, make_key, parse_address,
+                                           start_node, wait_for_activation)
+    from fedemb.deploy.device_node import stop as stop_device
+    from fedemb.deploy.processes import Deployment, free_port
+    from fedemb.deploy.shards import write_shards
+
     deployment = Deployment(folder, port)
     device_folders = [DeviceFolder(folder / "devices" / f"node{i}") for i in range(1, devices + 1)]
     try:
         make_server_credentials(folder / "certs", ["127.0.0.1", "localhost"])
-        subprocess.run([sys.executable, str(REPO / "scripts" / "deploy" / "make_shards.py"), str(REPO / config),
-                        str(folder / "shards"), "--devices", str(devices)], check=True)
-        shards = json.loads((folder / "shards" / "shards.json").read_text())
+        shards = write_shards(load_config(app_root() / config, []), folder / "shards", devices)
         deployment.start_superlink(authenticate_nodes=True)
         for device, shard in zip(device_folders, shards):
             name = device.name() if device.has_key() else make_key(device, device.path.name, force=False)
@@ -161,7 +159,7 @@ def loopback(folder: Folder,
             typer.echo(f"{name}: node id {joined.node_id}, user {shard['user']} ({shard['examples']} examples)")
         overrides = f"deployment.devices={devices} deployment.min_devices={devices} {overrides}".strip()
         code = submit_and_wait(deployment, config, overrides, None, timeout)
-    except (FedembError, subprocess.CalledProcessError) as exc:
+    except FedembError as exc:
         typer.echo(f"error: {exc}", err=True)
         code = 2
     finally:
@@ -171,9 +169,13 @@ def loopback(folder: Folder,
     raise typer.Exit(code)
 
 
-@app.command()
+@deploy_app.command()
+@friendly_errors
 def status(folder: Folder):
     """The folder's processes, and every registered device by name with what the SuperLink says of it."""
+    from fedemb.deploy.processes import Deployment
+    from fedemb.deploy.registry import NodeRegistry
+
     deployment = Deployment.open(folder)
     pids = sorted(p.stem for p in (folder / "pids").glob("*.pid")) if (folder / "pids").is_dir() else []
     for name in pids:
@@ -183,22 +185,17 @@ def status(folder: Folder):
         for node_id, name in sorted(names.items(), key=lambda kv: kv[1]):
             typer.echo(f"  {name}: node id {node_id} (SuperLink not running)")
         return
-    try:
-        nodes = deployment.supernodes()
-    except FedembError as exc:
-        fail(exc)
-    for node in sorted(nodes, key=lambda n: names.get(int(n["node-id"]), "~")):
+    for node in sorted(deployment.supernodes(), key=lambda n: names.get(int(n["node-id"]), "~")):
         node_id = int(node["node-id"])
         since = f" since {node['online-at']}" if node.get("status") == "online" else ""
         typer.echo(f"  {names.get(node_id, '(unnamed)')}: node id {node_id}, {node.get('status')}{since}")
 
 
-@app.command()
+@deploy_app.command()
+@friendly_errors
 def stop(folder: Folder):
     """Stop every process the folder started: SuperNodes, then the SuperLink, each with its process group."""
+    from fedemb.deploy.processes import Deployment
+
     Deployment(folder).stop_all()
     typer.echo("stopped")
-
-
-if __name__ == "__main__":
-    app()

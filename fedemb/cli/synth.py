@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from fedemb.cli import ConfigOpt, SetOpt, _load, _print_report, console, err_console, friendly_errors
+from fedemb.cli.common import (ConfigOpt, SetOpt, console, err_console, friendly_errors, load_run_config,
+                                    print_report)
 from fedemb.errors import DataError, FedembError
 
 synth_app = typer.Typer(help="Differentially private synthetic data from the private model.", no_args_is_help=True,
@@ -67,7 +68,7 @@ def run_config(run: Path | None, config: Path | None, set_):
         raise FedembError(f"run directory not found: {run}")
     if run is not None:
         config = config or run / "config.toml"
-    return _load(config, set_)
+    return load_run_config(config, set_)
 
 
 def print_release(results: dict) -> None:
@@ -108,8 +109,10 @@ def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, check
         baselines: Annotated[bool, typer.Option(help="Also release the DP-SGD probe and DP prototypes at each point's ε (their own ledger stage).")] = True,
         out: Annotated[Optional[Path], typer.Option(help="Output directory (default RUN/synth/gmm-TIME, or runs/synth-gmm-TIME).")] = None,
         as_json: JsonOpt = False):
-    """Fit a user-level DP Gaussian mixture per class to the private embeddings, sample synthetic
-    embeddings, train an MLP on them alone and test it on real held-out embeddings, next to DP-SGD and
+    """Synthetic embeddings from a user-level DP Gaussian mixture, tested on real ones.
+
+    Fits a user-level DP Gaussian mixture per class to the private embeddings, samples synthetic
+    embeddings, trains an MLP on them alone and tests it on real held-out embeddings, next to DP-SGD and
     DP-prototype baselines at the same ε. Every release (mixture, baselines, sweep points) is added to the
     run's privacy ledger; non-private figures go to OUT/private/ only."""
     from rich.progress import Progress
@@ -155,7 +158,7 @@ def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, check
     rows = {f"ε = {p['epsilon']:g}": " | ".join(f"{m} {p[m]['accuracy']:.3f}"
                                                  for m in ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes") if m in p)
             for p in results["sweep"]}
-    _print_report(rows, "accuracy on held-out users", False)
+    print_report(rows, "accuracy on held-out users", False)
     print_outputs(out, results)
 
 
@@ -170,8 +173,10 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
            delta: DeltaOpt = None,
            out: Annotated[Optional[Path], typer.Option(help="Output directory (default RUN/synth/invert-TIME, or runs/synth-invert-TIME).")] = None,
            as_json: JsonOpt = False):
-    """Release DP activation statistics and DP class prototypes of the private data, invert them into
-    images, and train fresh classifiers on those images alone (hard labels, and distilled from the private
+    """Synthetic images inverted from the private model with DP statistics, tested on real ones.
+
+    Releases DP activation statistics and DP class prototypes of the private data, inverts them into
+    images, and trains fresh classifiers on those images alone (hard labels, and distilled from the private
     model), tested on real held-out images next to an ablation without statistics. Settings: the config's invert section."""
     from fedemb.synth.invert_run import load_private_model, run_inversion
 
@@ -192,7 +197,7 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
     refs = results["references"]
     rows["chance"] = f"{refs['chance']:.3f}"
     rows["private model (DP prototypes)"] = f"{refs['private_model_prototype_accuracy']:.3f}"
-    _print_report(rows, "accuracy on real held-out images", False)
+    print_report(rows, "accuracy on real held-out images", False)
     print_outputs(out, results)
 
 
@@ -205,9 +210,11 @@ def custom(run: RunArg = None,
            baseline: Annotated[bool, typer.Option(help="Also synthesize with nothing uploaded (the L0-only baseline).")] = True,
            out: Annotated[Optional[Path], typer.Option(help="Output directory (default RUN/synth/custom-TIME, or runs/synth-custom-TIME).")] = None,
            as_json: JsonOpt = False):
-    """Customized synthesis for one user's task: sanitize the references on the device (per object L0
-    nothing, L1 outline and edges, L2 the segment; optional DP embeddings), synthesize on the server from
-    the uploaded payload alone, train a small model on the result and test it on the user's real held-out
+    """Customized synthesis for one user's task, from references sanitized on the device.
+
+    Sanitizes the references on the device (per object L0 nothing, L1 outline and edges, L2 the
+    segment; optional DP embeddings), synthesizes on the server from the uploaded payload alone, trains
+    a small model on the result and tests it on the user's real held-out
     images against the L0-only baseline, with per-object privacy measures."""
     from fedemb.synth.custom import custom_settings
     from fedemb.synth.custom_run import run_custom
@@ -240,5 +247,5 @@ def custom(run: RunArg = None,
         rows[f"{obj}: pixel MI"] = f"{measure['mi_bits']:.2f} of {measure['raw_entropy_bits']:.2f} bits"
         sim = results["privacy"]["embedding_similarity"][obj]
         rows[f"{obj}: cos(synthetic, raw)"] = f"{sim['synthetic_vs_own_reference']:.3f}"
-    _print_report(rows, f"task {results['task']}: accuracy on the user's real held-out images", False)
+    print_report(rows, f"task {results['task']}: accuracy on the user's real held-out images", False)
     console.print(f"outputs in {out}", highlight=False)

@@ -9,35 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fedemb.config import Config
-
-
-def offline_flower_environment(env: MutableMapping[str, str] = os.environ) -> None:
-    """No telemetry, no runtime dependency installation, and no silent attachment to a Ray cluster
-    (in this process's environment, or in `env` for a process about to be started)."""
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.pop("RAY_ADDRESS", None)
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env.setdefault("RAY_DEDUP_LOGS", "0")
-
-
-# Third-party notices that a user of fedemb cannot act on, silenced narrowly: (category, message start,
-# module that raises it). Ray's tip at ray.init is about a future default for workers that request
-# no GPU; fedemb's workers request GPUs only through simulation.gpus_per_client.
-THIRD_PARTY_NOTICES = [
-    (FutureWarning, "Tip: In future versions of Ray, Ray will no longer override accelerator", r"ray\._private\.worker"),
-]
-
-
-def silence_third_party_notices() -> None:
-    for category, message, module in THIRD_PARTY_NOTICES:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+from fedemb.flower_env import offline_flower_environment, silence_third_party_notices
 
 
 def parallel_workers(cfg: Config, cpus: float, gpus: float = 0.0) -> int:
@@ -75,8 +52,8 @@ def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bo
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    from fedemb.federated import run_federated
     from simulations.client_app import app as client_app
+    from simulations.run import run_federated
 
     outcome: dict = {}
     server_app = ServerApp()
@@ -114,6 +91,8 @@ def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bo
 
 @contextmanager
 def _flower_log_level(verbose: bool) -> Iterator[None]:
+    import flwr.common.logger  # noqa: F401 - its first import sets the "flwr" level to DEBUG: before ours, not after
+
     flwr_logger = logging.getLogger("flwr")
     previous = flwr_logger.level
     if not verbose:
@@ -127,9 +106,9 @@ def _flower_log_level(verbose: bool) -> Iterator[None]:
 def _run_in_process(cfg: Config, run_dir: Path, virtual_clients: int, show_progress: bool, resume: bool,
                     ray_address: str) -> dict:
     from fedemb.errors import ConfigError
-    from fedemb.federated import run_federated
-    from fedemb.inprocess import InProcessGrid
     from simulations.client_app import train
+    from simulations.inprocess import InProcessGrid
+    from simulations.run import run_federated
 
     if ray_address:
         raise ConfigError("--ray-address needs simulation.engine = 'ray'")

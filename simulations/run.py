@@ -7,116 +7,37 @@ privacy ledger continue where they were.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from logging import WARNING, getLogger
 from pathlib import Path
 
-import numpy as np
-import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedemb.config import Config, to_dict, to_toml
-from fedemb.data.splits import DataSplits, load_splits
 from fedemb.errors import ConfigError
-from fedemb.evaluation.embed import embed
-from fedemb.evaluation.metrics import embedding_metrics
-from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net, shared_state
+from fedemb.models.embedding_net import shared_state
 from fedemb.monitoring.callback import RoundCallback
 from fedemb.monitoring.divergence import DivergenceWatch
-from fedemb.monitoring.image_grid import sample_by_class
-from fedemb.monitoring.outputs import public_round_metrics
 from fedemb.monitoring.private_log import PrivateLog
 from fedemb.monitoring.progress import ProgressReporter
 from fedemb.monitoring.telemetry import TELEMETRY_FILE, PrivateTelemetry, read_telemetry
 from fedemb.monitoring.tensorboard import TensorBoardLogger, hparams_entry, round_curves
-from fedemb.privacy.accountant import PrivacyPlan, make_privacy_plan
 from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.keyed_random import keyed_seed, run_secret
 from fedemb.privacy.ledger import PrivacyLedger
-from fedemb.privacy.mechanisms import STAGE, make_mechanism
+from fedemb.privacy.mechanisms import make_mechanism
 from fedemb.privacy.noise import GaussianNoise
-from fedemb.privacy.sampling import make_sampler, virtual_client_slots
-from fedemb.run_dir import (LEDGER_FILE, PRIVATE_DIR, STATE_FILE, save_checkpoint, save_state, write_json,
-                            write_private_json)
+from fedemb.privacy.sampling import make_sampler
+from fedemb.run_dir import LEDGER_FILE, PRIVATE_DIR, save_checkpoint, write_json, write_private_json
+from fedemb.run_setup import STREAM_TRAINING_KEY, RunSetup, check_resume, prepare_run, privacy_unit
 from fedemb.training.client_task import make_task
-
-STREAM_TRAINING_KEY = 21
-STREAM_MODEL_INIT = 22
-PROJECTOR_MAX_POINTS = 2000
-
-
-@dataclass
-class RunSetup:
-    cfg: Config
-    splits: DataSplits
-    net: EmbeddingNet
-    virtual_clients: int  # M: slots per round, fixed for the run; the aggregate's denominator
-    privacy: PrivacyPlan
-
-    @property
-    def on_devices(self) -> bool:
-        return self.cfg.deployment.devices > 0
-
-    @property
-    def population(self) -> int:
-        """N: the training users; on devices, the registered devices (the server holds no training data)."""
-        return self.cfg.deployment.devices or self.splits.train.num_users
-
-
-def prepare_run(cfg: Config) -> RunSetup:
-    """Everything that can fail on bad input, checked before any process is started."""
-    splits = load_splits(cfg.data)
-    n_users = cfg.deployment.devices or splits.train.num_users
-    k = cfg.sampling.users_per_client
-    if k > n_users:
-        raise ConfigError(f"sampling.users_per_client = {k} is larger than the {n_users} training users available")
-    expected = cfg.sampling.rate * n_users
-    if cfg.sampling.users_per_client > 1 and expected < k:
-        raise ConfigError(f"sampling.rate = {cfg.sampling.rate} samples {expected:.1f} of {n_users} users per round "
-                          f"on average, fewer than sampling.users_per_client = {k}")
-    slots = cfg.sampling.virtual_clients or virtual_client_slots(n_users, cfg.sampling.rate, k)
-    if cfg.run.seed >= 0:
-        torch.manual_seed(keyed_seed(cfg.run.seed, STREAM_MODEL_INIT))  # the initial model is data-independent
-    net = build_embedding_net(cfg.model, splits.train.image_shape, cfg.privacy.enabled,
-                              splits.train.num_classes if cfg.client.head == "shared" else 0)
-    plan = make_privacy_plan(cfg, n_users, slots)
-    make_mechanism(cfg, plan, GaussianNoise(0.0, 0), slots)  # refuses impossible mechanism settings now
-    return RunSetup(cfg, splits, net, slots, plan)
-
-
-class Evaluator:
-    def __init__(self, net: EmbeddingNet, splits: DataSplits):
-        self.net = copy.deepcopy(net)
-        self.pop = splits.eval
-        self.last_embeddings: np.ndarray | None = None
-
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        self.net.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        self.last_embeddings = embed(self.net, self.pop)
-        return MetricRecord(embedding_metrics(self.last_embeddings, self.pop.labels))
-
-    def projection(self):
-        """The latest evaluation for the projector: unit-length embeddings, classes, users and images in
-        [0, 1] of the first PROJECTOR_MAX_POINTS held-out examples."""
-        if self.last_embeddings is None:
-            return None
-        n = min(len(self.last_embeddings), PROJECTOR_MAX_POINTS)
-        emb = self.last_embeddings[:n]
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        return emb, self.pop.labels[:n], self.pop.users[:n], self._images(n)
-
-    def inputs(self, per_class: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """Held-out images as the model sees them (after resizing), up to per_class of each class."""
-        return sample_by_class(self.pop, per_class)
-
-    def _images(self, n: int) -> torch.Tensor:
-        # a copy: the store is read-only
-        return torch.from_numpy(np.array(self.pop.images[:n])).to(torch.float32) * self.pop.pixel_scale
+from simulations.evaluator import Evaluator
+from simulations.round_records import Checkpointer, History
+from strategies.dp_fedemb import DPFedEmb
+from strategies.server_optimizer import ServerOptimizer
 
 
 def published_constants(cfg: Config, setup: RunSetup, mechanism) -> dict[str, object]:
@@ -153,101 +74,6 @@ def run_summary(results: dict) -> dict[str, object]:
     }
 
 
-class History(RoundCallback):
-    """The per-round figures results.json publishes: releases and data-independent figures only
-    (fedemb.monitoring.outputs); the exact ones are in the server-private telemetry."""
-
-    def __init__(self, rounds: list[dict] | None = None):
-        self.rounds: list[dict] = list(rounds or [])
-
-    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
-        self.rounds.append({"round": server_round, **public_round_metrics(train_metrics),
-                            **({"eval": eval_metrics} if eval_metrics else {})})
-
-
-class Checkpointer(RoundCallback):
-    """Every n rounds: the model (checkpoints/round-NNNNN.pt) and what a resumed run needs
-    (checkpoints/state.pt: server optimizer, mechanism, sampler, server secret, history). state.pt is
-    server-private: it holds the sampling key (and for DP-FTRL the tree's noise); publish models only.
-    Must come after History among the callbacks, so the state holds the round's figures."""
-
-    def __init__(self, run_dir: Path, every: int, history: History, run_facts: dict, keep_private_state: bool = True):
-        self.run_dir, self.every, self.history, self.run_facts = run_dir, every, history, run_facts
-        self.keep_private_state = keep_private_state
-        self.strategy = None
-        self.rounds = 0
-
-    def on_run_start(self, strategy, num_rounds):
-        self.strategy, self.rounds = strategy, num_rounds
-
-    def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
-        if self.every and server_round % self.every == 0:
-            save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:05d}.pt", arrays.to_torch_state_dict())
-            save_state(self.run_dir / STATE_FILE, self.run_state())
-        elif server_round == self.rounds:  # training is over: a crash in what follows resumes without retraining
-            save_state(self.run_dir / STATE_FILE, self.run_state())
-
-    def run_state(self) -> dict:
-        return {"version": 1, "strategy": self.strategy.state_dict(), "history": self.history.rounds, **self.run_facts}
-
-    def settle(self, strategy) -> None:
-        """Once a run's results and final model are written: a finished run (all its rounds, or its ε
-        budget spent) keeps its complete last state only with run.keep_private_state (so it can be
-        extended). Otherwise state.pt becomes a stub that says the run finished: the secret key, the
-        tree's noise and the noise generator are deleted, and --resume says so. A run stopped early for
-        another reason (too few devices) keeps its state."""
-        if not (strategy.rounds_completed >= self.rounds or strategy.budget_spent):
-            return
-        if self.keep_private_state:
-            if self.every:
-                save_state(self.run_dir / STATE_FILE, self.run_state())
-            return
-        save_state(self.run_dir / STATE_FILE, {"version": 1, "finished": True, "private_state_removed": True,
-                                               "strategy": {"round": strategy.rounds_completed}})
-
-
-def load_run_state(run_dir: Path) -> dict | None:
-    path = run_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ConfigError(f"cannot read the run state {path}: {exc}") from None
-
-
-def check_resume(run_dir: Path, cfg: Config, setup: RunSetup) -> tuple[dict | None, PrivacyLedger]:
-    """The state and ledger a resumed run continues from, or a ConfigError naming why the run cannot
-    be continued without losing track of what it has already released. Changes nothing."""
-    def refuse(why: str):
-        raise ConfigError(f"cannot resume {run_dir}: {why} (nothing was changed)")
-
-    state = load_run_state(run_dir)
-    if state and state.get("private_state_removed"):
-        refuse(f"it finished after round {state['strategy']['round']} and its server-private state was deleted "
-               "(run.keep_private_state = false); start a new run")
-    if not (run_dir / LEDGER_FILE).is_file():
-        refuse(f"its privacy ledger {LEDGER_FILE} is missing" + (
-            f", so the {state['strategy']['round']} rounds in {STATE_FILE} would go unaccounted" if state
-            else "; if it never ran a round, start it again without --resume"))
-    try:
-        ledger = PrivacyLedger.load(run_dir / LEDGER_FILE)
-    except (ValueError, KeyError, TypeError) as exc:
-        refuse(f"{LEDGER_FILE} is not a readable privacy ledger ({exc})")
-    expected = make_mechanism(cfg, setup.privacy, GaussianNoise(0.0, 0), setup.virtual_clients)
-    problem = ledger.continuation_problem(delta=setup.privacy.delta, accountant=setup.privacy.accountant, stage=STAGE,
-                                          completed_round=int(state["strategy"]["round"]) if state else 0,
-                                          expected_entry=expected.ledger_entry)
-    if problem:
-        refuse(problem)
-    return state, ledger
-
-
-def privacy_unit(setup) -> str:
-    """What one neighbouring relation adds or removes: a registered device's key on devices, else a user."""
-    return "device" if setup.on_devices else "user"
-
-
 def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
     started = time.monotonic()
     setup = prepare_run(cfg)
@@ -277,8 +103,6 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     sampler = make_sampler(secret, cfg.sampling, setup.virtual_clients)
     task = make_task(cfg, setup.splits.train.num_classes, setup.splits.train.image_shape,
                      keyed_seed(secret, STREAM_TRAINING_KEY))  # a PRF output: reveals nothing of the secret
-    from strategies.dp_fedemb import DPFedEmb
-    from strategies.server_optimizer import ServerOptimizer
 
     initial_state = shared_state(setup.net)
     history = History(state["history"] if state else None)

@@ -1,0 +1,81 @@
+"""Run an experiment's cells (fedemb.experiments) one after another, each as `python -m fedemb ...`.
+
+A cell whose results.json exists is skipped, and so is a `before`/`after` step whose --out exists: a
+killed sweep continues where it stopped. Each run directory gets experiment.json (experiment, group,
+grid point, seed, overrides): what `fedemb report` groups by. Its wall time is server-private.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from fedemb.errors import FedembError
+from fedemb.experiments import Cell
+from fedemb.run_dir import PRIVATE_DIR, write_json, write_private_json
+
+LOG_FILE = "experiments.log"
+
+
+def fedemb_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "fedemb", *args]
+
+
+def train_command(cell: Cell) -> list[str]:
+    sets = [arg for o in cell.overrides for arg in ("--set", o)]
+    return fedemb_command([cell.command, "--config", str(cell.config), *sets, "--run-dir", str(cell.run_dir)])
+
+
+def step_commands(steps: list[list[str]], run_dir: Path) -> list[tuple[list[str], Path | None]]:
+    """Each step's command and the output that marks it done (its --out, if it names one)."""
+    out = []
+    for args in steps:
+        args = [a.replace("{run}", str(run_dir)) for a in args]
+        target = Path(args[args.index("--out") + 1]) if "--out" in args[:-1] else None
+        out.append((fedemb_command(args), target))
+    return out
+
+
+def cell_commands(cell: Cell) -> list[str]:
+    """What running the cell would run, as shell lines (for a dry run)."""
+    return ([f"before: {shlex.join(command)}" for command, _ in step_commands(cell.before, cell.run_dir)]
+            + [shlex.join(train_command(cell))]
+            + [f"  {shlex.join(command)}" for command, _ in step_commands(cell.after, cell.run_dir)])
+
+
+def run_cell(cell: Cell, log: TextIO, cwd: Path) -> float:
+    """Run what of the cell is not done yet, commands in `cwd` with their output in `log`; its seconds."""
+    started = time.monotonic()
+    for command, target in step_commands(cell.before, cell.run_dir):
+        if target is None or not target.exists():
+            _call(command, log, cwd)
+    if not (cell.run_dir / "results.json").is_file():
+        if cell.run_dir.exists():  # a cell killed part-way: seeded, so starting it again gives the same run
+            log.write(f"restarting the unfinished {cell.run_dir}\n")
+            shutil.rmtree(cell.run_dir)
+        cell.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cell.run_dir / "experiment.json", cell.facts)
+        _call(train_command(cell), log, cwd)
+    for command, target in step_commands(cell.after, cell.run_dir):
+        if target is not None and target.exists():
+            continue
+        _call(command, log, cwd)
+    seconds = time.monotonic() - started
+    timing = cell.run_dir / PRIVATE_DIR / "experiment-timing.json"  # run times are server-private
+    before = json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else 0.0
+    write_private_json(cell.run_dir, timing.name, {"wall_seconds": before + seconds})
+    return seconds
+
+
+def _call(command: list[str], log: TextIO, cwd: Path) -> None:
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
+    done = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise FedembError(f"`{shlex.join(command[2:])}` failed (exit {done.returncode}); see the log")
