@@ -11,6 +11,15 @@ os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 os.environ.pop("RAY_ADDRESS", None)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist: a file's tests stay on one worker (its module fixtures are built once), and the
+    tests that start Ray or Flower server processes share one group: they run one after another, so no
+    two Rays run at once and no test's leftover check sees another test's processes."""
+    for item in items:
+        group = "processes" if item.get_closest_marker("processes") else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(os.environ["FEDEMB_CACHE_DIR"], ignore_errors=True)
 

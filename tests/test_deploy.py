@@ -101,6 +101,7 @@ def test_a_run_status_reads_as_words():
 
 
 @pytest.mark.integration
+@pytest.mark.processes
 def test_the_loopback_command_runs_the_guide_on_this_machine_and_leaves_nothing_running(tmp_path):
     """`fedemb deploy loopback`: credentials, SuperLink, devices joined from their own folders with the
     device code, one round, everything stopped. (The guide's two-host version, with a tampered, a

@@ -23,6 +23,8 @@ from fedemb.deploy.device_data import read_device_file
 from fedemb.deploy.device_node import Address, log_lines, reason_from_log
 from fedemb.deploy.process_group import group_running, process_running
 
+pytestmark = pytest.mark.processes  # SuperLinks and SuperNodes: one such test at a time (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 SUPERLINK = Address("127.0.0.1", 9092)
 

@@ -21,6 +21,7 @@ def free_port() -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.processes
 def test_simulate_on_an_existing_ray_cluster(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

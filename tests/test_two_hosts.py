@@ -30,6 +30,8 @@ import pytest
 
 from tests.netns import NamespacesUnavailable, TwoHosts
 
+pytestmark = pytest.mark.processes  # SuperLinks and SuperNodes: one such test at a time (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "deployment.md"
 BLOCK = re.compile(r"<!-- two-hosts: (\w+) -->\s*```bash\n(.*?)```", re.S)
