@@ -122,10 +122,11 @@ def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp
     from fedemb.run_setup import prepare_run
 
     before = ray_like_processes()
-    # the deadline leaves room for the ClientApp actors' start-up (torch imports) in round 1; seed 15's
-    # fault draws hit one node in round 1 and leave the other one clean (each hit costs the deadline)
+    # the deadline leaves room for the ClientApp actors' start-up (torch imports) in round 1, also while
+    # another test worker keeps the CPUs busy; seed 15's fault draws hit one node in round 1 and leave the
+    # other one clean (each hit costs the deadline)
     overrides = ["run.rounds=2", "run.eval_every=0", "run.seed=15", "data.num_users=100", "sampling.rate=0.08",
-                 "simulation.num_supernodes=2", "simulation.round_timeout_s=12",
+                 "simulation.num_supernodes=2", "simulation.round_timeout_s=25",
                  "simulation.faults.timeout_rate=0.15", "simulation.faults.drop_rate=0.1"]
     run_dir = tmp_path / "run"
     done = subprocess.run(simulate_cmd(run_dir, overrides), capture_output=True, text=True, cwd=tmp_path, env=env(),
