@@ -11,7 +11,7 @@ python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null 2>&1 || python=python3
 case "${1:-}" in
   "")       target=all;    extras="[all]";      modules="fedemb flwr torch timm opacus ray sklearn" ;;
-  --test)   target=test;   extras="[all,test]"; modules="fedemb flwr torch timm opacus ray sklearn pytest hypothesis websockets" ;;
+  --test)   target=test;   extras="[all,test]"; modules="fedemb flwr torch timm opacus ray sklearn pytest xdist hypothesis websockets" ;;
   --device) target=device; extras="";           modules="fedemb flwr torch timm" ;;
   *) echo "usage: scripts/setup.sh [--test | --device]" >&2; exit 2 ;;
 esac
