@@ -22,6 +22,7 @@ class Evaluator:
         self.net = copy.deepcopy(net)
         self.pop = splits.eval
         self.last_embeddings: np.ndarray | None = None
+        self._projector_images: torch.Tensor | None = None  # the same at every evaluation: read once
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.net.load_state_dict(arrays.to_torch_state_dict(), strict=False)
@@ -43,5 +44,6 @@ class Evaluator:
         return sample_by_class(self.pop, per_class)
 
     def _images(self, n: int) -> torch.Tensor:
-        # a copy: the store is read-only
-        return torch.from_numpy(np.array(self.pop.images[:n])).to(torch.float32) * self.pop.pixel_scale
+        if self._projector_images is None:  # a copy: the store is read-only
+            self._projector_images = torch.from_numpy(np.array(self.pop.images[:n])).to(torch.float32) * self.pop.pixel_scale
+        return self._projector_images

@@ -1,4 +1,4 @@
-"""Where a machine keeps what it derives from a dataset (the split store, decoded image folders), and the
+"""Where a machine keeps what it derives from a dataset (the split store, decoded or converted images), and the
 fingerprint of the files it was derived from: a changed file gets a new key, hence a new directory.
 Location: `data.cache_dir`, else $FEDEMB_CACHE_DIR, else ~/.cache/fedemb."""
 
@@ -7,7 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 
 def cache_root(data_cfg) -> Path:
@@ -29,3 +33,18 @@ def file_stats(files: list[Path]) -> list[list]:
 
 def key_of(content: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_array(target: Path, build: Callable[[Path], None]) -> np.ndarray:
+    """`target` memory-mapped, built first by `build(path)` unless it exists. The array is written to a
+    temporary file beside it and renamed, so a crash never leaves a half-written cache entry."""
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".npy", dir=target.parent)
+        os.close(fd)
+        try:
+            build(Path(temporary))
+            os.replace(temporary, target)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+    return np.load(target, mmap_mode="r")

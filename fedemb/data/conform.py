@@ -10,13 +10,11 @@ mean of input pixels, so values stay in their range; uint8 stays uint8 (rounded)
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from fedemb.data.cache import cache_root, file_stats, key_of
+from fedemb.data.cache import cache_root, cached_array, file_stats, key_of
 from fedemb.data.image_files import centre_crop_box, parse_size
 from fedemb.data.npz_format import chunks, stored_dtype
 
@@ -41,17 +39,8 @@ def conformed(images: np.ndarray, pixel_scale: float, cfg, files: list[Path], pa
     crop = cfg.resize == "crop"
     key = key_of({"version": CONFORM_VERSION, "part": part, "shape": shape, "crop": crop, "files": file_stats(files),
                   "source_shape": list(images.shape), "dtype": str(images.dtype)})
-    target = cache_root(cfg) / f"{cfg.name}-images-{key}.npy"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{cfg.name}-images-", suffix=".npy", dir=target.parent)
-        os.close(fd)
-        try:
-            _convert(images, shape, 1.0 / pixel_scale, Path(temporary), crop)
-            os.replace(temporary, target)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
-    return np.load(target, mmap_mode="r")
+    return cached_array(cache_root(cfg) / f"{cfg.name}-images-{key}.npy",
+                        lambda out: _convert(images, shape, 1.0 / pixel_scale, out, crop))
 
 
 def _convert(images: np.ndarray, shape: tuple[int, int, int], white: float, out: Path, crop: bool = False) -> None:

@@ -16,16 +16,14 @@ split store (fedemb.data.store) is then built from that memory-mapped array as f
 from __future__ import annotations
 
 import csv
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedemb.data.cache import cache_root, file_stats, key_of
+from fedemb.data.cache import cache_root, cached_array, file_stats, key_of
 from fedemb.data.image_files import hxw, parse_size, read_header, read_image, visible_files
 from fedemb.errors import DataError
 
@@ -73,17 +71,8 @@ def decoded_images(cfg, files: list[Path]) -> np.ndarray:
     """The files' images as a memory-mapped (n, C, H, W) uint8 array, decoded now unless already cached."""
     key = key_of({"version": DECODED_VERSION, "image_size": cfg.image_size, "channels": cfg.channels, "resize": cfg.resize,
                   "files": file_stats(files)})
-    target = cache_root(cfg) / f"folder-images-{key}.npy"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".folder-images-", suffix=".npy", dir=target.parent)
-        os.close(fd)
-        try:
-            _decode(files, cfg.image_size, cfg.channels, Path(temporary), crop=cfg.resize == "crop")
-            os.replace(temporary, target)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
-    return np.load(target, mmap_mode="r")
+    return cached_array(cache_root(cfg) / f"folder-images-{key}.npy",
+                        lambda out: _decode(files, cfg.image_size, cfg.channels, out, crop=cfg.resize == "crop"))
 
 
 def _decode(files: list[Path], image_size: str, channels: int, out: Path, crop: bool = False) -> None:
