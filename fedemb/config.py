@@ -327,6 +327,22 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
+    _set_key(raw, key, value)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] | dict[str, Any]) -> Config:
+    """A new, validated config: ``cfg`` with ``section.key=value`` strings (or a key -> value mapping) applied."""
+    raw = to_dict(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else [item.partition("=")[::2] for item in overrides]
+    for key, value in items:
+        if isinstance(overrides, dict):
+            _set_key(raw, key, value)
+        else:
+            apply_override(raw, f"{key}={value}")
+    return config_from_dict(raw)
+
+
+def _set_key(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
