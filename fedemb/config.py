@@ -1,292 +1,596 @@
-"""Typed run configuration: TOML in, validated dataclasses out, fully resolved TOML back.
+"""The run configuration: one typed model per TOML section, validated once, written back fully resolved.
 
-Every field is checked once here, and every error names the field (``sampling.rate``) so that a user
-can fix the file without reading code.
+Every field carries its type, range and meaning here; docs/configuration.md is generated from these
+models (``fedemb config docs``). Every error is one line naming the key (``sampling.rate must be in
+(0, 1], got 1.5``) so that a user can fix the file without reading code.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from fedemb.errors import ConfigError, DataError
+from fedemb.typed_config import Settings, parse
 
-SAMPLING_METHODS = ("poisson", "fixed", "limited")
-SIMULATION_MODES = ("workers", "devices")
-SIMULATION_ENGINES = ("ray", "inprocess")
-MECHANISMS = ("gaussian", "tree")
-CLIPPING = ("fixed", "adaptive")
-FIXED_SIZE_ACCOUNTING = ("refuse", "no_amplification")
-ACCOUNTANTS = ("rdp", "prv")
-PARTITIONS = ("dirichlet", "shards", "iid")
-USER_SOURCES = ("", "folder")
-IMAGE_CHANNELS = (0, 1, 3)
-RESIZE_MODES = ("stretch", "crop")
-HEAD_KINDS = ("local", "global", "shared")
-HEAD_INITS = ("random", "anchors")
-SYNTH_COVARIANCES = ("isotropic", "diag", "full", "lowrank")
-SYNTH_INITS = ("mean", "random", "public")
-SYNTH_CENTRES = ("none", "public")
-NORM_KINDS = ("group", "keep", "affine")
-INVERT_STATISTICS = ("dp", "batchnorm")
+DataName = Literal["digits", "idx", "npz", "npy", "folder"]
+NormKind = Literal["group", "keep", "affine"]
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Settings):
+    """What the run is called, how long it trains, and when it evaluates and saves."""
+
     name: str = "fedemb"
-    rounds: int = 10
-    seed: int = -1  # -1: draw from the OS's secure randomness
-    eval_every: int = 5
-    checkpoint_every: int = 10  # resumable state every n rounds (0: only the final model)
-    keep_private_state: bool = False  # keep a finished run's complete state.pt (sampling key, tree noise) to extend it
+    """run directory prefix"""
+    rounds: int = Field(10, ge=1)
+    """federated rounds"""
+    seed: int = Field(-1, ge=-1)
+    """-1: OS randomness (a real release); >= 0: a reproducible run whose noise is predictable"""
+    eval_every: int = Field(5, ge=0)
+    """evaluate on held-out users every n rounds (and after the last)"""
+    checkpoint_every: int = Field(10, ge=0)
+    """every n rounds: the model (`checkpoints/round-NNNNN.pt`) and the state `fedemb simulate --resume`
+    continues from (`checkpoints/state.pt`, server-private); 0: only the final model"""
+    keep_private_state: bool = False
+    """when the run finishes (all rounds, or the ε target reached): false replaces `checkpoints/state.pt`
+    by a stub that only says the run finished, deleting the server secret, DP-FTRL's tree noise and the
+    noise generator (`--resume` then refuses with one line); true keeps the complete last state so the run
+    can be extended (raise `run.rounds` in its config.toml and `--resume`)"""
 
 
-@dataclass
-class DataConfig:
-    name: str = "digits"  # digits | idx | npz | npy | folder
+class DataConfig(Settings):
+    """Where the images come from, who their users are, and which users are held out
+    ([data.md](data.md) describes each source)."""
+
+    name: DataName = "digits"
+    """the source: digits (scikit-learn's bundled digits), idx, npz, npy, or folder"""
     path: str = ""
-    manifest: str = ""  # folder: a CSV with columns path, user (and optionally label), relative to data.path
-    user_from: str = ""  # folder: "folder" takes users from a level above the classes (root/<user>/<class>/<file>)
-    image_size: str = ""  # "HxW" to resize every image to; "": keep (a folder's images must agree)
-    resize: str = "stretch"  # to image_size: "stretch" the whole image, or "crop" the centre to its aspect ratio first
-    channels: int = 0  # 1 (grayscale) or 3 (RGB); 0: as stored (a folder: 3 if any image is colour, else 1)
-    writers: str = ""  # QMNIST extended labels for the train images (idx only)
-    test_writers: str = ""  # QMNIST extended labels for the t10k images (idx only)
-    use_test_split: bool = False  # idx: evaluate on the t10k files instead of held-out train users
-    partition: str = "dirichlet"  # used when the data has no user ids
-    num_users: int = 100
-    dirichlet_alpha: float = 1.0
-    shards_per_user: int = 2
-    eval_users: float = 0.2  # fraction of users held out for evaluation
-    public_users: float = 0.0  # fraction of users declared public (for `fedemb pretrain`)
-    held_out_classes: list[int] = field(default_factory=list)
-    max_eval_examples: int = 5000
+    """idx: directory of IDX files; npz: the file; npy: a directory with x.npy, y.npy and optionally
+    user.npy, memory-mapped (for populations larger than memory); folder: the root of the image tree
+    (root/<class>/<file>). Arrays may be (n, H, W), (n, H, W, C) or (n, C, H, W), uint8 or float in [0, 1]
+    ([data.md](data.md#image-arrays-npz-and-npy))"""
+    manifest: str = ""
+    """folder: a CSV, relative to `path` unless absolute, with a header and columns `path` (relative to the
+    root, e.g. `cat/001.jpg`), `user` (integer or name; names become 0, 1, ... in sorted order) and
+    optionally `label` (integer class id, replacing the folder's class)"""
+    user_from: Literal["", "folder"] = ""
+    """folder, without a manifest: "folder" reads users from a level above the classes
+    (root/<user>/<class>/<file>); "": synthetic users (`partition`, `num_users`)"""
+    image_size: str = ""
+    """any source: "HxW" (e.g. "32x32") resizes every image to H high, W wide, the size the model then
+    takes; "": keep the size (a folder's images must then share one)"""
+    resize: Literal["stretch", "crop"] = "stretch"
+    """how `image_size` is reached: "stretch" the whole image, or "crop" its centre to H:W's aspect ratio
+    first (nothing distorted, the edges lost)"""
+    channels: Literal[0, 1, 3] = 0
+    """any source: 1 (grayscale) or 3 (RGB) the model takes; 0: as stored (arrays: 1, 3 or 4; a folder: 3
+    if any image is in colour, else 1)"""
+    writers: str = ""
+    """idx: a QMNIST extended-label file giving the train images' real writer ids"""
+    test_writers: str = ""
+    """idx: a QMNIST extended-label file for the t10k images"""
+    use_test_split: bool = False
+    """idx: evaluate on the t10k files instead of held-out train users"""
+    partition: Literal["dirichlet", "shards", "iid"] = "dirichlet"
+    """synthetic users when the data has no user ids"""
+    num_users: int = Field(100, ge=2)
+    """number of synthetic users"""
+    dirichlet_alpha: float = Field(1.0, gt=0)
+    """label skew of the dirichlet partition (smaller: more skewed)"""
+    shards_per_user: int = Field(2, ge=1)
+    """shards partition: label-sorted shards per user"""
+    eval_users: float = Field(0.2, gt=0, lt=1)
+    """fraction of users held out for evaluation"""
+    public_users: float = Field(0.0, ge=0, lt=1)
+    """fraction of users declared public (for `fedemb pretrain`)"""
+    held_out_classes: list[int] = Field(default_factory=list)
+    """classes excluded from training; evaluation uses only them"""
+    max_eval_examples: int = Field(5000, ge=2)
+    """evaluation subsample (metrics are exact over all its pairs)"""
     split_seed: int = 0
-    cache_dir: str = ""  # where each machine keeps the memory-mapped splits; "": $FEDEMB_CACHE_DIR or ~/.cache/fedemb
+    """seed of the user split and the synthetic partition"""
+    cache_dir: str = ""
+    """where each machine keeps the splits as memory-mapped files (built once per data config);
+    "": `$FEDEMB_CACHE_DIR` or `~/.cache/fedemb`"""
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_is_hxw(cls, value: str) -> str:
+        if value:
+            from fedemb.data.image_files import parse_size
+
+            try:
+                parse_size(value, "data.image_size")
+            except DataError as exc:
+                raise ValueError(str(exc).removeprefix("data.image_size ")) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.name != "folder":
+            for key in ("manifest", "user_from"):
+                _require(not getattr(self, key), f"data.{key} applies to data.name = 'folder' only, not {self.name!r}")
+        _require(not (self.manifest and self.user_from),
+                 "data.manifest and data.user_from both say where users come from: set one of them")
+        _require(self.resize == "stretch" or bool(self.image_size),
+                 "data.resize = 'crop' needs data.image_size (the size to crop to)")
+        _require(self.eval_users + self.public_users < 1,
+                 "data.eval_users + data.public_users must leave users to train on")
+        return self
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Settings):
+    """The backbone and its embedding layer ([backbones.md](backbones.md))."""
+
     name: str = "fedemb_lenet"
-    embedding_dim: int = 128
-    norm: str = "group"  # group: BatchNorm converted to GroupNorm; keep: the model's own layers; affine: BatchNorm
-    # replaced by the per-channel affine map it computes in eval mode (pretrained weights), trainable, no batch statistics
-    batchnorm_in_update: bool = False  # allow BatchNorm in DP mode; its buffers travel in the clipped update
-    init_checkpoint: str = ""  # state dict of backbone + embedding (e.g. from `fedemb pretrain`)
-    pretrained_file: str = ""  # backbone weights via timm's pretrained_cfg_overlay=dict(file=...)
+    """any timm model name; fedemb registers fedemb_lenet and fedemb_lenet_small"""
+    embedding_dim: int = Field(128, ge=1)
+    """embedding layer width"""
+    norm: NormKind = "group"
+    """group: BatchNorm converted to GroupNorm; keep: leave the model's layers; affine: each BatchNorm
+    becomes the per-channel affine map it computes in eval mode (trainable, no batch statistics), which
+    keeps pretrained BatchNorm weights usable under DP"""
+    batchnorm_in_update: bool = False
+    """allow BatchNorm in DP mode (its statistics travel in the clipped update)"""
+    init_checkpoint: str = ""
+    """start from a backbone + embedding state dict (e.g. from `fedemb pretrain`)"""
+    pretrained_file: str = ""
+    """backbone weights through timm's `pretrained_cfg_overlay=dict(file=...)`; e.g. the EfficientNet-Lite0
+    ImageNet weights from `fedemb data fetch imagenet-weights` with name `tf_efficientnet_lite0`"""
 
 
-@dataclass
-class SamplingConfig:
-    method: str = "poisson"
-    rate: float = 0.1  # q: probability that a user takes part in a round
-    users_per_client: int = 8  # k: expected users per virtual client
-    virtual_clients: int = 0  # M: slots per round; 0 derives round(q * N / k)
-    min_separation: int = 1  # limited: rounds between two participations of one user
-    max_participations: int = 0  # limited: participations per user over the run (0: no cap)
+class SamplingConfig(Settings):
+    """Which users take part in a round, and how they are grouped into virtual clients."""
+
+    method: Literal["poisson", "fixed", "limited"] = "poisson"
+    """poisson; fixed (size q·N without replacement; see privacy.fixed_size_accounting); limited (q·N users
+    among those the participation limits allow; for DP-FTRL)"""
+    rate: float = Field(0.1, gt=0, le=1)
+    """q: the probability that a user takes part in a round"""
+    users_per_client: int = Field(8, ge=1)
+    """k: expected users per virtual client"""
+    virtual_clients: int = Field(0, ge=0)
+    """M: virtual-client slots per round, the denominator of the mean update; 0 derives round(q·N/k)"""
+    min_separation: int = Field(1, ge=1)
+    """limited: rounds between two participations of one user"""
+    max_participations: int = Field(0, ge=0)
+    """limited: participations per user over the run (0: no cap)"""
 
 
-@dataclass
-class ClientConfig:
-    epochs: int = 1
-    batch_size: int = 32
-    max_examples: int = 2048
-    lr: float = 0.005
-    momentum: float = 0.9
-    head_lr_scale: float = 100.0
-    head_warmup_steps: int = 0
-    head: str = "local"  # local: classes present in the virtual client; global: all classes; shared: the DP-FedAvg
-    # baseline, one classifier over all classes that is part of the model, aggregated and noised with it
-    head_init: str = "random"  # random: each virtual client draws its own; anchors: the run's fixed class anchors
-    vectorize: int = 0  # >= 2: a node trains up to this many virtual clients at once (torch.func.vmap)
+class ClientConfig(Settings):
+    """Local training of a virtual client, with its own classification head."""
+
+    epochs: int = Field(1, ge=1)
+    """local epochs over the virtual client's interleaved, shuffled examples"""
+    batch_size: int = Field(32, ge=1)
+    """local minibatch size"""
+    max_examples: int = Field(2048, ge=1)
+    """cap on examples per virtual client per round (over all epochs)"""
+    lr: float = Field(0.005, gt=0)
+    """client SGD learning rate (the optimizer is reset every round)"""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """client SGD momentum"""
+    head_lr_scale: float = Field(100.0, gt=0)
+    """head learning rate = lr × this"""
+    head_warmup_steps: int = Field(0, ge=0)
+    """R > 0: the first R steps train only the head, then only the backbone"""
+    head: Literal["local", "global", "shared"] = "local"
+    """local: classes present in the virtual client; global: all classes; shared: the DP-FedAvg baseline
+    (no partial aggregation): one classifier over all classes is part of the model, trained from the
+    server's copy, and aggregated, clipped and noised with everything else (head_init must be random)"""
+    head_init: Literal["random", "anchors"] = "random"
+    """random: each virtual client draws its own head (the reference); anchors: every head starts from the
+    run's fixed random class anchors (one unit vector per class, from the training key, no data), so all
+    virtual clients pull a class the same way"""
+    vectorize: int = Field(0, ge=0)
+    """>= 2: a node trains up to this many virtual clients at once with `torch.func.vmap` (same results;
+    see [performance.md](performance.md) for when it pays); 0 or 1: one at a time"""
+
+    @model_validator(mode="after")
+    def _head_init_fits_head(self) -> ClientConfig:
+        _require(not (self.head == "shared" and self.head_init == "anchors"),
+                 "client.head = 'shared' trains the model's own classifier: client.head_init must be 'random'")
+        return self
 
 
-@dataclass
-class ServerConfig:
-    lr: float = 1.0
-    momentum: float = 0.9
+class ServerConfig(Settings):
+    """The server optimizer, applied to the noisy mean update."""
+
+    lr: float = Field(1.0, gt=0)
+    """server SGD learning rate"""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """server SGD momentum"""
 
 
-@dataclass
-class AdaptiveClippingConfig:
-    target_quantile: float = 0.5  # fraction of virtual clients whose update should be unclipped
-    learning_rate: float = 0.2  # geometric step of C per round
-    count_noise_std: float = 0.0  # std of the noise on the clipped count; 0: M / 20
+class AdaptiveClippingConfig(Settings):
+    """privacy.clipping = "adaptive": C tracks a quantile of the update norms, from a DP clipped count."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    """fraction of virtual clients whose update should be unclipped"""
+    learning_rate: float = Field(0.2, gt=0)
+    """geometric step of C per round"""
+    count_noise_std: float = Field(0.0, ge=0)
+    """std of the noise on the clipped count; 0: M / 20"""
 
 
-@dataclass
-class TrainingMetricsConfig:
-    """DP training metrics: each round also releases a noisy sum of the virtual clients' bounded losses
-    and a noisy clipped count, accounted jointly with the update (the update noise grows to pay)."""
+class TrainingMetricsConfig(Settings):
+    """DP training metrics: each round also releases a noisy sum of the virtual clients' bounded losses and
+    a noisy clipped count, published as `dp-train-loss` and `dp-fraction-clipped` (results.json history,
+    TensorBoard `1_training/dp_*`, the progress bar). They are one Gaussian mechanism with the update: the
+    update noise grows so that the accounted z (and ε) does not change. Gaussian mechanism only."""
+
     enabled: bool = False
-    loss_bound: float = 5.0  # B: each virtual client's mean loss is clamped to [0, B] (non-finite: B)
-    # 0: the larger of (B * M / 40 for the loss, M / 20 for the count) and the noise that takes 1% of the round's
-    # budget each (small cohorts); adaptive clipping's count is reused
-    loss_noise_std: float = 0.0  # std on the centred loss sum
-    count_noise_std: float = 0.0  # std on the centred clipped count
+    """release the DP training metrics"""
+    loss_bound: float = Field(5.0, gt=0)
+    """B: each virtual client's mean loss is clamped to [0, B] (non-finite: B); the loss query's
+    sensitivity is B/2 (k = 1) or B (k > 1)"""
+    loss_noise_std: float = Field(0.0, ge=0)
+    """std on the centred loss sum; 0: B·M/40 (the released mean loss then has noise std B/40), or more
+    where that would take over 1% of the round's budget (small cohorts: 10·S·z)"""
+    count_noise_std: float = Field(0.0, ge=0)
+    """std on the centred clipped count; 0: M/20, or more where that would take over 1% of the round's
+    budget (with adaptive clipping its count is reused)"""
 
 
-@dataclass
-class TreeConfig:
-    restart_every: int = 0  # start a new tree every n rounds (0: one tree for the run)
+class TreeConfig(Settings):
+    """privacy.mechanism = "tree": DP-FTRL tree aggregation."""
+
+    restart_every: int = Field(0, ge=0)
+    """start a new tree every n rounds (0: one tree for the run)"""
 
 
-@dataclass
-class ProjectionConfig:
-    """The paper's projection: set the noise for a cohort drawn from a large deployment's population,
-    and train with the smaller cohort this simulation has, at the same noise on the mean update. The
-    projected ε holds only for that deployment; the run's own ledger accounts the real population."""
+class ProjectionConfig(Settings):
+    """The paper's projection: z is calibrated for target_epsilon at the rate cohort / population of a
+    deployment this large, then scaled by M / (cohort / k), so this run's mean update gets that
+    deployment's noise std. results.json gives the projected ε under `privacy.projection` (valid only for
+    that deployment); the run's ledger and `privacy.epsilon` stay the real population's, which are much
+    larger. Needs the sampled Gaussian, Poisson sampling, fixed clipping and a target."""
 
-    population: int = 0  # users of the projected deployment (e.g. 1_000_000); 0: no projection
-    cohort: int = 0  # expected users per round there
-    delta: float = 0.0  # 0: 1 / population^1.1
-
-
-@dataclass
-class PrivacyConfig:
-    enabled: bool = True  # false: no clipping and no noise (non-private federated training)
-    mechanism: str = "gaussian"  # gaussian: sampled Gaussian (needs Poisson sampling); tree: DP-FTRL
-    clipping: str = "fixed"  # fixed: clip_norm throughout; adaptive: clip_norm is where C starts
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0  # z: noise std = z * clip_norm
-    target_epsilon: float = 0.0  # > 0: never run a round that would exceed it
-    calibrate_noise: bool = True  # with target_epsilon: choose z so that run.rounds spend it
-    delta: float = 0.0  # 0: 1 / N^1.1
-    accountant: str = "rdp"
-    fixed_size_accounting: str = "refuse"
-    adaptive: AdaptiveClippingConfig = field(default_factory=AdaptiveClippingConfig)
-    metrics: TrainingMetricsConfig = field(default_factory=TrainingMetricsConfig)
-    tree: TreeConfig = field(default_factory=TreeConfig)
-    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    population: int = Field(0, ge=0)
+    """users of the projected deployment (e.g. 1_000_000); 0: no projection"""
+    cohort: int = Field(0, ge=0)
+    """expected users per round in the projected deployment"""
+    delta: float = Field(0.0, ge=0, lt=1)
+    """0: 1 / population^1.1"""
 
 
-@dataclass
-class FaultConfig:
-    raise_rate: float = 0.0  # a virtual client's training raises (the node's other virtual clients go on)
-    nan_rate: float = 0.0  # the node replies NaN
-    timeout_rate: float = 0.0  # the node trains but replies after the round's deadline
-    drop_rate: float = 0.0  # the node goes silent for the round: no reply before the deadline
+class PrivacyConfig(Settings):
+    """User-level differential privacy of the training: clipping, noise, accounting
+    ([privacy.md](privacy.md))."""
+
+    enabled: bool = True
+    """false: no clipping, no noise (non-private federated baseline; ledger entries say ε = ∞)"""
+    mechanism: Literal["gaussian", "tree"] = "gaussian"
+    """gaussian: sampled Gaussian (Poisson sampling, amplification); tree: DP-FTRL tree aggregation (no
+    amplification; use with sampling.method = "limited")"""
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    """fixed: clip_norm throughout; adaptive (gaussian only): C starts at clip_norm and tracks a quantile"""
+    clip_norm: float = Field(1.0, gt=0)
+    """C: each virtual client's update is clipped to this L2 norm"""
+    noise_multiplier: float = Field(1.0, ge=0)
+    """z: noise std = z·C on the sum"""
+    target_epsilon: float = Field(0.0, ge=0)
+    """> 0: never run a round that would exceed it; 0: no target"""
+    calibrate_noise: bool = True
+    """with a target: choose z so that run.rounds spend it"""
+    delta: float = Field(0.0, ge=0, lt=1)
+    """0: 1/N^1.1"""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus accountant"""
+    fixed_size_accounting: Literal["refuse", "no_amplification"] = "refuse"
+    """sampling.method = "fixed" breaks the Poisson assumption: refuse, or account every round as if every
+    user took part"""
+    adaptive: AdaptiveClippingConfig = Field(default_factory=AdaptiveClippingConfig)
+    metrics: TrainingMetricsConfig = Field(default_factory=TrainingMetricsConfig)
+    tree: TreeConfig = Field(default_factory=TreeConfig)
+    projection: ProjectionConfig = Field(default_factory=ProjectionConfig)
+
+    @model_validator(mode="after")
+    def _mechanism_supports(self) -> PrivacyConfig:
+        if self.enabled and self.mechanism == "tree":
+            _require(not self.metrics.enabled, "privacy.metrics works with privacy.mechanism = 'gaussian' only "
+                                               "(its queries are accounted with the round's sampled Gaussian)")
+            _require(self.clipping != "adaptive", "privacy.clipping = 'adaptive' works with privacy.mechanism = "
+                     "'gaussian' only (its clipped-count query is accounted as a sampled Gaussian)")
+        return self
 
 
-@dataclass
-class SimulationConfig:
-    mode: str = "workers"  # workers: a few nodes train many virtual clients each; devices: one node per slot
-    # ray: Flower's simulation engine; inprocess: the same strategy, messages and ClientApp called in this
-    # process one after another (no Ray start-up: for debugging and small runs; ray_address does not apply)
-    engine: str = "ray"
-    num_supernodes: int = 0  # 0: workers: one per parallel ClientApp the resources allow; devices: M
-    ray_address: str = ""  # an existing Ray cluster (also --ray-address); "": a local Ray for this run
-    cpus_per_client: float = 1.0
-    gpus_per_client: float = 0.0
-    round_timeout_s: float = 600.0
-    faults: FaultConfig = field(default_factory=FaultConfig)
+class FaultConfig(Settings):
+    """Fault injection, to see how a run copes (simulation only)."""
+
+    raise_rate: float = Field(0.0, ge=0, le=1)
+    """a virtual client's training raises (it adds nothing; the node's other virtual clients are kept)"""
+    nan_rate: float = Field(0.0, ge=0, le=1)
+    """the node replies NaN"""
+    timeout_rate: float = Field(0.0, ge=0, le=1)
+    """the node trains but replies after the round's deadline"""
+    drop_rate: float = Field(0.0, ge=0, le=1)
+    """the node goes silent for the round: no reply before the deadline"""
+
+    @model_validator(mode="after")
+    def _rates_add_up(self) -> FaultConfig:
+        _require(self.raise_rate + self.nan_rate + self.timeout_rate + self.drop_rate <= 1,
+                 "simulation.faults rates must add up to at most 1")
+        return self
 
 
-@dataclass
-class DeploymentConfig:
-    """Training on real devices (Flower's deployment engine): the users are the SuperNodes, each holding
-    one user's data (its node config: data-path, and user when the file holds several)."""
+class SimulationConfig(Settings):
+    """How Flower's simulation runs the ClientApps."""
 
-    devices: int = 0  # N: registered devices, the population the accountant and the denominator use; 0: no deployment
-    min_devices: int = 0  # wait until this many are online before round 1 (0: all N)
-    wait_s: float = 300.0  # how long to wait for them
+    mode: Literal["workers", "devices"] = "workers"
+    """workers: a few nodes each train many virtual clients per round, balanced by examples; devices: one
+    node per virtual-client slot"""
+    engine: Literal["ray", "inprocess"] = "ray"
+    """ray: Flower's simulation engine (ClientApps in Ray actors, in parallel); inprocess: the same
+    strategy, messages and ClientApp called one after another in this process, with no Ray start-up (for
+    debugging and small runs). A seeded run gives the same model and ledger on both"""
+    num_supernodes: int = Field(0, ge=0)
+    """simulated nodes; 0: workers: one per ClientApp the CPUs (and GPU shares) can run at once; devices: M"""
+    ray_address: str = ""
+    """run on this existing Ray cluster (also `--ray-address`; see [cluster.md](cluster.md)); "": a local
+    Ray for this run"""
+    cpus_per_client: float = Field(1.0, gt=0)
+    """Ray CPUs per ClientApp"""
+    gpus_per_client: float = Field(0.0, ge=0)
+    """Ray GPUs per ClientApp"""
+    round_timeout_s: float = Field(600.0, gt=0)
+    """replies later than this count as missing"""
+    faults: FaultConfig = Field(default_factory=FaultConfig)
 
-
-@dataclass
-class MonitoringConfig:
-    """Server-private telemetry is always written to RUN/private/; these only add views of it."""
-    private_tensorboard: bool = False  # also a separate TensorBoard run of the exact figures in private/tensorboard/
-    private_console: bool = False  # also print server-private events on the console, marked [server-private]
-    wait_progress_s: float = 15.0  # while waiting for devices or replies, a private line this often: whom, until when
-
-
-@dataclass
-class PretrainConfig:
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-
-
-@dataclass
-class SynthConfig:
-    """`fedemb synth gmm`: the DP Gaussian mixture, the classifier trained on its samples, baselines."""
-
-    epsilon: float = 4.0  # the synthesis stage's own budget, at the run's delta; the ledger adds training's
-    centre: str = "none"  # none | public: subtract the public users' mean embedding before normalising
-    clusters: int = 4  # per class
-    iterations: int = 2  # DP-Lloyd iterations
-    init: str = "mean"  # mean: random points around a DP class mean; random: data-independent; public: k-means on public users
-    covariance: str = "diag"  # isotropic (no release) | diag | full | lowrank
-    rank: int = 8  # lowrank: eigenvectors kept, the rest isotropic
-    eigenvalue_floor: float = 1e-4
-    contribution_bound: float = 1.0  # B: L2 bound on one user's per-cell counts
-    budget_lloyd: float = 0.3  # shares of the stage's budget (normalised to sum to 1)
-    budget_counts: float = 0.1
-    budget_means: float = 0.4
-    budget_covariances: float = 0.2
-    samples_per_class: int = 2000
-    project_samples: bool = True  # synthetic embeddings back onto the sphere, like the real ones
-    mlp_hidden: int = 256
-    mlp_epochs: int = 30
-    mlp_lr: float = 0.001
-    probe_epochs: int = 30  # DP-SGD linear probe baseline (Opacus, one user per sample)
-    probe_lr: float = 2.0
-    probe_batch_users: int = 64  # expected users per Poisson batch
-    probe_max_examples: int = 256  # rows per user kept by the probe
-    probe_clip: float = 1.0
-    seed: int = -1  # -1: OS randomness for the noise (run.seed is not reused)
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> SimulationConfig:
+        _require(not (self.engine == "inprocess" and self.ray_address),
+                 "simulation.ray_address needs simulation.engine = 'ray'")
+        return self
 
 
-@dataclass
-class InvertConfig:
-    """`fedemb synth invert`: DP activation statistics, images inverted from them, classifiers trained on those."""
+class DeploymentConfig(Settings):
+    """Training on real devices through Flower's deployment engine ([deployment.md](deployment.md)): the
+    users are the SuperNodes, each holding one user's data (node config `data-path`, and `user` when the
+    file holds several)."""
 
-    epsilon: float = 2.0  # the stage's own budget (statistics + class prototypes), at the run's delta
-    statistics: str = "dp"  # dp: a DP release | batchnorm: running statistics already inside the clipped update
-    layers: str = "conv"  # conv: every Conv2d's output; or comma-separated module names
-    activation_clip: float = 3.0  # per layer, a = this x its RMS on noise images; channel means clamped to [-a, a], mean squares to [0, a^2]
-    contribution_bound: float = 1.0  # B: a user's examples weigh at most B in total
-    budget_count: float = 0.1  # shares of the stage's budget (normalised to sum to 1)
-    budget_means: float = 0.3
-    budget_squares: float = 0.3
-    budget_prototypes: float = 0.3
-    images_per_class: int = 32
-    steps: int = 500
-    lr: float = 0.1
-    weight_statistics: float = 1.0
-    weight_class: float = 1.0
-    weight_tv: float = 0.01
-    weight_l2: float = 0.0001
-    temperature: float = 0.1  # of the class term's softmax over cosine similarities
-    jitter: int = 1  # pixels of random shift per step
-    flip: bool = False  # random horizontal flips (off: a flipped digit is another symbol)
-    ablation: bool = True  # also invert without the statistics term, and train on those images
-    train_epochs: int = 60
-    train_lr: float = 0.003
-    distill_temperature: float = 0.1  # the private model's prototype softmax, as the teacher
-    seed: int = -1  # -1: OS randomness for the noise
+    devices: int = Field(0, ge=0)
+    """N, the registered devices: the population for the accountant (and the default δ = 1/N^1.1) and the
+    denominator round(q·N). 0: not a deployment. When set, `sampling.users_per_client` must be 1 and
+    `sampling.virtual_clients` 0"""
+    min_devices: int = Field(0, ge=0)
+    """online devices to wait for before round 1 (0: all N); later rounds wait for at least one"""
+    wait_s: float = Field(300.0, gt=0)
+    """how long to wait; then the run stops with the reason in results.json (stop_reason)"""
+
+    @model_validator(mode="after")
+    def _min_within(self) -> DeploymentConfig:
+        _require(self.devices == 0 or self.min_devices <= self.devices,
+                 f"deployment.min_devices must be in [0, deployment.devices = {self.devices}], got {self.min_devices}")
+        return self
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    client: ClientConfig = field(default_factory=ClientConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    invert: InvertConfig = field(default_factory=InvertConfig)
+class MonitoringConfig(Settings):
+    """Exact per-round figures (update norms, loss, clipped fraction, users, examples, failures, timings)
+    are always written to the server-private `RUN/private/` (telemetry.jsonl, events.log, summary.json),
+    never to results.json, tensorboard/ or the console. These keys only add views of them for the
+    operator."""
+
+    private_tensorboard: bool = False
+    """also a separate TensorBoard run of every exact figure in private/tensorboard/ (tags
+    `server-private/...`), with a grid of training images (private data: never in the published log)"""
+    private_console: bool = False
+    """also print server-private events (rejected or missing replies, devices online) on the console, each
+    line marked `[server-private]`"""
+    wait_progress_s: float = Field(15.0, gt=0)
+    """while the server waits for devices to come online or for a round's replies, one server-private line
+    this often: the nodes it waits for and until when (UTC). `fedemb deploy run` shows these lines with the
+    registered names"""
+
+
+class PretrainConfig(Settings):
+    """`fedemb pretrain`: centralized training on the public users."""
+
+    epochs: int = Field(5, ge=1)
+    """epochs over the public users' examples"""
+    batch_size: int = Field(64, ge=1)
+    """minibatch size"""
+    lr: float = Field(0.05, gt=0)
+    """SGD learning rate"""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum"""
+
+
+class SynthConfig(Settings):
+    """`fedemb synth gmm`: the DP Gaussian mixture, the classifier trained on its samples, and the
+    baselines ([synthesis.md](synthesis.md))."""
+
+    epsilon: float = Field(4.0, gt=0)
+    """the synthesis stage's own ε (at the run's δ); the ledger composes it with the training"""
+    centre: Literal["none", "public"] = "none"
+    """none, or public: subtract the public users' mean embedding before normalising"""
+    clusters: int = Field(4, ge=1)
+    """mixture components per class"""
+    iterations: int = Field(2, ge=0)
+    """DP-Lloyd iterations"""
+    init: Literal["mean", "random", "public"] = "mean"
+    """mean: random points around a DP class mean; random: data-independent points; public: k-means on
+    public users"""
+    covariance: Literal["isotropic", "diag", "full", "lowrank"] = "diag"
+    """isotropic (no release), diag, full, or lowrank"""
+    rank: int = Field(8, ge=1)
+    """lowrank: eigenvectors kept, the rest isotropic"""
+    eigenvalue_floor: float = Field(1e-4, gt=0)
+    """covariances are projected onto the PSD cone with this floor"""
+    contribution_bound: float = Field(1.0, gt=0)
+    """B: L2 bound of one user's per-cell counts (sensitivities B, B·r, B·r²)"""
+    budget_lloyd: float = Field(0.3, ge=0)
+    """share of the stage's 1/z² for DP-Lloyd (the shares are normalised to sum to 1)"""
+    budget_counts: float = Field(0.1, gt=0)
+    """share for the cluster counts"""
+    budget_means: float = Field(0.4, gt=0)
+    """share for the cluster means"""
+    budget_covariances: float = Field(0.2, ge=0)
+    """share for the covariances"""
+    samples_per_class: int = Field(2000, ge=1)
+    """synthetic embeddings per class"""
+    project_samples: bool = True
+    """put synthetic embeddings back on the unit sphere, like the real ones"""
+    mlp_hidden: int = Field(256, ge=1)
+    """hidden width of the two-layer MLP (AdamW) trained on the samples"""
+    mlp_epochs: int = Field(30, ge=1)
+    """its epochs"""
+    mlp_lr: float = Field(0.001, gt=0)
+    """its learning rate"""
+    probe_epochs: int = Field(30, ge=1)
+    """the DP-SGD linear-probe baseline (Opacus, one user per sample): epochs"""
+    probe_lr: float = Field(2.0, gt=0)
+    """its learning rate"""
+    probe_batch_users: int = Field(64, ge=1)
+    """its expected users per Poisson batch"""
+    probe_max_examples: int = Field(256, ge=1)
+    """rows per user kept by the probe"""
+    probe_clip: float = Field(1.0, gt=0)
+    """its per-user clip norm"""
+    seed: int = Field(-1, ge=-1)
+    """-1: OS randomness; >= 0: reproducible noise, sampling and training (run.seed is not reused)"""
+
+    @model_validator(mode="after")
+    def _budgets_cover_releases(self) -> SynthConfig:
+        _require(self.covariance == "isotropic" or self.budget_covariances > 0,
+                 f"synth.covariance = {self.covariance!r} needs synth.budget_covariances > 0")
+        _require(self.clusters == 1 or self.budget_lloyd > 0 or (self.init == "public" and self.iterations == 0),
+                 "synth.clusters > 1 needs synth.budget_lloyd > 0 for DP-Lloyd")
+        return self
+
+
+class InvertConfig(Settings):
+    """`fedemb synth invert`: DP activation statistics, images inverted from them, and classifiers trained
+    on those ([synthesis-images.md](synthesis-images.md)). `fedemb synth custom` takes its settings from
+    the task spec's `[synthesis]` table instead."""
+
+    epsilon: float = Field(2.0, gt=0)
+    """the stage's own ε (DP activation statistics + DP class prototypes), at the run's δ"""
+    statistics: Literal["dp", "batchnorm"] = "dp"
+    """dp: release activation statistics; batchnorm: use BatchNorm buffers that travelled inside the
+    clipped update (needs `model.batchnorm_in_update`)"""
+    layers: str = "conv"
+    """conv: every Conv2d's output; or comma-separated module names"""
+    activation_clip: float = Field(3.0, gt=0)
+    """per layer, a = this × the layer's RMS on noise images; channel means clamped to [−a, a], mean
+    squares to [0, a²]"""
+    contribution_bound: float = Field(1.0, gt=0)
+    """B: a user's examples weigh at most B in total"""
+    budget_count: float = Field(0.1, ge=0)
+    """share of the stage's budget for the example count (the shares are normalised to sum to 1)"""
+    budget_means: float = Field(0.3, ge=0)
+    """share for the channel means"""
+    budget_squares: float = Field(0.3, ge=0)
+    """share for the channel mean squares"""
+    budget_prototypes: float = Field(0.3, gt=0)
+    """share for the class prototypes (the class term needs them)"""
+    images_per_class: int = Field(32, ge=1)
+    """inverted images per class"""
+    steps: int = Field(500, ge=0)
+    """Adam steps"""
+    lr: float = Field(0.1, gt=0)
+    """Adam learning rate (cosine schedule)"""
+    weight_statistics: float = Field(1.0, ge=0)
+    """loss weight of the statistics term"""
+    weight_class: float = Field(1.0, ge=0)
+    """loss weight of the class term"""
+    weight_tv: float = Field(0.01, ge=0)
+    """loss weight of total variation"""
+    weight_l2: float = Field(0.0001, ge=0)
+    """loss weight of the pixels' L2 norm"""
+    temperature: float = Field(0.1, gt=0)
+    """of the class term's softmax over cosine similarities"""
+    jitter: int = Field(1, ge=0)
+    """random shift per step, in pixels"""
+    flip: bool = False
+    """random horizontal flips per step (off: a flipped digit is another symbol)"""
+    ablation: bool = True
+    """also invert without the statistics term, and evaluate on those images"""
+    train_epochs: int = Field(60, ge=1)
+    """epochs of the fresh classifiers trained on the images"""
+    train_lr: float = Field(0.003, gt=0)
+    """their learning rate"""
+    distill_temperature: float = Field(0.1, gt=0)
+    """the teacher's (private model's) prototype softmax"""
+    seed: int = Field(-1, ge=-1)
+    """-1: OS randomness for the noise"""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be 'conv' or module names")
+        return value
+
+    @model_validator(mode="after")
+    def _statistics_budgeted(self) -> InvertConfig:
+        if self.statistics == "dp":
+            _require(min(self.budget_count, self.budget_means, self.budget_squares) > 0,
+                     "invert.budget_count, budget_means and budget_squares must be > 0 for DP statistics")
+        return self
+
+
+class Config(Settings):
+    """A run config: a TOML file with these sections; every key is optional."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    invert: InvertConfig = Field(default_factory=InvertConfig)
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Config:
+        """Checks across sections that need no data (k against the users is checked when the data loads)."""
+        p, s = self.privacy, self.sampling
+        _check_projection(self)
+        if p.enabled and p.mechanism == "gaussian" and s.method == "limited":
+            raise ValueError("sampling.method = 'limited' gives no amplification by sampling, which the sampled "
+                             "Gaussian accountant assumes; use privacy.mechanism = 'tree' (DP-FTRL) with it")
+        if p.enabled and p.mechanism == "gaussian" and s.method == "fixed" and p.fixed_size_accounting == "refuse":
+            raise ValueError(
+                "sampling.method = 'fixed' breaks the Poisson-sampling assumption of the accountant; "
+                "use Poisson sampling, or set privacy.fixed_size_accounting = 'no_amplification' "
+                "to account every round as if every user took part (no amplification by sampling)")
+        if self.deployment.devices and s.users_per_client != 1:
+            raise ValueError(
+                f"deployment.devices is set, so each virtual client is one device (one user): "
+                f"sampling.users_per_client must be 1, got {s.users_per_client} "
+                "(a virtual client of k users trains on their pooled data, which devices never share)")
+        if self.deployment.devices and s.virtual_clients:
+            raise ValueError("deployment.devices sets the denominator (round(q x devices)); "
+                             "leave sampling.virtual_clients at 0")
+        return self
+
+
+def _check_projection(cfg: Config) -> None:
+    pr, p, s = cfg.privacy.projection, cfg.privacy, cfg.sampling
+    if not pr.population:
+        return
+    _require(1 <= pr.cohort <= pr.population,
+             f"privacy.projection.cohort must be in [1, population = {pr.population}], got {pr.cohort}")
+    _require(pr.cohort >= s.users_per_client,
+             f"privacy.projection.cohort = {pr.cohort} is smaller than sampling.users_per_client = {s.users_per_client}")
+    _require(p.enabled and p.mechanism == "gaussian" and s.method == "poisson" and p.clipping == "fixed",
+             "privacy.projection needs the sampled Gaussian with Poisson sampling and fixed clipping")
+    _require(p.target_epsilon > 0 and p.calibrate_noise,
+             "privacy.projection calibrates the noise for privacy.target_epsilon: set it (> 0) and keep calibrate_noise")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -294,9 +598,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
-    cfg = _build(Config, raw, "")
-    validate(cfg)
-    return cfg
+    return config_from_dict(raw)
 
 
 def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
@@ -312,9 +614,7 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    cfg = _build(Config, raw, "")
-    validate(cfg)
-    return cfg
+    return parse(Config, raw)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -333,12 +633,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] | dict[str, Any]) -> Config:
     """A new, validated config: ``cfg`` with ``section.key=value`` strings (or a key -> value mapping) applied."""
     raw = to_dict(cfg)
-    items = overrides.items() if isinstance(overrides, dict) else [item.partition("=")[::2] for item in overrides]
-    for key, value in items:
-        if isinstance(overrides, dict):
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
             _set_key(raw, key, value)
-        else:
-            apply_override(raw, f"{key}={value}")
+    else:
+        for item in overrides:
+            apply_override(raw, item)
     return config_from_dict(raw)
 
 
@@ -352,262 +652,11 @@ def _set_key(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Settings) -> dict[str, Any]:
+    return cfg.model_dump()
 
 
 def to_toml(cfg: Config) -> str:
     import tomli_w
 
     return tomli_w.dumps(to_dict(cfg))
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'} must be a table, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown config key {name!r} (known in {where or 'top level'}: {', '.join(sorted(known))})")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
-        name = f"{where}.{f.name}" if where else f.name
-        values[f.name] = _coerce(hints[f.name], raw[f.name], name)
-    return cls(**values)
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    if typing.get_origin(tp) is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover - programming error
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _one_of(value: str, allowed: tuple[str, ...], name: str) -> None:
-    _check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def validate(cfg: Config) -> None:
-    """Range checks that need no data. Checks against the data (k vs users) happen when it loads."""
-    r, d, m, s, c, sv, p, sim = (cfg.run, cfg.data, cfg.model, cfg.sampling, cfg.client, cfg.server,
-                                 cfg.privacy, cfg.simulation)
-    _check(r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}")
-    _check(r.seed >= -1, f"run.seed must be >= 0 (or -1 for OS randomness), got {r.seed}")
-    _check(r.eval_every >= 0, f"run.eval_every must be >= 0, got {r.eval_every}")
-    _check(r.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {r.checkpoint_every}")
-    from fedemb.data.loaders import DATASETS
-
-    _one_of(d.name, tuple(DATASETS), "data.name")
-    _one_of(d.partition, PARTITIONS, "data.partition")
-    validate_image_folder(d)
-    _check(d.num_users >= 2, f"data.num_users must be >= 2, got {d.num_users}")
-    _check(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
-    _check(d.shards_per_user >= 1, f"data.shards_per_user must be >= 1, got {d.shards_per_user}")
-    _check(0 < d.eval_users < 1, f"data.eval_users must be in (0, 1), got {d.eval_users}")
-    _check(0 <= d.public_users < 1, f"data.public_users must be in [0, 1), got {d.public_users}")
-    _check(d.eval_users + d.public_users < 1,
-           "data.eval_users + data.public_users must leave users to train on")
-    _check(d.max_eval_examples >= 2, f"data.max_eval_examples must be >= 2, got {d.max_eval_examples}")
-    _check(m.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {m.embedding_dim}")
-    _one_of(m.norm, NORM_KINDS, "model.norm")
-    _one_of(s.method, SAMPLING_METHODS, "sampling.method")
-    _check(0 < s.rate <= 1, f"sampling.rate must be in (0, 1], got {s.rate}")
-    _check(s.users_per_client >= 1, f"sampling.users_per_client must be >= 1, got {s.users_per_client}")
-    _check(s.virtual_clients >= 0, f"sampling.virtual_clients must be >= 0, got {s.virtual_clients}")
-    _check(c.epochs >= 1, f"client.epochs must be >= 1, got {c.epochs}")
-    _check(c.batch_size >= 1, f"client.batch_size must be >= 1, got {c.batch_size}")
-    _check(c.max_examples >= 1, f"client.max_examples must be >= 1, got {c.max_examples}")
-    _check(c.lr > 0, f"client.lr must be > 0, got {c.lr}")
-    _check(0 <= c.momentum < 1, f"client.momentum must be in [0, 1), got {c.momentum}")
-    _check(c.head_lr_scale > 0, f"client.head_lr_scale must be > 0, got {c.head_lr_scale}")
-    _check(c.head_warmup_steps >= 0, f"client.head_warmup_steps must be >= 0, got {c.head_warmup_steps}")
-    _one_of(c.head, HEAD_KINDS, "client.head")
-    _one_of(c.head_init, HEAD_INITS, "client.head_init")
-    _check(not (c.head == "shared" and c.head_init == "anchors"),
-           "client.head = 'shared' trains the model's own classifier: client.head_init must be 'random'")
-    _check(c.vectorize >= 0, f"client.vectorize must be >= 0 (0 or 1: one virtual client at a time), got {c.vectorize}")
-    _check(sv.lr > 0, f"server.lr must be > 0, got {sv.lr}")
-    _check(0 <= sv.momentum < 1, f"server.momentum must be in [0, 1), got {sv.momentum}")
-    _check(p.clip_norm > 0, f"privacy.clip_norm must be > 0, got {p.clip_norm}")
-    _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
-    _check(p.target_epsilon >= 0, f"privacy.target_epsilon must be >= 0 (0: none), got {p.target_epsilon}")
-    _check(0 <= p.delta < 1, f"privacy.delta must be in [0, 1) (0: 1/N^1.1), got {p.delta}")
-    _one_of(p.accountant, ACCOUNTANTS, "privacy.accountant")
-    _one_of(p.fixed_size_accounting, FIXED_SIZE_ACCOUNTING, "privacy.fixed_size_accounting")
-    _one_of(p.mechanism, MECHANISMS, "privacy.mechanism")
-    _one_of(p.clipping, CLIPPING, "privacy.clipping")
-    _check(s.min_separation >= 1, f"sampling.min_separation must be >= 1, got {s.min_separation}")
-    _check(s.max_participations >= 0, f"sampling.max_participations must be >= 0 (0: no cap), got {s.max_participations}")
-    a = p.adaptive
-    _check(0 < a.target_quantile < 1, f"privacy.adaptive.target_quantile must be in (0, 1), got {a.target_quantile}")
-    _check(a.learning_rate > 0, f"privacy.adaptive.learning_rate must be > 0, got {a.learning_rate}")
-    _check(a.count_noise_std >= 0, f"privacy.adaptive.count_noise_std must be >= 0 (0: M / 20), got {a.count_noise_std}")
-    tm = p.metrics
-    _check(tm.loss_bound > 0, f"privacy.metrics.loss_bound must be > 0, got {tm.loss_bound}")
-    _check(tm.loss_noise_std >= 0, f"privacy.metrics.loss_noise_std must be >= 0 (0: the default), got {tm.loss_noise_std}")
-    _check(tm.count_noise_std >= 0, f"privacy.metrics.count_noise_std must be >= 0 (0: the default), got {tm.count_noise_std}")
-    if p.enabled and p.mechanism == "tree" and tm.enabled:
-        raise ConfigError("privacy.metrics works with privacy.mechanism = 'gaussian' only (its queries are "
-                          "accounted with the round's sampled Gaussian)")
-    validate_projection(cfg)
-    _check(p.tree.restart_every >= 0, f"privacy.tree.restart_every must be >= 0, got {p.tree.restart_every}")
-    if p.enabled and p.mechanism == "tree" and p.clipping == "adaptive":
-        raise ConfigError("privacy.clipping = 'adaptive' works with privacy.mechanism = 'gaussian' only "
-                          "(its clipped-count query is accounted as a sampled Gaussian)")
-    if p.enabled and p.mechanism == "gaussian" and s.method == "limited":
-        raise ConfigError("sampling.method = 'limited' gives no amplification by sampling, which the sampled "
-                          "Gaussian accountant assumes; use privacy.mechanism = 'tree' (DP-FTRL) with it")
-    if p.enabled and p.mechanism == "gaussian" and s.method == "fixed" and p.fixed_size_accounting == "refuse":
-        raise ConfigError(
-            "sampling.method = 'fixed' breaks the Poisson-sampling assumption of the accountant; "
-            "use Poisson sampling, or set privacy.fixed_size_accounting = 'no_amplification' "
-            "to account every round as if every user took part (no amplification by sampling)")
-    _check(sim.num_supernodes >= 0, f"simulation.num_supernodes must be >= 0, got {sim.num_supernodes}")
-    _one_of(sim.mode, SIMULATION_MODES, "simulation.mode")
-    _one_of(sim.engine, SIMULATION_ENGINES, "simulation.engine")
-    _check(not (sim.engine == "inprocess" and sim.ray_address),
-           "simulation.ray_address needs simulation.engine = 'ray'")
-    _check(sim.cpus_per_client > 0, f"simulation.cpus_per_client must be > 0, got {sim.cpus_per_client}")
-    _check(sim.gpus_per_client >= 0, f"simulation.gpus_per_client must be >= 0, got {sim.gpus_per_client}")
-    _check(sim.round_timeout_s > 0, f"simulation.round_timeout_s must be > 0, got {sim.round_timeout_s}")
-    for rate_name in ("raise_rate", "nan_rate", "timeout_rate", "drop_rate"):
-        v = getattr(sim.faults, rate_name)
-        _check(0 <= v <= 1, f"simulation.faults.{rate_name} must be in [0, 1], got {v}")
-    f = sim.faults
-    _check(f.raise_rate + f.nan_rate + f.timeout_rate + f.drop_rate <= 1,
-           "simulation.faults rates must add up to at most 1")
-    validate_deployment(cfg)
-    pt = cfg.pretrain
-    _check(pt.epochs >= 1, f"pretrain.epochs must be >= 1, got {pt.epochs}")
-    _check(pt.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {pt.batch_size}")
-    _check(pt.lr > 0, f"pretrain.lr must be > 0, got {pt.lr}")
-    validate_synth(cfg.synth)
-    validate_invert(cfg.invert)
-
-
-def validate_image_folder(d: DataConfig) -> None:
-    """The image settings of every source, and the keys that only image folders have."""
-    if d.name != "folder":
-        for key in ("manifest", "user_from"):
-            _check(not getattr(d, key), f"data.{key} applies to data.name = 'folder' only, not {d.name!r}")
-    _check(d.user_from in USER_SOURCES,
-           f"data.user_from must be \"folder\" (users from root/<user>/<class>/) or \"\", got {d.user_from!r}")
-    _check(not (d.manifest and d.user_from),
-           "data.manifest and data.user_from both say where users come from: set one of them")
-    _check(d.channels in IMAGE_CHANNELS,
-           f"data.channels must be 1, 3 or 0 (0: as stored; a folder: 3 if any image is colour), got {d.channels}")
-    _one_of(d.resize, RESIZE_MODES, "data.resize")
-    _check(d.resize == "stretch" or bool(d.image_size), "data.resize = 'crop' needs data.image_size (the size to crop to)")
-    if d.image_size:
-        from fedemb.data.image_files import parse_size
-
-        try:
-            parse_size(d.image_size, "data.image_size")
-        except DataError as exc:
-            raise ConfigError(str(exc)) from None
-
-
-def validate_projection(cfg: Config) -> None:
-    pr, p, s = cfg.privacy.projection, cfg.privacy, cfg.sampling
-    _check(pr.population >= 0 and pr.cohort >= 0, "privacy.projection.population and .cohort must be >= 0")
-    _check(0 <= pr.delta < 1, f"privacy.projection.delta must be in [0, 1), got {pr.delta}")
-    if not pr.population:
-        return
-    _check(1 <= pr.cohort <= pr.population,
-           f"privacy.projection.cohort must be in [1, population = {pr.population}], got {pr.cohort}")
-    _check(pr.cohort >= s.users_per_client,
-           f"privacy.projection.cohort = {pr.cohort} is smaller than sampling.users_per_client = {s.users_per_client}")
-    _check(p.enabled and p.mechanism == "gaussian" and s.method == "poisson" and p.clipping == "fixed",
-           "privacy.projection needs the sampled Gaussian with Poisson sampling and fixed clipping")
-    _check(p.target_epsilon > 0 and p.calibrate_noise,
-           "privacy.projection calibrates the noise for privacy.target_epsilon: set it (> 0) and keep calibrate_noise")
-
-
-def validate_deployment(cfg: Config) -> None:
-    dp = cfg.deployment
-    _check(dp.devices >= 0, f"deployment.devices must be >= 0 (0: not a deployment), got {dp.devices}")
-    _check(dp.min_devices >= 0 and (dp.devices == 0 or dp.min_devices <= dp.devices),
-           f"deployment.min_devices must be in [0, deployment.devices = {dp.devices}], got {dp.min_devices}")
-    _check(dp.wait_s > 0, f"deployment.wait_s must be > 0, got {dp.wait_s}")
-    _check(cfg.monitoring.wait_progress_s > 0,
-           f"monitoring.wait_progress_s must be > 0, got {cfg.monitoring.wait_progress_s}")
-    if dp.devices and cfg.sampling.users_per_client != 1:
-        raise ConfigError(
-            f"deployment.devices is set, so each virtual client is one device (one user): "
-            f"sampling.users_per_client must be 1, got {cfg.sampling.users_per_client} "
-            "(a virtual client of k users trains on their pooled data, which devices never share)")
-    if dp.devices and cfg.sampling.virtual_clients:
-        raise ConfigError("deployment.devices sets the denominator (round(q x devices)); "
-                          "leave sampling.virtual_clients at 0")
-
-
-def validate_invert(iv: InvertConfig) -> None:
-    _check(iv.epsilon > 0, f"invert.epsilon must be > 0, got {iv.epsilon}")
-    _one_of(iv.statistics, INVERT_STATISTICS, "invert.statistics")
-    _check(bool(iv.layers.strip()), "invert.layers must be 'conv' or module names")
-    for name in ("activation_clip", "contribution_bound", "lr", "temperature", "train_lr", "distill_temperature"):
-        _check(getattr(iv, name) > 0, f"invert.{name} must be > 0, got {getattr(iv, name)}")
-    for name in ("budget_count", "budget_means", "budget_squares", "budget_prototypes", "weight_statistics",
-                 "weight_class", "weight_tv", "weight_l2", "jitter", "steps"):
-        _check(getattr(iv, name) >= 0, f"invert.{name} must be >= 0, got {getattr(iv, name)}")
-    if iv.statistics == "dp":
-        _check(min(iv.budget_count, iv.budget_means, iv.budget_squares) > 0,
-               "invert.budget_count, budget_means and budget_squares must be > 0 for DP statistics")
-    _check(iv.budget_prototypes > 0, "invert.budget_prototypes must be > 0: the class term needs DP prototypes")
-    for name in ("images_per_class", "train_epochs"):
-        _check(getattr(iv, name) >= 1, f"invert.{name} must be >= 1, got {getattr(iv, name)}")
-    _check(iv.seed >= -1, f"invert.seed must be >= 0 (or -1 for OS randomness), got {iv.seed}")
-
-
-def validate_synth(sy: SynthConfig) -> None:
-    _check(sy.epsilon > 0, f"synth.epsilon must be > 0, got {sy.epsilon}")
-    _one_of(sy.centre, SYNTH_CENTRES, "synth.centre")
-    _one_of(sy.covariance, SYNTH_COVARIANCES, "synth.covariance")
-    _one_of(sy.init, SYNTH_INITS, "synth.init")
-    _check(sy.clusters >= 1, f"synth.clusters must be >= 1, got {sy.clusters}")
-    _check(sy.iterations >= 0, f"synth.iterations must be >= 0, got {sy.iterations}")
-    _check(sy.rank >= 1, f"synth.rank must be >= 1, got {sy.rank}")
-    _check(sy.eigenvalue_floor > 0, f"synth.eigenvalue_floor must be > 0, got {sy.eigenvalue_floor}")
-    _check(sy.contribution_bound > 0, f"synth.contribution_bound must be > 0, got {sy.contribution_bound}")
-    for name in ("budget_lloyd", "budget_counts", "budget_means", "budget_covariances"):
-        _check(getattr(sy, name) >= 0, f"synth.{name} must be >= 0, got {getattr(sy, name)}")
-    _check(sy.budget_counts > 0 and sy.budget_means > 0, "synth.budget_counts and synth.budget_means must be > 0")
-    _check(sy.covariance == "isotropic" or sy.budget_covariances > 0,
-           f"synth.covariance = {sy.covariance!r} needs synth.budget_covariances > 0")
-    _check(sy.clusters == 1 or sy.budget_lloyd > 0 or (sy.init == "public" and sy.iterations == 0),
-           "synth.clusters > 1 needs synth.budget_lloyd > 0 for DP-Lloyd")
-    for name in ("samples_per_class", "mlp_hidden", "mlp_epochs", "probe_epochs", "probe_batch_users",
-                 "probe_max_examples"):
-        _check(getattr(sy, name) >= 1, f"synth.{name} must be >= 1, got {getattr(sy, name)}")
-    for name in ("mlp_lr", "probe_lr", "probe_clip"):
-        _check(getattr(sy, name) > 0, f"synth.{name} must be > 0, got {getattr(sy, name)}")
-    _check(sy.seed >= -1, f"synth.seed must be >= 0 (or -1 for OS randomness), got {sy.seed}")

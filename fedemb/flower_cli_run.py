@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from fedemb.errors import FedembError
 from fedemb.flower_env import offline_flower_environment
+from fedemb.os_processes import Process, find, listening, process_groups, stop_groups, tree, wait_gone
 
 DEFAULT_PORT = "39091"
 STATUS_POLL_S = 10.0
@@ -51,53 +49,22 @@ def run_config_string(values: dict[str, str]) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
-def superlink_processes(flwr_home: Path) -> list[psutil.Process]:
+def superlink_processes(flwr_home: Path) -> list[Process]:
     """Local SuperLinks that `flwr run` started for this FLWR_HOME (recognised by their log file)."""
     log_file = str(flwr_home / "local-superlink" / "superlink.log")
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if any(Path(part).name == "flower-superlink" for part in cmd[:2]) and log_file in cmd:
-            found.append(proc)
-    return found
+    return find(lambda argv: any(Path(part).name == "flower-superlink" for part in argv[:2]) and log_file in argv)
 
 
 def stop_local_superlink(flwr_home: Path, grace_s: float = 5.0) -> int:
-    """Stop the SuperLink of this FLWR_HOME and every process under it: SuperExec, simulation, Ray."""
-    stopped = 0
-    for link in superlink_processes(flwr_home):
-        try:
-            family = [link, *link.children(recursive=True)]
-            execs = [p for p in psutil.process_iter(["cmdline"])
-                     if "--parent-pid" in (p.info["cmdline"] or []) and str(link.pid) in (p.info["cmdline"] or [])]
-            for proc in execs:
-                family += [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        groups = {os.getpgid(p.pid) for p in family if process_alive(p)}
-        link.terminate()
-        psutil.wait_procs([link], timeout=grace_s)
-        for group in groups:  # SuperLink and SuperExec run in their own sessions
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        psutil.wait_procs([p for p in family if process_alive(p)], timeout=grace_s)
-        stopped += 1
-    return stopped
-
-
-def process_alive(proc: psutil.Process) -> bool:
-    """Running and not a zombie (this container reaps late: defunct processes linger under PID 1)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def superlink_port_in_use(port: str) -> bool:
-    return any(c.laddr and str(c.laddr.port) == port and c.status == psutil.CONN_LISTEN
-               for c in psutil.net_connections(kind="tcp"))
+    """Stop the SuperLink of this FLWR_HOME and every process under it: SuperExec, simulation, Ray. The
+    SuperLink and its SuperExec run in sessions of their own: their process groups are stopped."""
+    links = superlink_processes(flwr_home)
+    for link in links:
+        execs = find(lambda argv: "--parent-pid" in argv and str(link.pid) in argv)
+        family = [p for root in (link, *execs) for p in tree(root)]
+        stop_groups(process_groups(family), grace_s)
+        wait_gone(family, grace_s)
+    return len(links)
 
 
 def run_flower_app(app_dir: Path, run_config: dict[str, str], num_supernodes: int, cpus_per_client: float,
@@ -109,7 +76,7 @@ def run_flower_app(app_dir: Path, run_config: dict[str, str], num_supernodes: in
         raise ValueError("run-dir must be absolute: the ServerApp runs in another working directory")
     env = flower_environment(app_dir, flwr_home)
     port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", DEFAULT_PORT)
-    if superlink_port_in_use(port):
+    if listening(int(port)):
         raise FlowerRunError(f"a local SuperLink (or something else) already listens on port {port}: stop it, "
                              "or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT and FLWR_LOCAL_CONTROL_API_PORT to free ports")
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 Train message (server -> node), one per node per round:
   "arrays"  ArrayRecord   the shared model (backbone + embedding), nothing else
-  "config"  ConfigRecord  round, clipping, the task (JSON), and the virtual clients to train, flattened:
-                          vc-index[i] trains users vc-users[vc-offsets[i]:vc-offsets[i+1]]
+  "config"  ConfigRecord  the wire version, round, clipping, the task (TrainTask as JSON), and the virtual
+                          clients to train, flattened: vc-index[i] trains users vc-users[vc-offsets[i]:vc-offsets[i+1]]
 Reply (node -> server):
   "update"  ArrayRecord   the SUM of the clipped updates of the virtual clients it trained
   "metrics" MetricRecord  how many virtual clients that sum covers, and training statistics
@@ -12,12 +12,18 @@ Nothing else leaves a client: the classification head, the data and the per-clie
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from pydantic import Field
+
+from fedemb.config import ClientConfig, DataConfig, FaultConfig, ModelConfig
+from fedemb.errors import FedembError
+from fedemb.typed_config import Settings, parse_json
+
+WIRE_VERSION = 1  # raise it whenever TrainTask or the records change meaning; a node refuses any other
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -35,11 +41,32 @@ BOUNDED_LOSS_SUM = "bounded-loss-sum"  # Σ over the virtual clients of min(max(
 UPDATE_NORMS = "update-norms"
 
 
+class ProtocolError(FedembError):
+    """A train message this node cannot read: another wire version, or a task that does not validate."""
+
+
+class TrainTask(Settings):
+    """The static part of every train message: enough for any node to rebuild data, model and training."""
+
+    devices: bool  # a deployment: each node trains on its own data, so `data` stays None
+    data: DataConfig | None
+    model: ModelConfig  # without weight files: the weights come in the message
+    client: ClientConfig
+    num_classes: int = Field(ge=1)
+    image_shape: tuple[int, int, int]
+    dp: bool
+    training_key: int  # the key of the clients' training draws; says nothing about sampling or noise
+    faults: FaultConfig
+    loss_bound: float = Field(ge=0)  # B of the DP training loss (privacy.metrics)
+    threads: int = Field(ge=1)
+    round_timeout_s: float = Field(0.0, ge=0)  # injected timeouts wait past it
+
+
 @dataclass
 class TrainAssignment:
     server_round: int
     clip_norm: float  # 0: no clipping (non-private training)
-    task: dict  # data, model and local-training config; training key; fault injection
+    task: TrainTask
     virtual_clients: list[tuple[int, tuple[int, ...]]]  # (slot index, user ids)
 
     @property
@@ -50,9 +77,10 @@ class TrainAssignment:
 def train_message(state: dict[str, torch.Tensor], assignment: TrainAssignment, dst_node_id: int) -> Message:
     offsets = np.cumsum([0] + [len(u) for _, u in assignment.virtual_clients]).tolist()
     config = ConfigRecord({
+        "wire-version": WIRE_VERSION,
         "server-round": assignment.server_round,
         "clip-norm": float(assignment.clip_norm),
-        "task": json.dumps(assignment.task, sort_keys=True),
+        "task": assignment.task.model_dump_json(),
         "vc-index": [int(i) for i, _ in assignment.virtual_clients],
         "vc-offsets": [int(o) for o in offsets],
         "vc-users": [int(u) for _, users in assignment.virtual_clients for u in users],
@@ -63,12 +91,16 @@ def train_message(state: dict[str, torch.Tensor], assignment: TrainAssignment, d
 
 def read_train_message(msg: Message) -> tuple[dict[str, torch.Tensor], TrainAssignment]:
     config = msg.content[CONFIG]
+    version = config.get("wire-version") if "wire-version" in config else None
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"the train message speaks wire version {version}, this node speaks {WIRE_VERSION}: "
+                            "run the same fedemb version on the server and the nodes")
+    task = parse_json(TrainTask, str(config["task"]), "train message task")
     offsets = list(config["vc-offsets"])
     users = list(config["vc-users"])
     vcs = [(int(i), tuple(int(u) for u in users[offsets[j]:offsets[j + 1]]))
            for j, i in enumerate(config["vc-index"])]
-    assignment = TrainAssignment(int(config["server-round"]), float(config["clip-norm"]),
-                                 json.loads(str(config["task"])), vcs)
+    assignment = TrainAssignment(int(config["server-round"]), float(config["clip-norm"]), task, vcs)
     return msg.content[ARRAYS].to_torch_state_dict(), assignment
 
 

@@ -1,8 +1,9 @@
 """What a federated run is, settled before any process starts: its data, initial model and privacy
 plan (prepare_run), and, for a resumed run, the state and ledger it continues from (check_resume).
 
-Everything here can fail on bad input and changes nothing, so the CLI calls it first; the run driver
-(simulations.run) calls it again inside the ServerApp.
+Everything here can fail on bad input and changes nothing, so `fedemb simulate` (fedemb.cli.api) calls it
+first and hands the RunSetup to the run driver (simulations.run); a ServerApp that Flower starts on its own
+(`flwr run .`, a deployment) prepares its run there.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.mechanisms import STAGE, make_mechanism
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.sampling import virtual_client_slots
+# STREAM_TRAINING_KEY: keyed_seed(secret, STREAM_TRAINING_KEY) is the key the clients' draws use (re-exported)
+from fedemb.privacy.streams import STREAM_MODEL_INIT, STREAM_TRAINING_KEY  # noqa: F401
 from fedemb.run_dir import LEDGER_FILE, STATE_FILE
-
-STREAM_TRAINING_KEY = 21  # keyed_seed(secret, STREAM_TRAINING_KEY): the key the clients' training draws use
-STREAM_MODEL_INIT = 22
 
 
 @dataclass

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
+
+from fedemb.os_processes import kill, started_at, tree, tree_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ MARKS: dict[str, float] = {}  # a child's timeline: seconds since its process st
 
 
 def since_start() -> float:
-    return time.time() - psutil.Process().create_time()
+    return time.time() - started_at()
 
 
 def train_one_user(net, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> None:
@@ -200,9 +201,9 @@ def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: in
     from fedemb.monitoring.telemetry import read_telemetry
 
     with tempfile.TemporaryDirectory() as run_dir:
-        run_simulation(cfg, Path(run_dir), setup.virtual_clients, show_progress=False)
+        run_simulation(setup, Path(run_dir), show_progress=False)
         rounds = read_telemetry(Path(run_dir))  # the round timeline is server-private telemetry
-    created = psutil.Process().create_time()
+    created = started_at()
     first = rounds[0]
     MARKS["first_round_started"] = first["finished-at"] - first["round-seconds"] - created
     return [r["finished-at"] - created for r in rounds]
@@ -222,18 +223,8 @@ def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vector
     peak = {"rss": 0, "pss": 0}
 
     def watch():
-        root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            rss = pss = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        info = p.memory_full_info()
-                        rss, pss = rss + info.rss, pss + info.pss
-                    except psutil.Error:
-                        continue
-            except psutil.Error:
-                pass
+            rss, pss = tree_memory(proc.pid)
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
             time.sleep(0.2)
 
@@ -242,12 +233,7 @@ def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vector
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill(tree(proc.pid))
         proc.communicate()
         watcher.join()
         return {"timed_out": True, "end_to_end_s": time.monotonic() - started, "peak_rss_mb": peak["rss"] / 2**20,
@@ -287,7 +273,7 @@ def report(args, results: dict, memory: dict, seconds: float) -> str:
     lines = ["# Simulation performance", "",
              f"Written by `scripts/benchmark_scale.py` on {time.strftime('%Y-%m-%d')}: `{args.command}` "
              f"({seconds:.0f} s). Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, no GPU used.", "",
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}, no GPU used.", "",
              "Per workload: 100 virtual clients per round (one user of 50 examples each), batch 10, one local "
              f"epoch, {args.rounds} rounds; fedemb arms without DP (the others have none), fixed-size cohorts. "
              "Ratios are to the plain loop (a); for time, lower is faster.", ""]

@@ -3,23 +3,25 @@
     .venv/bin/python scripts/noise_ablation.py [-c simulations/configs/quickstart.toml] [--seeds 0 1 2]
         [--variant 'k=4: sampling.users_per_client=4 privacy.noise_multiplier=1.6' ...]
 
-Each run is a real `fedemb simulate` (Flower on Ray). The seed changes the split, the initial model,
-the sampling and the noise draws, so the spread over seeds is the figure to compare differences with.
+Each run is a real `fedemb simulate` (Flower on Ray), called through the Python API (docs/api.md). The
+seed changes the split, the initial model, the sampling and the noise draws, so the spread over seeds is
+the figure to compare differences with.
 A variant is the config with more overrides; every variant runs both arms on every seed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedemb.cli import api
+from fedemb.errors import FedembError
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("recall_at_1", "tar_at_far_1e-3", "tar_at_far_1e-1")
@@ -27,14 +29,10 @@ ARMS = {"DP": [], "noise off": ["privacy.noise_multiplier=0"]}
 
 
 def run_once(config: Path, overrides: list[str], run_dir: Path) -> dict:
-    fedemb = Path(sys.executable).parent / "fedemb"
-    cmd = [str(fedemb), "simulate", "-c", str(config), "--run-dir", str(run_dir)]
-    for item in overrides:
-        cmd += ["--set", item]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # `fedemb` sets the offline environment
-    if done.returncode != 0:
-        raise SystemExit(f"run failed ({' '.join(overrides)}): {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads((run_dir / "results.json").read_text())
+    try:
+        return dict(api.simulate(api.load_config(config, overrides), run_dir, show_progress=False).results)
+    except FedembError as exc:
+        raise SystemExit(f"run failed ({' '.join(overrides)}): {exc}") from None
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -47,7 +47,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +56,8 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
+
+from fedemb.os_processes import stop_group
 
 try:
     from websockets.exceptions import ConnectionClosed
@@ -287,32 +288,12 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _kill_group(proc: subprocess.Popen | None, grace: float = 3.0):
     """SIGTERM the process group `proc` leads (started with start_new_session=True), SIGKILL it after `grace`
     seconds if anything of it is left, and reap the leader."""
     if proc is None:
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        proc.poll()
-        if proc.returncode is not None and _group_gone(proc.pid):
-            break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        end = time.monotonic() + wait
-        while time.monotonic() < end:
-            if proc.poll() is not None and _group_gone(proc.pid):
-                break
-            time.sleep(0.05)
+    stop_group(proc.pid, grace)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=1)
 

@@ -31,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedemb.audit.bounds import epsilon_lower_bound
-from fedemb.audit.canary import (NOISE_KEYS, SAMPLING_KEYS, STREAM_AUDIT, canary_direction, canary_user,
+from fedemb.audit.canary import (NOISE_KEYS, SAMPLING_KEYS, canary_direction, canary_user,
                                  includes_canary)
 from fedemb.audit.plan import MAX_TRIALS, plan_audit
 from fedemb.audit.verdict import AuditResult
@@ -44,8 +44,9 @@ from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.mechanisms import make_mechanism
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.sampling import make_sampler
+from fedemb.privacy.streams import STREAM_AUDIT, STREAM_TRAINING_KEY
 from fedemb.protocol import read_train_message, train_reply
-from fedemb.run_setup import STREAM_TRAINING_KEY, prepare_run
+from fedemb.run_setup import prepare_run
 from fedemb.training.client_task import make_task, run_train_assignment
 from simulations.inprocess import InProcessGrid
 from strategies.dp_fedemb import DPFedEmb
@@ -111,7 +112,7 @@ def run_audit(cfg: Config, trials: int | str = 200, rounds: int = 1, confidence:
         mechanism = make_mechanism(cfg, privacy, GaussianNoise(privacy.noise_multiplier * cfg.privacy.clip_norm,
                                                                noise_seed), slots)
         score = _Score(direction)
-        task = base_task | {"training_key": keyed_seed(sampling_key, STREAM_TRAINING_KEY)}
+        task = base_task.model_copy(update={"training_key": keyed_seed(sampling_key, STREAM_TRAINING_KEY)})
         strategy = DPFedEmb(sampler=make_sampler(sampling_key, cfg.sampling, slots), user_ids=population, task=task,
                             mechanism=mechanism, ledger=PrivacyLedger(None, privacy.delta, privacy.accountant),
                             server_optimizer=ServerOptimizer(initial, cfg.server.lr, cfg.server.momentum),

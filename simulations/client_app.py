@@ -16,7 +16,6 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     state, assignment = read_train_message(msg)
     task = assignment.task
-    device = (device_population(context.node_config, tuple(task["image_shape"]), task["num_classes"])
-              if task.get("devices") else None)
+    device = device_population(context.node_config, task.image_shape, task.num_classes) if task.devices else None
     update_sum, metrics = run_train_assignment(state, assignment, device=device)
     return train_reply(msg, update_sum, metrics)

@@ -12,9 +12,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedemb.config import Config
 from fedemb.flower_env import offline_flower_environment, silence_third_party_notices
+
+if TYPE_CHECKING:  # run_setup imports torch: not needed to import this module
+    from fedemb.run_setup import RunSetup
 
 
 def parallel_workers(cfg: Config, cpus: float, gpus: float = 0.0) -> int:
@@ -39,13 +43,15 @@ def num_supernodes(cfg: Config, virtual_clients: int, cpus: float | None = None,
     return parallel_workers(cfg, float(cpus if cpus is not None else (os.cpu_count() or 1)), gpus)
 
 
-def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bool = False,
-                   show_progress: bool = True, resume: bool = False, ray_address: str = "") -> dict:
+def run_simulation(setup: RunSetup, run_dir: Path, verbose: bool = False, show_progress: bool = True,
+                   resume: bool = False, ray_address: str = "") -> dict:
+    """Run the prepared run `setup` (fedemb.run_setup.prepare_run) into `run_dir`; its results.json's content."""
+    cfg, virtual_clients = setup.cfg, setup.virtual_clients
     offline_flower_environment()
     silence_third_party_notices()
     if cfg.simulation.engine == "inprocess":
         with _flower_log_level(verbose):
-            return _run_in_process(cfg, run_dir, virtual_clients, show_progress, resume, ray_address)
+            return _run_in_process(setup, run_dir, show_progress, resume, ray_address)
     import ray
 
     from flwr.app import Context
@@ -64,7 +70,7 @@ def run_simulation(cfg: Config, run_dir: Path, virtual_clients: int, verbose: bo
         # polling at 100 Hz costs nothing and saves most of that wait every round
         if hasattr(grid, "pull_interval"):
             grid.pull_interval = 0.01
-        outcome["results"] = run_federated(grid, cfg, run_dir, show_progress=show_progress, resume=resume)
+        outcome["results"] = run_federated(grid, cfg, run_dir, show_progress=show_progress, resume=resume, setup=setup)
 
     address = ray_address or cfg.simulation.ray_address
     quiet = {"logging_level": logging.ERROR, "log_to_driver": verbose}
@@ -103,8 +109,7 @@ def _flower_log_level(verbose: bool) -> Iterator[None]:
         flwr_logger.setLevel(previous)
 
 
-def _run_in_process(cfg: Config, run_dir: Path, virtual_clients: int, show_progress: bool, resume: bool,
-                    ray_address: str) -> dict:
+def _run_in_process(setup: RunSetup, run_dir: Path, show_progress: bool, resume: bool, ray_address: str) -> dict:
     from fedemb.errors import ConfigError
     from simulations.client_app import train
     from simulations.inprocess import InProcessGrid
@@ -112,8 +117,8 @@ def _run_in_process(cfg: Config, run_dir: Path, virtual_clients: int, show_progr
 
     if ray_address:
         raise ConfigError("--ray-address needs simulation.engine = 'ray'")
-    grid = InProcessGrid(train, num_supernodes(cfg, virtual_clients))
-    return run_federated(grid, cfg, run_dir, show_progress=show_progress, resume=resume)
+    grid = InProcessGrid(train, num_supernodes(setup.cfg, setup.virtual_clients))
+    return run_federated(grid, setup.cfg, run_dir, show_progress=show_progress, resume=resume, setup=setup)
 
 
 def _shutdown_ray() -> None:

@@ -21,6 +21,7 @@ from fedemb.errors import ConfigError
 from fedemb.models.embedding_net import shared_state
 from fedemb.monitoring.callback import RoundCallback
 from fedemb.monitoring.divergence import DivergenceWatch
+from fedemb.monitoring.metric_names import ROUND_TOTALS
 from fedemb.monitoring.private_log import PrivateLog
 from fedemb.monitoring.progress import ProgressReporter
 from fedemb.monitoring.telemetry import TELEMETRY_FILE, PrivateTelemetry, read_telemetry
@@ -74,9 +75,13 @@ def run_summary(results: dict) -> dict[str, object]:
     }
 
 
-def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
+def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = True, resume: bool = False,
+                  setup: RunSetup | None = None) -> dict:
+    """`setup`: what prepare_run(cfg) gave a caller that prepared the run to fail early (fedemb simulate);
+    without it (a ServerApp started by Flower) the run is prepared here."""
     started = time.monotonic()
-    setup = prepare_run(cfg)
+    if setup is None:
+        setup = prepare_run(cfg)
     ledger_path = run_dir / LEDGER_FILE
     if resume:
         state, ledger = check_resume(run_dir, cfg, setup)
@@ -147,10 +152,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     save_checkpoint(run_dir / "checkpoints" / "final.pt", final_state)
 
     telemetry_rounds = read_telemetry(run_dir)
-    totals = {key: int(sum(r.get(key, 0) for r in telemetry_rounds)) for key in
-              ("virtual-clients-planned", "virtual-clients-accepted", "virtual-clients-failed",
-               "virtual-clients-rejected", "virtual-clients-missing", "virtual-clients-nonfinite",
-               "replies-projected", "users", "examples")}
+    totals = {key: int(sum(r.get(key, 0) for r in telemetry_rounds)) for key in ROUND_TOTALS}
     nodes = len(list(grid.get_node_ids()))
     write_private_json(run_dir, "summary.json", {
         "totals": totals, "wall_seconds": time.monotonic() - started, "nodes": nodes,

@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedemb.config import load_config
+from fedemb.monitoring.metric_names import RECALL_AT_1
 from fedemb.run_dir import new_run_dir
 from simulations.run import run_federated
 
@@ -32,5 +33,5 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(config_file, shlex.split(str(rc.get("overrides", ""))))
     run_dir = new_run_dir(cfg, str(rc.get("run-dir", "")) or None)
     results = run_federated(grid, cfg, run_dir, show_progress=False)
-    print(f"fedemb: results in {run_dir}/results.json (recall@1 {results['final']['recall_at_1']:.3f}, "
+    print(f"fedemb: results in {run_dir}/results.json (recall@1 {results['final'][RECALL_AT_1]:.3f}, "
           f"epsilon {results['privacy']['epsilon']:.3g})")

@@ -23,13 +23,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedemb.monitoring import metric_names as names
 from fedemb.monitoring.private_log import private_log
 from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.ledger import LedgerEntry, PrivacyLedger, release_digest
-from fedemb.privacy.mechanisms import RoundMechanism
+from fedemb.privacy.mechanisms import RoundCounts, RoundMechanism
 from fedemb.privacy.sampling import UserSampler
 from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE,
-                             NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, train_message)
+                             NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, TrainTask, train_message)
 from fedemb.errors import FedembError
 from strategies.device_sampling import assign_to_own_node, node_user_ids, wait_for_devices
 from strategies.reply_collection import send_and_collect
@@ -42,7 +43,7 @@ FLOAT32_ROUNDING = 1e-5
 
 
 class DPFedEmb(Strategy):
-    def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: dict, mechanism: RoundMechanism,
+    def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: TrainTask, mechanism: RoundMechanism,
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
                  attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = (),
                  placement: str = "balanced", user_examples: np.ndarray | None = None, min_devices: int = 0,
@@ -59,9 +60,13 @@ class DPFedEmb(Strategy):
         self.user_examples = (np.asarray(user_examples, dtype=np.int64) if user_examples is not None
                               else np.ones(len(self.user_ids), dtype=np.int64))
         self.task = task
-        self.loss_bound = float(task.get("loss_bound", 0.0))  # B of the DP training loss (privacy.metrics)
-        self.mechanism = mechanism
-        self.denominator = sampler.virtual_clients
+        self.loss_bound = task.loss_bound  # B of the DP training loss (privacy.metrics)
+        self.mechanism = mechanism  # owns the noise and what is released of the round's counts
+        self.denominator = sampler.virtual_clients  # M, fixed for the run (RunSetup.virtual_clients)
+        told = getattr(mechanism, "virtual_clients", 0)
+        if told and told != self.denominator:
+            raise ValueError(f"the mechanism divides by M = {told} but the sampler fills M = {self.denominator} "
+                             "slots: the noise would be scaled for the wrong denominator")
         self.server_optimizer = server_optimizer
         self.ledger = ledger
         self.target_epsilon = target_epsilon
@@ -98,7 +103,7 @@ class DPFedEmb(Strategy):
             per_node = assign_by_slot(plan.virtual_clients, node_ids)
         else:
             per_node = assign_balanced(plan.virtual_clients, [self._cost(vc) for vc in plan.virtual_clients], node_ids)
-        task = self.task | {"round_timeout_s": self.round_timeout_s}
+        task = self.task.model_copy(update={"round_timeout_s": self.round_timeout_s})
         self.assignments = {node: TrainAssignment(server_round, self.clip_norm, task,
                                                   [(vc.index, vc.user_ids) for vc in vcs])
                             for node, vcs in per_node.items()}
@@ -108,10 +113,10 @@ class DPFedEmb(Strategy):
 
     def _cost(self, vc) -> float:
         """Examples a virtual client will process: what balancing the workers is about."""
-        client = self.task.get("client", {})
+        client = self.task.client
         rows = np.searchsorted(self.user_ids, np.asarray(vc.user_ids, dtype=np.int64))
-        examples = int(self.user_examples[rows].sum()) * int(client.get("epochs", 1))
-        return float(min(examples, int(client.get("max_examples", examples))))
+        examples = int(self.user_examples[rows].sum()) * client.epochs
+        return float(min(examples, client.max_examples))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -166,32 +171,31 @@ class DPFedEmb(Strategy):
 
         self.last_clipped_sum = total  # server-side only: what the mechanism is about to noise
         accepted = stats["accepted"]
-        centred_unclipped = (accepted - stats["clipped"]) - accepted / 2
-        centred_loss = stats["bounded_loss_sum"] - accepted * self.loss_bound / 2
-        noisy = self.mechanism.privatize(total, centred_unclipped, centred_loss)
+        noisy = self.mechanism.privatize(total, RoundCounts(accepted, stats["clipped"], stats["bounded_loss_sum"]))
         mean_delta = {k: v / self.denominator for k, v in noisy.items()}
         self.last_release = mean_delta
         new_state = self.server_optimizer.step(mean_delta)
 
         planned = sum(len(a.virtual_clients) for a in self.assignments.values())
         metrics = {
-            "model-norm": global_norm(new_state),  # of the released model: post-processing, published
-            "virtual-clients-planned": planned,
-            "virtual-clients-accepted": int(accepted),
-            "virtual-clients-failed": int(stats["failed"]),
-            "virtual-clients-rejected": int(stats["rejected"]),
-            "virtual-clients-missing": int(stats["missing"]),
-            "virtual-clients-nonfinite": int(stats["nonfinite"]),
-            "replies-projected": int(stats["projected"]),  # server-private: over count x C by rounding, scaled back
-            "users": int(stats["users"]),
-            "examples": int(stats["examples"]),
-            "train-loss": (stats["loss_sum"] / (accepted - stats["nonfinite"])
-                           if accepted > stats["nonfinite"] else float("nan")),
-            "delta-norm-median": float(np.median(norms)) if norms else 0.0,
-            "delta-norm-max": float(np.max(norms)) if norms else 0.0,
-            "fraction-clipped": stats["clipped"] / accepted if accepted else 0.0,
-            "denominator": float(self.denominator),
-            **({"devices-online": self.online} if self.placement == "devices" else {}),
+            names.MODEL_NORM: global_norm(new_state),  # of the released model: post-processing, published
+            names.VIRTUAL_CLIENTS_PLANNED: planned,
+            names.VIRTUAL_CLIENTS_ACCEPTED: int(accepted),
+            names.VIRTUAL_CLIENTS_FAILED: int(stats["failed"]),
+            names.VIRTUAL_CLIENTS_REJECTED: int(stats["rejected"]),
+            names.VIRTUAL_CLIENTS_MISSING: int(stats["missing"]),
+            names.VIRTUAL_CLIENTS_NONFINITE: int(stats["nonfinite"]),
+            # server-private: over count x C by rounding, scaled back
+            names.REPLIES_PROJECTED: int(stats["projected"]),
+            names.USERS: int(stats["users"]),
+            names.EXAMPLES: int(stats["examples"]),
+            names.TRAIN_LOSS: (stats["loss_sum"] / (accepted - stats["nonfinite"])
+                               if accepted > stats["nonfinite"] else float("nan")),
+            names.DELTA_NORM_MEDIAN: float(np.median(norms)) if norms else 0.0,
+            names.DELTA_NORM_MAX: float(np.max(norms)) if norms else 0.0,
+            names.FRACTION_CLIPPED: stats["clipped"] / accepted if accepted else 0.0,
+            names.DENOMINATOR: float(self.denominator),
+            **({names.DEVICES_ONLINE: self.online} if self.placement == "devices" else {}),
             **self.mechanism.round_metrics(),
         }
         return ArrayRecord(new_state), MetricRecord(metrics)
@@ -277,12 +281,13 @@ class DPFedEmb(Strategy):
             arrays, train_metrics = self.aggregate_train(server_round, replies)
             self._account_replay(server_round, entry)  # before anything of the release leaves the server
             self.rounds_completed = server_round
-            model_norm = train_metrics["model-norm"]
+            model_norm = train_metrics[names.MODEL_NORM]
             seconds = time.monotonic() - started
-            train_metrics["epsilon"] = self.ledger.epsilon
-            train_metrics["round-seconds"] = seconds
-            train_metrics["finished-at"] = time.time()  # the run's timeline (benchmarks, monitoring)
-            train_metrics["virtual-clients-per-second"] = train_metrics["virtual-clients-accepted"] / max(seconds, 1e-9)
+            train_metrics[names.EPSILON] = self.ledger.epsilon
+            train_metrics[names.ROUND_SECONDS] = seconds
+            train_metrics[names.FINISHED_AT] = time.time()  # the run's timeline (benchmarks, monitoring)
+            train_metrics[names.VIRTUAL_CLIENTS_PER_SECOND] = (train_metrics[names.VIRTUAL_CLIENTS_ACCEPTED]
+                                                               / max(seconds, 1e-9))
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = train_metrics
             eval_metrics = None

@@ -52,3 +52,20 @@ def flower_identity():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, request):
+    """A 2-round DP run on digits (tests.helpers.train_small_run), one for each test file that asks: its
+    tests add releases to the run's ledger, which another file's tests must not see."""
+    from tests.helpers import train_small_run
+
+    return train_small_run(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]) / "run")
+
+
+@pytest.fixture(scope="session")
+def lean_python(tmp_path_factory):
+    """The python of a device-sized venv (tests/lean_env.py), built once a worker: nothing writes into it."""
+    from tests.lean_env import make_lean_venv
+
+    return make_lean_venv(tmp_path_factory.mktemp("lean") / "venv")

@@ -1,6 +1,7 @@
 """Small builders shared by tests (real components, small sizes)."""
 
 from fedemb.config import load_config
+from fedemb.os_processes import command_line, find, leftovers
 
 TINY = [
     'model.name="fedemb_lenet_small"', "model.embedding_dim=16", "data.num_users=200",
@@ -30,3 +31,54 @@ def train_small_run(run_dir):
     (run_dir / "config.toml").write_text(to_toml(cfg))
     run_federated(InProcessGrid(train, 2), cfg, run_dir, show_progress=False)
     return run_dir
+
+
+# --- the CLI, in this process -----------------------------------------------------------------------
+
+def cli(*args, **invoke_options):
+    """`fedemb ARGS...` through typer's runner: (exit code, output)."""
+    from typer.testing import CliRunner
+
+    from fedemb.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], **invoke_options)
+    return result.exit_code, result.output
+
+
+def sets(items):
+    """`--set` before each override."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def save_image(path, image, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+# --- processes (fedemb.os_processes) ----------------------------------------------------------------
+
+LEFTOVER_PATTERNS = ("raylet", "gcs_server", "ray::", "flower-superlink", "flower-superexec", "flwr-serverapp",
+                     "flwr-clientapp", "flwr-simulation",
+                     "default_worker.py", "dashboard/agent.py", "log_monitor.py")
+
+
+def ray_or_flower(argv: list[str]) -> bool:
+    """A Ray or Flower process, by its command line."""
+    joined = " ".join(argv)
+    return any(p in joined for p in LEFTOVER_PATTERNS)
+
+
+def ray_like_processes() -> set:
+    return set(find(ray_or_flower))
+
+
+def described(processes) -> list[str]:
+    return [f"{p.pid} {' '.join(command_line(p))[:120] or '(gone)'}" for p in processes]
+
+
+def assert_nothing_left(before, timeout: float = 45.0) -> None:
+    """No Ray or Flower process but those in `before` still runs after up to `timeout` seconds (Ray's
+    actors exit after the driver, slower on a loaded machine)."""
+    left = leftovers(ray_or_flower, ignore=before, timeout=timeout)
+    assert not left, f"processes left running: {described(left)}"

@@ -16,6 +16,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from fedemb.os_processes import alive
+
 
 class NamespacesUnavailable(RuntimeError):
     pass
@@ -66,7 +68,7 @@ class TwoHosts:
 
     def pids(self, namespace: str) -> list[int]:
         done = _ip("netns", "pids", namespace, check=False)
-        return [int(p) for p in done.stdout.split() if p.strip().isdigit() and _alive(int(p))]
+        return [int(p) for p in done.stdout.split() if p.strip().isdigit() and alive(int(p))]
 
     def remove(self) -> list[int]:
         """Kill whatever still runs in the namespaces, then delete them (and with them the veth pair).
@@ -90,11 +92,3 @@ class TwoHosts:
 
 def _exists(namespace: str) -> bool:
     return os.path.exists(f"/run/netns/{namespace}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False

@@ -10,7 +10,7 @@ import torch
 from fedemb.errors import ConfigError
 from fedemb.privacy.accountant import PrivacyPlan
 from fedemb.privacy.adaptive_clipping import AdaptiveClipping
-from fedemb.privacy.mechanisms import SampledGaussian
+from fedemb.privacy.mechanisms import RoundCounts, SampledGaussian
 from fedemb.privacy.noise import GaussianNoise
 
 
@@ -59,8 +59,25 @@ def test_the_noisy_count_moves_c_after_the_round_and_is_reported():
     plan = PrivacyPlan("rdp", 0.1, 1.0, 1.0, 1.0, 1e-5, 0.0)
     mech = SampledGaussian(plan, 1.0, GaussianNoise(0.0, seed=0), 10, AdaptiveClipping(1.0, 0.5, 0.2, 1e-9 + 10.0))
     std_before = mech.update_std
-    mech.privatize({"w": torch.zeros(3)}, centred_unclipped=5.0)  # all 10 unclipped: C must shrink
+    mech.privatize({"w": torch.zeros(3)}, RoundCounts(accepted=10, clipped=0))  # all 10 unclipped: C must shrink
     metrics = mech.round_metrics()
     assert metrics["clip-norm"] == 1.0 and metrics["noise-std"] == pytest.approx(std_before)
     assert mech.clip_norm < 1.0
     assert mech.update_std == pytest.approx(std_before * mech.clip_norm)  # noise follows C
+
+
+def test_the_mechanism_centres_the_rounds_exact_counts_itself():
+    """The strategy hands over what arrived (accepted, clipped, Σ bounded loss); each centred query
+    (b − ½ per virtual client, loss − B/2 per virtual client) is the mechanism's arithmetic."""
+    counts = RoundCounts(accepted=10, clipped=3, bounded_loss_sum=12.5)
+    assert counts.centred_unclipped == (10 - 3) - 10 / 2
+    assert counts.centred_loss(4.0) == 12.5 - 10 * 4.0 / 2
+    assert RoundCounts(accepted=0, clipped=0).centred_unclipped == 0.0  # nothing arrived: the noise alone
+
+
+def test_noiseless_adaptive_clipping_estimates_the_unclipped_fraction_over_m_not_over_what_arrived():
+    plan = PrivacyPlan("rdp", 0.1, 1.0, 1.0, 1.0, 1e-5, 0.0)
+    mech = SampledGaussian(plan, 1.0, GaussianNoise(0.0, seed=0), 10, AdaptiveClipping(1.0, 0.5, 0.0, 1e9))
+    mech.noise.draw_scalar = lambda std: 0.0  # the exact count, to check the arithmetic
+    mech.privatize({"w": torch.zeros(3)}, RoundCounts(accepted=6, clipped=2))
+    assert mech.round_metrics()["unclipped-fraction-estimate"] == pytest.approx(((6 - 2) - 6 / 2) / 10 + 0.5)

@@ -8,16 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from fedemb.cli import app
+from tests.helpers import cli
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "quickstart.toml"
-
-
-def run_cli(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -29,12 +23,12 @@ def run_cli(*args):
     ("sampling.users_per_client=5000", "sampling.users_per_client = 5000 is larger than the"),
     ('data.name="idx"', "data.path must be a directory"),
     ('data.name="npz"', "data file not found"),
-    ("sampling.bogus=1", "unknown config key 'sampling.bogus'"),
+    ("sampling.bogus=1", "unknown key 'sampling.bogus'"),
     ('run.rounds="ten"', "run.rounds must be an integer"),
     ('client.head_init="zeros"', "client.head_init must be one of random, anchors"),
 ])
 def test_bad_config_values_give_one_line_naming_the_field(override, needle, tmp_path):
-    code, out = run_cli("simulate", "--config", str(QUICKSTART), "--set", override, "--run-dir", str(tmp_path / "r"))
+    code, out = cli("simulate", "--config", str(QUICKSTART), "--set", override, "--run-dir", str(tmp_path / "r"))
     assert code == 2
     assert needle in " ".join(out.split())
     assert "Traceback" not in out
@@ -44,36 +38,36 @@ def test_bad_config_values_give_one_line_naming_the_field(override, needle, tmp_
 def test_malformed_toml_is_reported_with_its_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[run\nrounds = 3\n")
-    code, out = run_cli("simulate", "--config", str(bad))
+    code, out = cli("simulate", "--config", str(bad))
     assert code == 2 and "malformed TOML" in out and "bad.toml" in out and "Traceback" not in out
 
 
 def test_missing_config_file(tmp_path):
-    code, out = run_cli("simulate", "--config", str(tmp_path / "nope.toml"))
+    code, out = cli("simulate", "--config", str(tmp_path / "nope.toml"))
     assert code == 2 and "config file not found" in out
 
 
 def test_corrupt_idx_file_is_named(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") * 3 + b"xx")
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(10))
-    code, out = run_cli("simulate", "--config", str(QUICKSTART), "--set", 'data.name="idx"',
-                        "--set", f'data.path="{tmp_path}"')
+    code, out = cli("simulate", "--config", str(QUICKSTART), "--set", 'data.name="idx"',
+                    "--set", f'data.path="{tmp_path}"')
     assert code == 2 and "corrupt IDX file" in out and "train-images-idx3-ubyte" in out
 
 
 def test_corrupt_gzip_and_npz_files_are_named(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + (1).to_bytes(4, "big") + bytes(1))
-    code, out = run_cli("simulate", "--config", str(QUICKSTART), "--set", 'data.name="idx"', "--set", f'data.path="{tmp_path}"')
+    code, out = cli("simulate", "--config", str(QUICKSTART), "--set", 'data.name="idx"', "--set", f'data.path="{tmp_path}"')
     assert code == 2 and "cannot read IDX file" in out
     npz = tmp_path / "d.npz"
     npz.write_bytes(b"PK\x03\x04garbage")
-    code, out = run_cli("simulate", "--config", str(QUICKSTART), "--set", 'data.name="npz"', "--set", f'data.path="{npz}"')
+    code, out = cli("simulate", "--config", str(QUICKSTART), "--set", 'data.name="npz"', "--set", f'data.path="{npz}"')
     assert code == 2 and "cannot read .npz file" in out
 
 
 def test_privacy_command_rejects_incomplete_flags():
-    code, out = run_cli("privacy", "--sampling-rate", "0.1")
+    code, out = cli("privacy", "--sampling-rate", "0.1")
     assert code == 2 and "--rounds" in out and "--delta" in out
 
 

@@ -20,6 +20,10 @@ from flwr.app import ArrayRecord
 from simulations.inprocess import InProcessGrid
 from strategies.dp_fedemb import DPFedEmb
 from strategies.server_optimizer import ServerOptimizer
+from fedemb.training.client_task import make_task
+from tests.helpers import tiny_config
+
+ANY_TASK = make_task(tiny_config(), num_classes=10, image_shape=(1, 8, 8), training_key=0)
 
 STATE = {"w": torch.zeros(4)}
 
@@ -36,7 +40,7 @@ def zero_update_client(msg, context):
 
 def run_rounds(mechanism, plan, rounds, target):
     ledger = PrivacyLedger(None, plan.delta, plan.accountant)
-    strategy = DPFedEmb(sampler=UserSampler(0, plan.sampling_rate, 1, 5), user_ids=np.arange(50), task={},
+    strategy = DPFedEmb(sampler=UserSampler(0, plan.sampling_rate, 1, 5), user_ids=np.arange(50), task=ANY_TASK,
                         mechanism=mechanism, server_optimizer=ServerOptimizer(STATE, 1.0, 0.0), ledger=ledger,
                         target_epsilon=target)
     strategy.start(InProcessGrid(zero_update_client, 2), ArrayRecord(STATE), num_rounds=rounds)

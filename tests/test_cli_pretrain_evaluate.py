@@ -4,37 +4,27 @@ the same way; a federated run configured with it starts from exactly those weigh
 import json
 
 import torch
-from typer.testing import CliRunner
 
-from fedemb.cli import app
 from fedemb.config import load_config
 from fedemb.data.store import load_splits
 from fedemb.models.embedding_net import build_embedding_net, shared_state
+from tests.helpers import cli, sets
 
 PUBLIC = ["data.num_users=300", "data.public_users=0.3", "pretrain.epochs=8", "run.seed=0",
           'model.name="fedemb_lenet_small"', "model.embedding_dim=16"]
 
 
-def _cli(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
 def test_pretrain_then_evaluate_then_start_from_checkpoint(tmp_path):
     ckpt = tmp_path / "public.pt"
-    code, out = _cli("pretrain", *_sets(PUBLIC), "--out", str(ckpt))
+    code, out = cli("pretrain", *sets(PUBLIC), "--out", str(ckpt))
     assert code == 0, out
     assert "recall@1" in out and ckpt.is_file()
 
-    before_code, before = _cli("evaluate", *_sets(PUBLIC), "--checkpoint", str(tmp_path / "missing.pt"), "--json")
+    before_code, before = cli("evaluate", *sets(PUBLIC), "--checkpoint", str(tmp_path / "missing.pt"), "--json")
     assert before_code == 2 and "missing.pt" in before  # one line naming the file, no traceback
     assert "Traceback" not in before
 
-    code, out = _cli("evaluate", *_sets(PUBLIC), "--checkpoint", str(ckpt), "--json")
+    code, out = cli("evaluate", *sets(PUBLIC), "--checkpoint", str(ckpt), "--json")
     assert code == 0, out
     trained = json.loads(out.strip().splitlines()[-1])
 
@@ -43,7 +33,7 @@ def test_pretrain_then_evaluate_then_start_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     untrained = build_embedding_net(cfg.model, splits.eval.image_shape, dp_enabled=False)
     torch.save(shared_state(untrained), tmp_path / "untrained.pt")
-    code, out = _cli("evaluate", *_sets(PUBLIC), "--checkpoint", str(tmp_path / "untrained.pt"), "--json")
+    code, out = cli("evaluate", *sets(PUBLIC), "--checkpoint", str(tmp_path / "untrained.pt"), "--json")
     baseline = json.loads(out.strip().splitlines()[-1])
     assert trained["examples"] == baseline["examples"] == len(splits.eval)
     assert trained["recall_at_1"] > baseline["recall_at_1"] + 0.02
@@ -59,5 +49,5 @@ def test_pretrain_then_evaluate_then_start_from_checkpoint(tmp_path):
 
 
 def test_pretrain_without_public_users_is_a_one_line_error():
-    code, out = _cli("pretrain", *_sets(["data.num_users=100", "data.public_users=0"]), "--out", "/nonexistent/x.pt")
+    code, out = cli("pretrain", *sets(["data.num_users=100", "data.public_users=0"]), "--out", "/nonexistent/x.pt")
     assert code == 2 and "public_users" in out and "Traceback" not in out

@@ -14,6 +14,8 @@ from fedemb.training.client_task import make_task, run_train_assignment
 from simulations.client_app import train as client_train
 from tests.helpers import tiny_config
 
+ANY_TASK = make_task(tiny_config(), num_classes=10, image_shape=(1, 8, 8), training_key=0)
+
 
 def setup_message(cfg, clip, users_per_vc=((0, 1, 2, 3), (4, 5, 6, 7))):
     setup = prepare_run(cfg)
@@ -116,7 +118,7 @@ def test_a_virtual_client_whose_training_raises_costs_only_itself(monkeypatch):
 def test_local_head_spans_only_the_classes_present():
     from fedemb.training.local import LocalTrainingConfig, make_head
 
-    cfg = LocalTrainingConfig(1, 8, 100, 0.1, 0.9, 100.0, 0, "local", num_classes=10)
+    cfg = LocalTrainingConfig(epochs=1, batch_size=8, max_examples=100, lr=0.1, num_classes=10)
     head, targets = make_head(16, np.array([7, 3, 7, 9]), cfg)
     assert head.out_features == 3 and head.bias is None
     assert targets.tolist() == [1, 0, 1, 2]
@@ -133,7 +135,7 @@ def test_head_warmup_trains_only_the_head_first():
     setup = prepare_run(cfg)
     pop = load_splits(cfg.data).train
     users = pop.user_ids[:4]
-    local = LocalTrainingConfig(1, 4, 16, 0.1, 0.9, 10.0, head_warmup_steps=100, head="local", num_classes=10)
+    local = LocalTrainingConfig(epochs=1, batch_size=4, max_examples=16, lr=0.1, head_lr_scale=10.0, head_warmup_steps=100, num_classes=10)
     result = train_virtual_client(setup.net, pop, users, local, seed=1)
     assert all(torch.count_nonzero(v) == 0 for v in result.delta.values())  # all steps were warm-up
     local.head_warmup_steps = 1
@@ -155,7 +157,7 @@ def test_anchor_heads_start_from_the_rows_of_their_classes():
     from fedemb.training.local import LocalTrainingConfig, class_anchors, make_head
 
     anchors = class_anchors(10, 16, seed=1)
-    cfg = LocalTrainingConfig(1, 8, 100, 0.1, 0.9, 100.0, 0, "local", num_classes=10, head_init="anchors")
+    cfg = LocalTrainingConfig(epochs=1, batch_size=8, max_examples=100, lr=0.1, num_classes=10, head_init="anchors")
     head, targets = make_head(16, np.array([7, 3, 7, 9]), cfg, anchors)
     assert torch.equal(head.weight.detach(), anchors[[3, 7, 9]]) and targets.tolist() == [1, 0, 1, 2]
     cfg.head = "global"
@@ -178,7 +180,7 @@ def test_anchor_heads_are_the_same_for_every_virtual_client_and_round(monkeypatc
     assignment.server_round = 2
     run_train_assignment(state, assignment)
     assert len(seen) == 4 and all(torch.equal(seen[0], a) for a in seen)
-    assignment.task = {**assignment.task, "training_key": 6}
+    assignment.task = assignment.task.model_copy(update={"training_key": 6})
     run_train_assignment(state, assignment)
     assert not torch.equal(seen[0], seen[-1])
 
@@ -188,7 +190,7 @@ def test_the_dp_fedavg_baseline_sends_its_shared_classifier_clipped_with_everyth
     model; it is trained from the server's copy and travels inside the one clipped update."""
     cfg = tiny_config("client.lr=0.5", "client.head=shared", "client.head_init=random")
     state, assignment = setup_message(cfg, clip=0.01, users_per_vc=((0, 1, 2, 3),))
-    num_classes = assignment.task["num_classes"]
+    num_classes = assignment.task.num_classes
     assert state["classifier.weight"].shape == (num_classes, cfg.model.embedding_dim)
     total, metrics = run_train_assignment(state, assignment)
     assert set(total) == set(state)
@@ -216,7 +218,7 @@ def server_for(state, assignment, node):
     from strategies.dp_fedemb import DPFedEmb
     from strategies.server_optimizer import ServerOptimizer
 
-    strategy = DPFedEmb(sampler=UserSampler(0, 0.5, 4, 1), user_ids=np.arange(8), task={}, mechanism=ClipOnly(),
+    strategy = DPFedEmb(sampler=UserSampler(0, 0.5, 4, 1), user_ids=np.arange(8), task=ANY_TASK, mechanism=ClipOnly(),
                         server_optimizer=ServerOptimizer(state, 1.0, 0.0), ledger=PrivacyLedger(None, 1e-5))
     strategy.assignments = {node: assignment}
     return strategy

@@ -348,7 +348,7 @@ def test_image_size_and_channels_apply_to_every_source(tmp_path, name):
 def test_image_size_and_channels_are_settings_of_every_source(name):
     cfg = load_config(None, [f'data.name="{name}"', 'data.image_size="32x32"', "data.channels=3"])
     assert (cfg.data.image_size, cfg.data.channels) == ("32x32", 3)
-    with pytest.raises(ConfigError, match="data.channels must be 1, 3 or 0"):
+    with pytest.raises(ConfigError, match="data.channels must be one of 0, 1, 3"):
         load_config(None, [f'data.name="{name}"', "data.channels=4"])
     with pytest.raises(ConfigError, match="data.image_size must be HEIGHTxWIDTH"):
         load_config(None, [f'data.name="{name}"', 'data.image_size="32"'])

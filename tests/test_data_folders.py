@@ -15,14 +15,9 @@ from fedemb.data.partition import synthetic_users
 from fedemb.data.splits import plan_splits
 from fedemb.data.store import load_splits, materialize, open_store
 from fedemb.errors import ConfigError, DataError
+from tests.helpers import save_image
 
 USERS = ("carol", "alice", "bob", "dave", "erin")  # sorted: alice=0, bob=1, carol=2, dave=3, erin=4
-
-
-def save(path: Path, image: Image.Image, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
-    return path
 
 
 def mixed_image(i: int) -> tuple[Image.Image, str]:
@@ -47,7 +42,7 @@ def manifest_tree(root: Path, per_class: int = 4, classes=("cat", "dog", "emu"))
         for i in range(per_class):
             image, ext = mixed_image(i + len(rows))
             path = f"{c}/{i}.{ext}"
-            save(root / path, image, **({"quality": 95} if ext == "jpg" else {}))
+            save_image(root / path, image, **({"quality": 95} if ext == "jpg" else {}))
             rows.append((path, USERS[len(rows) % len(USERS)], c))
     (root / "users.csv").write_text("path,user\n" + "".join(f"{p},{u}\n" for p, u, _ in rows))
     return rows
@@ -79,7 +74,7 @@ def test_a_label_column_overrides_the_class_folder_and_integer_user_ids_are_kept
     root = tmp_path / "shots"
     lines = ["path,user,label"]
     for i in range(8):
-        save(root / "any" / f"{i}.png", Image.new("L", (4, 4), i * 30))
+        save_image(root / "any" / f"{i}.png", Image.new("L", (4, 4), i * 30))
         lines.append(f"any/{i}.png,{10 + i % 4},{i % 2 * 5}")
     (root / "m.csv").write_text("\n".join(lines) + "\n")
     splits = load_splits(folder_config(root, 'data.manifest="m.csv"', "data.eval_users=0.25"))
@@ -94,7 +89,7 @@ def test_users_from_a_folder_level_keep_integer_class_folder_ids(tmp_path):
     for u, user in enumerate(("zoe", "amy", "max", "kim")):
         for c in ("0", "2"):
             for i in range(2):
-                save(root / user / c / f"{i}.png", Image.new("L", (5, 4), 10 * u + int(c)))
+                save_image(root / user / c / f"{i}.png", Image.new("L", (5, 4), 10 * u + int(c)))
     (root / "README.txt").write_text("files in the root itself are not images of the dataset")
     splits = load_splits(folder_config(root, 'data.user_from="folder"', "data.eval_users=0.25"))
     assert splits.class_names == {0: "0", 2: "2"} and splits.train.num_classes == 3
@@ -109,7 +104,7 @@ def test_without_users_the_images_get_synthetic_users_as_an_npz_without_user_ids
     root = tmp_path / "plain"
     for c in ("a", "b"):
         for i in range(10):
-            save(root / c / f"{i}.png", Image.new("RGB", (3, 3), (i, 0, 0)))
+            save_image(root / c / f"{i}.png", Image.new("RGB", (3, 3), (i, 0, 0)))
     cfg = folder_config(root, "data.num_users=4", 'data.partition="iid"', "data.split_seed=3")
     plan = plan_splits(cfg)
     assert plan.raw.train.users is None
@@ -120,12 +115,12 @@ def test_without_users_the_images_get_synthetic_users_as_an_npz_without_user_ids
 
 def test_an_image_turned_by_its_exif_orientation_counts_in_its_upright_size(tmp_path):
     root = tmp_path / "turned"
-    save(root / "0" / "upright.png", Image.new("L", (4, 6), 0))  # 6 high, 4 wide
+    save_image(root / "0" / "upright.png", Image.new("L", (4, 6), 0))  # 6 high, 4 wide
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees: stored 6 wide and 4 high
-    save(root / "0" / "turned.jpg", Image.new("L", (6, 4), 255), exif=exif.tobytes())
+    save_image(root / "0" / "turned.jpg", Image.new("L", (6, 4), 255), exif=exif.tobytes())
     for i in range(4):
-        save(root / "1" / f"{i}.png", Image.new("L", (4, 6), 100))
+        save_image(root / "1" / f"{i}.png", Image.new("L", (4, 6), 100))
     plan = plan_splits(folder_config(root, "data.num_users=2", 'data.partition="iid"', "data.eval_users=0.5"))
     assert plan.raw.train.images.shape == (6, 1, 6, 4)
 
@@ -137,11 +132,11 @@ def error_cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
     (good / "no_user.csv").write_text("path,owner\ncat/0.jpg,alice\n")
     (good / "missing.csv").write_text("path,user\ncat/0.jpg,alice\ncat/404.png,bob\n")
     (good / "named_labels.csv").write_text("path,user,label\ncat/0.jpg,alice,cat\n")
-    save(tmp / "notes" / "0" / "a.png", Image.new("L", (4, 4)))
+    save_image(tmp / "notes" / "0" / "a.png", Image.new("L", (4, 4)))
     (tmp / "notes" / "0" / "readme.txt").write_text("not a picture")
     (tmp / "empty" / "cat").mkdir(parents=True)
-    save(tmp / "sizes" / "0" / "a.png", Image.new("L", (4, 4)))
-    save(tmp / "sizes" / "1" / "b.png", Image.new("L", (5, 4)))
+    save_image(tmp / "sizes" / "0" / "a.png", Image.new("L", (4, 4)))
+    save_image(tmp / "sizes" / "1" / "b.png", Image.new("L", (5, 4)))
     folder = ['data.name="folder"']
     return [
         ([*folder, f'data.path="{tmp / "nowhere"}"'], ["data.path", "nowhere", "no such folder"]),
@@ -168,7 +163,7 @@ def test_each_bad_image_folder_is_named_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("settings, phrase", [
     (['data.name="folder"', 'data.image_size="big"'], "data.image_size must be HEIGHTxWIDTH"),
-    (['data.name="folder"', "data.channels=2"], "data.channels must be 1, 3 or 0"),
+    (['data.name="folder"', "data.channels=2"], "data.channels must be one of 0, 1, 3"),
     (['data.name="folder"', 'data.user_from="csv"'], "data.user_from must be"),
     (['data.name="folder"', 'data.user_from="folder"', 'data.manifest="u.csv"'], "set one of them"),
     (['data.name="npz"', 'data.manifest="u.csv"'], "data.manifest applies to data.name = 'folder' only"),
@@ -201,7 +196,7 @@ def test_the_images_are_decoded_once_per_version_of_the_files(tmp_path, monkeypa
     assert open_store(renamed).train.num_users + open_store(renamed).eval.num_users == 3
 
     changed = root / rows[0][0]
-    save(changed, Image.new("RGB", (3, 3), (0, 255, 0)), quality=95)
+    save_image(changed, Image.new("RGB", (3, 3), (0, 255, 0)), quality=95)
     os.utime(changed, ns=(changed.stat().st_mtime_ns + 10**9,) * 2)
     rebuilt = materialize(cfg)
     assert rebuilt not in (first, renamed) and len(decoded) == 2 * len(rows), "a changed file is decoded again"
@@ -219,7 +214,7 @@ def test_a_manifest_folder_of_32x32_rgb_images_trains_two_rounds_and_writes_resu
     lines = ["path,user"]
     for i in range(96):
         path = f"class{i % 4}/{i}.png"
-        save(root / path, Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+        save_image(root / path, Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
         lines.append(f"{path},person-{i % 12:02d}")
     (root / "users.csv").write_text("\n".join(lines) + "\n")
     cfg = load_config(None, ['data.name="folder"', f'data.path="{root}"', 'data.manifest="users.csv"',

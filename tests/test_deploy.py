@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 
-import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +19,9 @@ from fedemb.deploy.processes import Deployment, free_port
 from fedemb.deploy.registry import NodeRegistry, read_public_key
 from fedemb.deploy.run_events import EventTail
 from fedemb.errors import ConfigError, FedembError
-from fedemb.flower_cli_run import format_status, process_alive
+from fedemb.flower_cli_run import format_status
+from fedemb.os_processes import leftovers
+from tests.helpers import described
 
 
 def test_the_server_certificate_is_signed_by_the_ca_for_the_hosts_given(tmp_path):
@@ -121,5 +122,5 @@ def test_the_loopback_command_runs_the_guide_on_this_machine_and_leaves_nothing_
     assert results["privacy"]["unit"] == json.loads((run_dir / "privacy.json").read_text())["unit"] == "device"
     assert json.loads((folder / "keys" / "registry.json").read_text()).keys() == {"node1"}
     assert not list(folder.rglob("*.pid"))
-    left = [p for p in psutil.process_iter(["cmdline"]) if process_alive(p) and str(folder) in " ".join(p.info["cmdline"] or [])]
-    assert not left, [p.info["cmdline"] for p in left]
+    left = leftovers(lambda argv: str(folder) in " ".join(argv))
+    assert not left, described(left)

@@ -21,7 +21,8 @@ from fedemb.deploy import device_cli
 from fedemb.deploy.credentials import make_server_credentials
 from fedemb.deploy.device_data import read_device_file
 from fedemb.deploy.device_node import Address, log_lines, reason_from_log
-from fedemb.deploy.process_group import group_running, process_running
+from fedemb.os_processes import alive, find, group_running
+from tests.helpers import save_image
 
 pytestmark = pytest.mark.processes  # SuperLinks and SuperNodes: one such test at a time (tests/conftest.py)
 
@@ -97,22 +98,16 @@ def test_the_default_folder_comes_from_the_environment(tmp_path, capsys, monkeyp
 
 # --- data ------------------------------------------------------------------------------------------
 
-def save(path: Path, image: Image.Image, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
-    return path
-
-
 def mixed_folder(root: Path) -> Path:
     """Two classes of images as people have them: RGBA, L and P, PNG, JPEG and BMP, all sizes."""
     transparent = Image.new("RGBA", (10, 7), (0, 0, 0, 0))
-    save(root / "0" / "transparent.png", transparent)
-    save(root / "0" / "gray.jpg", Image.new("L", (33, 20), 100), quality=95)
+    save_image(root / "0" / "transparent.png", transparent)
+    save_image(root / "0" / "gray.jpg", Image.new("L", (33, 20), 100), quality=95)
     palette = Image.new("P", (5, 5), 1)
     palette.putpalette([0, 0, 0, 200, 200, 200] + [0] * 762)
-    save(root / "1" / "palette.png", palette)
-    save(root / "1" / "photo.bmp", Image.new("RGB", (64, 48), (255, 0, 0)))
-    save(root / "1" / "nested" / "sixteen.png", Image.fromarray(np.full((9, 9), 65535, dtype=np.uint16)))
+    save_image(root / "1" / "palette.png", palette)
+    save_image(root / "1" / "photo.bmp", Image.new("RGB", (64, 48), (255, 0, 0)))
+    save_image(root / "1" / "nested" / "sixteen.png", Image.fromarray(np.full((9, 9), 65535, dtype=np.uint16)))
     (root / "1" / ".DS_Store").write_bytes(b"\0finder")
     return root
 
@@ -134,7 +129,7 @@ def test_a_folder_of_mixed_images_becomes_a_device_file_of_one_size(tmp_path, ca
 
 def test_colour_images_keep_three_channels_and_names_map_to_ids_in_the_order_given(tmp_path, capsys):
     for name, colour in (("cat", (0, 0, 255)), ("dog", (0, 255, 0))):
-        save(tmp_path / "pets" / name / f"{name}.png", Image.new("RGB", (4, 3), colour))
+        save_image(tmp_path / "pets" / name / f"{name}.png", Image.new("RGB", (4, 3), colour))
     out = tmp_path / "pets.npz"
     code, stdout, _ = device(capsys, "data", out, "--images", tmp_path / "pets", "--channels", "3",
                              "--classes", "dog,cat", "--user", "7")
@@ -147,11 +142,11 @@ def test_colour_images_keep_three_channels_and_names_map_to_ids_in_the_order_giv
 
 def test_a_folder_that_cannot_make_a_data_file_is_named_in_one_line_and_nothing_is_written(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    save(tmp_path / "notes" / "0" / "a.png", Image.new("L", (4, 4)))
+    save_image(tmp_path / "notes" / "0" / "a.png", Image.new("L", (4, 4)))
     (tmp_path / "notes" / "0" / "readme.txt").write_text("not a picture")
-    save(tmp_path / "named" / "cat" / "a.png", Image.new("L", (4, 4)))
-    save(tmp_path / "sizes" / "0" / "a.png", Image.new("L", (4, 4)))
-    save(tmp_path / "sizes" / "1" / "b.png", Image.new("L", (5, 4)))
+    save_image(tmp_path / "named" / "cat" / "a.png", Image.new("L", (4, 4)))
+    save_image(tmp_path / "sizes" / "0" / "a.png", Image.new("L", (4, 4)))
+    save_image(tmp_path / "sizes" / "1" / "b.png", Image.new("L", (5, 4)))
     out = tmp_path / "out.npz"
     cases = [(("--images", tmp_path / "empty"), ["is empty"]),
              (("--images", tmp_path / "nowhere"), ["no such folder"]),
@@ -265,7 +260,7 @@ def test_a_pid_file_left_by_a_crash_never_stops_an_unrelated_process(capsys, key
     code, out, _ = device(capsys, "status", "--folder", keyed)
     assert code == 3 and "not running" in out
     code, out, _ = device(capsys, "stop", "--folder", keyed)
-    assert code == 0 and "no node runs" in out and process_running(os.getpid())
+    assert code == 0 and "no node runs" in out and alive(os.getpid())
 
 
 # --- reading the SuperNode's log (texts as flower-supernode 1.41 writes them) -----------------------
@@ -414,12 +409,5 @@ def eventually(predicate, timeout=15.0) -> bool:
 
 def node_processes(folder: Path, port: int) -> list[int]:
     """The SuperNode (its key in its command line) and its SuperExec (the node's local port in its own)."""
-    marks = [str((folder / "node.key").resolve()).encode(), f"127.0.0.1:{port}".encode()]
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and any(m in (entry / "cmdline").read_bytes() for m in marks):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    marks = [str((folder / "node.key").resolve()), f"127.0.0.1:{port}"]
+    return [p.pid for p in find(lambda argv: any(m in " ".join(argv) for m in marks))]

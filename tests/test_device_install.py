@@ -13,12 +13,12 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.lean_env import REPO, base_closure, installed_distributions, make_lean_venv
+from tests.lean_env import REPO, base_closure, installed_distributions
 
 pytestmark = pytest.mark.slow
 
-SERVER_ONLY = ("ray", "opacus", "tensorboard", "scikit-learn", "matplotlib", "scipy", "pandas", "psutil",
-               "threadpoolctl")
+SERVER_ONLY = ("ray", "opacus", "tensorboard", "scikit-learn", "matplotlib", "scipy", "pandas", "threadpoolctl")
+# psutil is not among them: fedemb-device finds and stops its SuperNode with it (fedemb.os_processes)
 SERVER_ONLY_MODULES = ("ray", "opacus", "tensorboard", "sklearn", "matplotlib", "scipy")  # all in the full install
 
 MISSING_MODULES = """
@@ -58,9 +58,8 @@ print(json.dumps({"norm": global_norm(update), "keys": sorted(update), "state_ke
 
 
 @pytest.fixture(scope="module")
-def lean(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lean")
-    python = make_lean_venv(root / "venv")
+def lean(tmp_path_factory, lean_python):
+    root, python = tmp_path_factory.mktemp("device"), lean_python
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
 

@@ -25,6 +25,8 @@ from strategies.server_optimizer import ServerOptimizer
 from tests.helpers import tiny_config
 from tests.test_strategy_arithmetic import STATE, gaussian, reply
 
+ANY_TASK = make_task(tiny_config(), num_classes=10, image_shape=(1, 8, 8), training_key=0)
+
 BIG_NODE = (1 << 64) - 5  # Flower node ids are uint64: above int64's range
 
 
@@ -70,7 +72,7 @@ def test_the_clientapp_trains_the_device_data_clips_on_the_device_and_keeps_the_
     setup = prepare_run(cfg)
     assert setup.population == 4 and setup.virtual_clients == 2  # round(0.5 x 4 registered devices)
     task = make_task(cfg, setup.splits.train.num_classes, setup.splits.train.image_shape, training_key=5)
-    assert task["devices"] and task["data"] == {}  # the server's data paths never go to devices
+    assert task.devices and task.data is None  # the server's data paths never go to devices
     state = shared_state(setup.net)
     msg = train_message(state, TrainAssignment(1, 0.01, task, [(0, (int(node_user_ids([BIG_NODE])[0]),))]), BIG_NODE)
     data = write_device_file(tmp_path / "me.npz", users=(42,), shape=setup.splits.train.image_shape)
@@ -98,7 +100,7 @@ class Nodes:
 
 def device_strategy(rate=0.5, devices=4, seed=3):
     sampler = UserSampler(seed, rate, 1, max(1, round(rate * devices)))
-    return DPFedEmb(sampler=sampler, user_ids=np.arange(0), task={}, mechanism=gaussian(0.0, 1.0, sampler.virtual_clients),
+    return DPFedEmb(sampler=sampler, user_ids=np.arange(0), task=ANY_TASK, mechanism=gaussian(0.0, 1.0, sampler.virtual_clients),
                     server_optimizer=ServerOptimizer(STATE, 1.0, 0.0), ledger=PrivacyLedger(None, 1e-5),
                     placement="devices", wait_s=0.1)
 

@@ -60,10 +60,10 @@ grid = { "model.init_checkpoint" = ["", "{experiment_dir}/p.pt"] }
     ('name = "x"\nconfig = "simulations/configs/quickstart.toml"\nbogus = 1\n[[group]]\nlabel = "a"', "unknown key 'bogus'"),
     ('name = "x"\nconfig = "simulations/configs/quickstart.toml"\nset = ["data.path={nowhere}"]\n[[group]]\nlabel = "a"', "--var nowhere="),
     ('name = "x"\nconfig = "simulations/configs/quickstart.toml"\n[[group]]\nlabel = "a"\n[[group]]\nlabel = "a"', "used twice"),
-    ('name = "x"\nconfig = "simulations/configs/quickstart.toml"\n[[group]]\nlabel = "a"\ngrid = { "run.rounds" = [] }', "non-empty lists"),
+    ('name = "x"\nconfig = "simulations/configs/quickstart.toml"\n[[group]]\nlabel = "a"\ngrid = { "run.rounds" = [] }', "grid.run.rounds must not be empty"),
     ('name = "x"\nconfig = "simulations/configs/quickstart.toml"\n[[group]]\nlabel = "a"\ncommand = "train"', "command must be one of"),
     ('name = "x"\nconfig = "nope.toml"\n[[group]]\nlabel = "a"', "not found"),
-    ('name = "x"\nconfig = "simulations/configs/quickstart.toml"', "at least one"),
+    ('name = "x"\nconfig = "simulations/configs/quickstart.toml"', "group is required"),
 ])
 def test_a_bad_spec_is_refused_with_the_reason(tmp_path, body, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,21 +8,14 @@ now runs BLAS single-threaded. The test joins the default suite once enough runs
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 
 import pytest
 
-from tests.test_simulation_integration import ray_like_processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fedemb.deploy.processes import free_port
+from tests.helpers import assert_nothing_left, ray_like_processes
 
 
 @pytest.mark.integration
@@ -46,10 +39,7 @@ def test_flwr_run_completes_learns_and_stops_its_superlink(tmp_path, flower_cli)
     assert results["final"]["tar_at_far_1e-1"] > results["initial"]["tar_at_far_1e-1"] + 0.03
     assert tomllib.loads((run_dir / "config.toml").read_text())["privacy"]["noise_multiplier"] == 0  # overrides arrived
 
-    deadline = time.monotonic() + 45
-    while (left := ray_like_processes() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left running: {left}"
+    assert_nothing_left(before)
 
 
 @pytest.mark.slow

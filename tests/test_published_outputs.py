@@ -16,7 +16,7 @@ from fedemb.config import load_config, to_toml
 from fedemb.monitoring.outputs import PUBLIC_ROUND_METRICS
 from fedemb.monitoring.telemetry import read_telemetry
 from fedemb.privacy.accountant import PrivacyPlan
-from fedemb.privacy.mechanisms import SampledGaussian
+from fedemb.privacy.mechanisms import RoundCounts, SampledGaussian
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.protocol import read_train_message, train_reply
 from fedemb.training.client_task import run_train_assignment
@@ -215,7 +215,7 @@ def test_the_released_loss_and_clipped_fraction_are_noisy_estimates_of_the_truth
                            metrics=TrainingMetricsConfig(enabled=True, loss_bound=bound))
     losses, fractions = [], []
     for _ in range(400):  # 40 virtual clients of loss 1.5, 10 of them clipped
-        mech.privatize({"w": torch.zeros(2)}, centred_unclipped=30 - 20, centred_loss=40 * (1.5 - bound / 2))
+        mech.privatize({"w": torch.zeros(2)}, RoundCounts(accepted=40, clipped=10, bounded_loss_sum=40 * 1.5))
         out = mech.round_metrics()
         losses.append(out["dp-train-loss"])
         fractions.append(out["dp-fraction-clipped"])

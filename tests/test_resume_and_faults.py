@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from tests.test_simulation_integration import ray_like_processes
-from tests.helpers import SMALL_RUN
+from fedemb.os_processes import tree, wait_gone
+from tests.helpers import SMALL_RUN, assert_nothing_left, described, ray_like_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "simulations/configs/quickstart.toml"
@@ -58,30 +57,15 @@ def kill_when(run_dir: Path, entries: int, tmp_path: Path, command: list[str] | 
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.05)
-    started = psutil.Process(proc.pid).children(recursive=True)
+    started = tree(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return started
 
 
 def assert_all_gone(processes):
-    def running(p):
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + 45
-    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not alive, f"processes left running after the kill: {[(p.pid, p.name()) for p in alive]}"
-
-
-def assert_nothing_left(before):
-    deadline = time.monotonic() + 45
-    while (left := ray_like_processes() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left running: {left}"
+    alive = wait_gone(processes, timeout=45)
+    assert not alive, f"processes left running after the kill: {described(alive)}"
 
 
 @pytest.mark.integration

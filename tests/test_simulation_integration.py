@@ -6,27 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_nothing_left, ray_like_processes
+
 ROOT = Path(__file__).resolve().parents[1]
-LEFTOVER_PATTERNS = ("raylet", "gcs_server", "ray::", "flower-superlink", "flower-superexec", "flwr-serverapp",
-                     "flwr-clientapp", "flwr-simulation",
-                     "default_worker.py", "dashboard/agent.py", "log_monitor.py")
-
-
-def ray_like_processes() -> set[tuple[int, str]]:
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
-    found = set()
-    for line in out.splitlines():
-        pid, stat, args = line.strip().split(None, 2) if len(line.split()) >= 3 else (line, "", "")
-        if "Z" in stat:
-            continue
-        if any(p in args for p in LEFTOVER_PATTERNS):
-            found.add((int(pid), args[:120]))
-    return found
 
 
 @pytest.mark.integration
@@ -74,10 +60,7 @@ def test_fedemb_simulate_on_ray_learns_survives_faults_and_cleans_up(tmp_path):
     seeded = [line for line in proc.stderr.splitlines() if "seeded for reproduction" in line]
     assert len(seeded) == 1 and seeded[0].startswith("WARNING: run.seed = 0: "), proc.stderr
 
-    deadline = time.monotonic() + 45  # Ray's actors exit after the driver, slower on a loaded machine
-    while (left := ray_like_processes() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left running: {left}"
+    assert_nothing_left(before)
 
 
 def check_tensorboard(tb_dir: Path, results: dict, run_dir: Path) -> None:

@@ -10,12 +10,16 @@ from flwr.app import ArrayRecord, Error, Message
 
 from fedemb.privacy.accountant import PrivacyPlan
 from fedemb.privacy.ledger import PrivacyLedger
-from fedemb.privacy.mechanisms import NoPrivacy, SampledGaussian
+from fedemb.privacy.mechanisms import NoPrivacy, RoundCounts, SampledGaussian
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.sampling import UserSampler
 from fedemb.protocol import TrainAssignment, train_message, train_reply
 from strategies.dp_fedemb import DPFedEmb
 from strategies.server_optimizer import ServerOptimizer
+from fedemb.training.client_task import make_task
+from tests.helpers import tiny_config
+
+ANY_TASK = make_task(tiny_config(), num_classes=10, image_shape=(1, 8, 8), training_key=0)
 
 STATE = {"a": torch.zeros(2, 2), "b": torch.zeros(3)}
 
@@ -29,14 +33,14 @@ def gaussian(noise_std, clip, slots, seed=0):
 
 
 def make_strategy(noise_std=0.0, clip=1.0, slots=4, lr=1.0, momentum=0.0, seed=0, state=STATE):
-    return DPFedEmb(sampler=UserSampler(0, 0.5, 2, slots), user_ids=np.arange(8), task={},
+    return DPFedEmb(sampler=UserSampler(0, 0.5, 2, slots), user_ids=np.arange(8), task=ANY_TASK,
                     mechanism=gaussian(noise_std, clip, slots, seed),
                     server_optimizer=ServerOptimizer(state, lr, momentum), ledger=PrivacyLedger(None, 1e-5))
 
 
 def assign(strategy, counts):
     """Node n is assigned counts[n] virtual clients; returns the train messages."""
-    strategy.assignments = {n: TrainAssignment(1, strategy.clip_norm, {}, [(n * 10 + j, (j,)) for j in range(c)])
+    strategy.assignments = {n: TrainAssignment(1, strategy.clip_norm, ANY_TASK, [(n * 10 + j, (j,)) for j in range(c)])
                             for n, c in enumerate(counts)}
     return {n: train_message(STATE, a, n) for n, a in strategy.assignments.items()}
 
@@ -101,7 +105,7 @@ def test_nan_error_and_malformed_replies_are_counted_and_skipped(flower_identity
 def test_replies_from_unassigned_nodes_are_rejected(flower_identity):
     s = make_strategy()
     msgs = assign(s, [1])
-    stranger = train_message(STATE, TrainAssignment(1, 1.0, {}, [(0, (1,))]), 99)
+    stranger = train_message(STATE, TrainAssignment(1, 1.0, ANY_TASK, [(0, (1,))]), 99)
     _, metrics = s.aggregate_train(1, [reply(msgs[0], 0.1, 0, 1), reply(msgs[0], 0.1, 0, 1), reply(stranger, 0.1, 0, 1)])
     assert metrics["virtual-clients-accepted"] == 1 and metrics["virtual-clients-rejected"] == 2
 
@@ -160,6 +164,30 @@ def test_train_loss_is_the_mean_over_virtual_clients_that_trained_normally(flowe
     assert metrics["train-loss"] == 2.0
     assert metrics["virtual-clients-nonfinite"] == 1 and metrics["virtual-clients-accepted"] == 3
 
+
+
+class Recording:
+    """A mechanism that adds nothing and keeps what the strategy handed it."""
+    name, clip_norm = "recording", 1.0
+
+    def privatize(self, total, counts):
+        self.counts = counts
+        return {k: v.clone() for k, v in total.items()}
+
+    def round_metrics(self):
+        return {}
+
+
+def test_the_strategy_hands_the_mechanism_the_exact_counts_of_what_it_accepted(flower_identity):
+    """Centring and noising the counts is the mechanism's; the strategy only sums the accepted replies."""
+    s = make_strategy(slots=4)
+    s.mechanism = Recording()
+    msgs = assign(s, [2, 1, 1])
+    clipped = train_reply(msgs[1], {"a": torch.zeros(2, 2), "b": torch.zeros(3)},
+                          {"num-virtual-clients": 1, "num-users": 1, "num-examples": 1, "num-nonfinite": 0,
+                           "num-clipped": 1, "train-loss-sum": 0.0, "update-norms": [0.0]})
+    s.aggregate_train(1, [reply(msgs[0], 0.0, 0.0, 2), clipped, reply(msgs[2], 0.9, 0.0, 2)])  # node 2 lies
+    assert s.mechanism.counts == RoundCounts(accepted=3, clipped=1, bounded_loss_sum=0.0)
 
 def test_a_reply_claiming_other_users_than_assigned_is_rejected(flower_identity):
     s = make_strategy(clip=1.0)
@@ -238,3 +266,11 @@ def test_wrong_dtype_and_missing_tensors_are_rejected(flower_identity):
     missing = train_reply(msgs[1], {"a": torch.zeros(2, 2)}, {"num-virtual-clients": 1, "num-users": 1})
     _, metrics = s.aggregate_train(1, [float64, missing])
     assert metrics["virtual-clients-rejected"] == 2 and metrics["virtual-clients-accepted"] == 0
+
+
+def test_a_mechanism_told_another_m_than_the_sampler_fills_is_refused():
+    """Noise calibrated for M slots divided by another M is a privacy bug: the strategy refuses to start."""
+    with pytest.raises(ValueError, match="divides by M = 5 but the sampler fills M = 4"):
+        DPFedEmb(sampler=UserSampler(0, 0.5, 2, 4), user_ids=np.arange(8), task=ANY_TASK,
+                 mechanism=gaussian(1.0, 1.0, 5), server_optimizer=ServerOptimizer(STATE, 1.0, 0.0),
+                 ledger=PrivacyLedger(None, 1e-5))

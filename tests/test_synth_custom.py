@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
-from fedemb.cli import app
 from fedemb.errors import ConfigError
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
@@ -21,7 +19,7 @@ from fedemb.synth.custom import (CustomSettings, class_anchors, copy_targets, cu
 from fedemb.synth.custom_run import nothing_shared
 from fedemb.synth.sanitize import edge_maps, payload_from_bytes, payload_to_bytes, sanitize
 from fedemb.synth.task_spec import OBJECTS, CustomTask, ObjectPolicy
-from tests.helpers import train_small_run
+from tests.helpers import cli
 
 SHAPE = (1, 12, 12)
 FAST = CustomSettings(images_per_reference=2, steps=30, shift=0, train_epochs=1)
@@ -134,7 +132,7 @@ def test_the_l0_baseline_uploads_nothing_about_the_images():
 
 
 @pytest.mark.parametrize("raw,needle", [
-    ({"stepz": 3}, "unknown key synthesis.stepz"),
+    ({"stepz": 3}, "unknown key 'synthesis.stepz'"),
     ({"steps": 2.5}, "synthesis.steps must be an integer"),
     ({"lr": 0}, "synthesis.lr must be > 0"),
     ({"model": "big"}, "synthesis.model must be one of head, scratch"),
@@ -145,16 +143,7 @@ def test_bad_synthesis_settings_are_one_line_errors(raw, needle):
 
 
 # ---------------------------------------------------------------- the CLI, on a small trained run
-
-def _cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    return train_small_run(tmp_path_factory.mktemp("custom") / "run")
-
+# (trained_run: tests/conftest.py)
 
 def digits_task(folder: Path, levels='foreground = "L1"\nbackground = "L0"', extra="", shape=(8, 8),
                 mask_rule="threshold:0.3") -> Path:
@@ -180,16 +169,16 @@ def digits_task(folder: Path, levels='foreground = "L1"\nbackground = "L0"', ext
 
 def test_custom_on_a_run_writes_the_payload_the_images_and_the_report(trained_run, tmp_path):
     inverted = trained_run / "inv"
-    code, output = _cli("synth", "invert", trained_run, "--set", "invert.seed=0", "--set", "invert.steps=3",
-                        "--set", "invert.images_per_class=1", "--set", "invert.train_epochs=1", "--set",
-                        "invert.ablation=false", "--out", inverted)
+    code, output = cli("synth", "invert", trained_run, "--set", "invert.seed=0", "--set", "invert.steps=3",
+                       "--set", "invert.images_per_class=1", "--set", "invert.train_epochs=1", "--set",
+                       "invert.ablation=false", "--out", inverted)
     assert code == 0, output
     epsilon_before = json.loads((trained_run / "privacy.json").read_text())["epsilon"]
     out = tmp_path / "custom"
     task_file = digits_task(tmp_path / "task", 'foreground = "L1"\nbackground = "L0"\n\n[embedding_epsilon]\n'
                                                "foreground = 3.0")
-    code, output = _cli("synth", "custom", trained_run, "--task", task_file, "--statistics", inverted, "--out", out,
-                        "--json")
+    code, output = cli("synth", "custom", trained_run, "--task", task_file, "--statistics", inverted, "--out", out,
+                       "--json")
     assert code == 0, output
     results = json.loads(output.strip().splitlines()[-1])
     for name in ("payload.bin", "synthetic.npz", "l0_baseline.npz", "custom_results.json", "synthetic.png",
@@ -211,11 +200,11 @@ def test_custom_on_a_run_writes_the_payload_the_images_and_the_report(trained_ru
     ({"mask_rule": "none"}, "needs masks"),
     ({"shape": (9, 9)}, "expected 8x8"),
     ({"levels": 'foreground = "L3"\nbackground = "L0"'}, "levels.foreground must be one of L0, L1, L2"),
-    ({"extra": "stepz = 4"}, "unknown key synthesis.stepz"),
+    ({"extra": "stepz = 4"}, "unknown key 'synthesis.stepz'"),
 ])
 def test_a_bad_task_is_a_one_line_error_and_uploads_nothing(trained_run, tmp_path, kwargs, needle):
     out = tmp_path / "out"
-    code, output = _cli("synth", "custom", trained_run, "--task", digits_task(tmp_path / "task", **kwargs),
-                        "--out", out)
+    code, output = cli("synth", "custom", trained_run, "--task", digits_task(tmp_path / "task", **kwargs),
+                       "--out", out)
     assert code == 2 and needle in output and len(output.strip().splitlines()) == 1, output
     assert not out.exists()

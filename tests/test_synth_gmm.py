@@ -7,16 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from fedemb.cli import app
 from fedemb.config import SynthConfig
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.synth.classifier import accuracy, train_mlp
 from fedemb.synth.embedded import Embedded, to_sphere
 from fedemb.synth.gmm import fit_dp_gmm, release_shares
-from tests.helpers import train_small_run
+from tests.helpers import cli, sets
 from tests.test_synth_release import (assert_published_accuracies_are_releases_or_private,
                                       independently_composed_epsilon)
 
@@ -81,22 +79,13 @@ def _write(path, emb):
     return str(path)
 
 
-def _cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
 @pytest.mark.slow
 def test_cli_writes_every_output_and_records_every_sweep_point_and_baseline_as_a_release(tmp_path):
     private, test = split_users(clustered(np.random.default_rng(8), users=700, per_user=3)[0], 600)
     out = tmp_path / "out"
-    code, output = _cli("synth", "gmm", "--embeddings", _write(tmp_path / "p.npz", private), "--test-embeddings",
-                        _write(tmp_path / "t.npz", test), *_sets(FAST + ["synth.epsilon=2"]), "--epsilons", "1,4",
-                        "--out", out, "--json")
+    code, output = cli("synth", "gmm", "--embeddings", _write(tmp_path / "p.npz", private), "--test-embeddings",
+                       _write(tmp_path / "t.npz", test), *sets(FAST + ["synth.epsilon=2"]), "--epsilons", "1,4",
+                       "--out", out, "--json")
     assert code == 0, output
     results = json.loads(output.strip().splitlines()[-1])
     for name in ("gmm.npz", "synthetic.npz", "classifier.pt", "synth_results.json", "accuracy_vs_epsilon.png",
@@ -126,13 +115,13 @@ def test_cli_writes_every_output_and_records_every_sweep_point_and_baseline_as_a
 
 
 @pytest.mark.slow
-def test_synthesis_on_a_run_publishes_only_ledger_releases_and_composes_them_with_the_training(tmp_path):
+def test_synthesis_on_a_run_publishes_only_ledger_releases_and_composes_them_with_the_training(trained_run):
     """A default `synth gmm` (mixture and both baselines) on a run: every accuracy it publishes is backed
     by a ledger stage, the non-private MLP is only in private/, and the ledger counts every release."""
-    run = train_small_run(tmp_path / "run")
+    run = trained_run
     trained_epsilon = PrivacyLedger.load(run / "privacy.json").epsilon
     out = run / "synth" / "gmm"
-    code, output = _cli("synth", "gmm", run, *_sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]), "--out", out)
+    code, output = cli("synth", "gmm", run, *sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]), "--out", out)
     assert code == 0, output
     results = json.loads((out / "synth_results.json").read_text())
     ledger = PrivacyLedger.load(run / "privacy.json")
@@ -151,8 +140,8 @@ def test_synthesis_on_a_run_publishes_only_ledger_releases_and_composes_them_wit
     nonprivate = json.loads((out / "private" / "synth_private.json").read_text())
     assert 0 <= nonprivate["nonprivate_mlp_accuracy"] <= 1
     # a second synthesis is a new release and counts again
-    code, output = _cli("synth", "gmm", run, *_sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]),
-                        "--no-baselines", "--json")
+    code, output = cli("synth", "gmm", run, *sets(FAST + ["synth.clusters=1", "synth.epsilon=1"]),
+                       "--no-baselines", "--json")
     assert code == 0, output
     again = PrivacyLedger.load(run / "privacy.json")
     assert again.epsilon > ledger.epsilon
@@ -183,11 +172,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, needle):
     if case == "not_npz":
         (tmp_path / "p.npz").write_text("not an archive")
     out = tmp_path / "out"
-    args = ["synth", "gmm", "--embeddings", private_path, "--test-embeddings", test_path, *_sets(FAST + extra),
+    args = ["synth", "gmm", "--embeddings", private_path, "--test-embeddings", test_path, *sets(FAST + extra),
             "--out", out]
     if case == "bad_sweep":
         args += ["--epsilons", "1,0"]
-    code, output = _cli(*args)
+    code, output = cli(*args)
     assert code == 2, output
     assert needle in output and "Traceback" not in output
     assert len(output.strip().splitlines()) == 1

@@ -9,9 +9,7 @@ import pytest
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
-from typer.testing import CliRunner
 
-from fedemb.cli import app
 from fedemb.data.population import Population
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
@@ -19,7 +17,7 @@ from fedemb.synth.activation_stats import (ActivationStatistics, batchnorm_stati
                                           per_example_moments, recorded_outputs, reference_scales,
                                           release_activation_statistics, statistics_sensitivities, watched_layers)
 from fedemb.synth.inversion import InversionSettings, StatisticsTarget, invert
-from tests.helpers import train_small_run
+from tests.helpers import cli, sets
 from tests.test_synth_release import (assert_published_accuracies_are_releases_or_private,
                                       independently_composed_epsilon)
 
@@ -143,24 +141,10 @@ def test_statistics_naming_a_layer_the_model_lacks_are_refused():
         StatisticsTarget(small_net(), stats)
 
 
-def _cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    return train_small_run(tmp_path_factory.mktemp("invert") / "run")
-
-
 def test_invert_on_a_run_adds_one_stage_at_its_epsilon_and_publishes_only_its_post_processing(trained_run):
     trained = PrivacyLedger.load(trained_run / "privacy.json").epsilon
     out = trained_run / "inv"
-    code, output = _cli("synth", "invert", trained_run, *_sets(FAST + ["invert.epsilon=1.5"]), "--out", out)
+    code, output = cli("synth", "invert", trained_run, *sets(FAST + ["invert.epsilon=1.5"]), "--out", out)
     assert code == 0, output
     results = json.loads((out / "invert_results.json").read_text())
     ledger = PrivacyLedger.load(trained_run / "privacy.json")
@@ -201,7 +185,7 @@ def test_invert_on_a_run_adds_one_stage_at_its_epsilon_and_publishes_only_its_po
 ])
 def test_bad_invert_settings_are_one_line_errors_and_release_nothing(trained_run, items, needle):
     before = PrivacyLedger.load(trained_run / "privacy.json").entries
-    code, output = _cli("synth", "invert", trained_run, *_sets(FAST + items), "--out", trained_run / "bad")
+    code, output = cli("synth", "invert", trained_run, *sets(FAST + items), "--out", trained_run / "bad")
     assert code == 2 and needle in output and len(output.strip().splitlines()) == 1, output
     assert len(PrivacyLedger.load(trained_run / "privacy.json").entries) == len(before)
 

@@ -307,7 +307,7 @@ def test_load_task_without_masks_has_one_object_covering_the_image(tmp_path):
     (lambda b: b, {"size": 9}, DataError, "a.png: image is 9x9, expected 8x8"),
     (lambda b: b, {"channels_rgb": True}, DataError, "a.png: image has 3 channels, expected 1"),
     (lambda b: b.replace('foreground = "L2"', 'foreground = "L3"'), {}, ConfigError,
-     "levels.foreground must be one of L0, L1, L2, got 'L3'"),
+     "levels.foreground must be one of L0, L1, L2; got 'L3'"),
     (lambda b: b.replace("refs/b.png", "refs/nope.png"), {}, DataError, "nope.png: file not found"),
     (lambda b: b, {"test_labels": (0, 2)}, DataError, "test.npz: labels must be in [0, 2)"),
     (lambda b: b.replace('mask_rule = "file"', 'mask_rule = "none"').replace('masks = ["refs/a_mask.png"]', "")
@@ -315,7 +315,7 @@ def test_load_task_without_masks_has_one_object_covering_the_image(tmp_path):
     (lambda b: b.replace('name = "b"', 'name = "a"'), {}, ConfigError, "duplicate class name 'a'"),
     (lambda b: b.replace('references = ["refs/b.png"]', "references = []").replace('masks = ["refs/b_mask.png"]', ""),
      {}, ConfigError, "classes[1] ('b') has no references"),
-    (lambda b: "sed = 1\n" + b, {}, ConfigError, "unknown key 'sed' in top level"),
+    (lambda b: "sed = 1\n" + b, {}, ConfigError, "unknown key 'sed'"),
     (lambda b: b.replace("foreground = 4.0", "foreground = -1.0"), {}, ConfigError, "embedding_epsilon.foreground"),
 ])
 def test_load_task_bad_input_is_one_line_naming_the_problem(tmp_path, edit, kwargs, error, needle):

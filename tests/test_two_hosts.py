@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
+from fedemb.os_processes import command_line, group
 from tests.netns import NamespacesUnavailable, TwoHosts
 
 pytestmark = pytest.mark.processes  # SuperLinks and SuperNodes: one such test at a time (tests/conftest.py)
@@ -64,13 +64,6 @@ def hosts():
         pytest.skip(f"network namespaces cannot be made here: {exc}")
     yield made
     made.remove()
-
-
-@pytest.fixture(scope="module")
-def lean_python(tmp_path_factory):
-    from tests.lean_env import make_lean_venv
-
-    return make_lean_venv(tmp_path_factory.mktemp("lean") / "venv")
 
 
 class Host:
@@ -128,8 +121,8 @@ def test_the_guide_on_two_hosts(hosts, lean_python, tmp_path):
                   {DOC_ADDRESS: hosts.server_ip})
     device_home = device.home / ".fedemb-device"
 
-    subprocess.run([sys.executable, str(REPO / "scripts/deploy/make_shards.py"), str(REPO / "simulations/configs/deploy.toml"),
-                    str(tmp_path / "shards"), "--devices", "5"], check=True, capture_output=True)
+    subprocess.run([str(REPO / ".venv" / "bin" / "fedemb"), "deploy", "shards", str(tmp_path / "shards"), "--config",
+                    str(REPO / "simulations/configs/deploy.toml"), "--devices", "5"], check=True, capture_output=True)
     shards = json.loads((tmp_path / "shards" / "shards.json").read_text())
     for i, shard in enumerate(shards):
         write_image_folder(Path(shard["file"]), device.home / ("my-digits" if i == 0 else f"images-{i}"))
@@ -231,31 +224,13 @@ def _wait_for(predicate, timeout, run: subprocess.Popen, step=0.5):
     raise AssertionError("timed out")
 
 
-def _client_apps(group: int) -> list[int]:
-    from fedemb.flower_cli_run import process_alive
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if process_alive(p) and _pgid(p.pid) == group and \
-                    any("flwr-clientapp" in part for part in (p.info["cmdline"] or [])):
-                found.append(p.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+def _client_apps(pgid: int) -> list[int]:
+    """The ClientApps running in process group `pgid` (a SuperNode's)."""
+    return [p.pid for p in group(pgid) if any("flwr-clientapp" in part for part in command_line(p))]
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        return " ".join(psutil.Process(pid).cmdline())
-    except psutil.NoSuchProcess:
-        return f"{pid} (gone)"
+    return " ".join(command_line(pid)) or f"{pid} (gone)"
 
 
 def test_without_the_rights_to_make_namespaces_the_test_says_why(monkeypatch):

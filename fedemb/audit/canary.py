@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAM_AUDIT = 31
-SAMPLING_KEYS, NOISE_KEYS, INCLUSION_KEYS = 0, 1, 2  # sub-streams of STREAM_AUDIT
+SAMPLING_KEYS, NOISE_KEYS, INCLUSION_KEYS = 0, 1, 2  # sub-streams of STREAM_AUDIT (fedemb.privacy.streams)
 
 
 def canary_user(users: np.ndarray) -> np.ndarray:

@@ -17,13 +17,14 @@ import math
 from dataclasses import dataclass
 
 from fedemb.audit.bounds import cheapest_trials, reachable_epsilon, trials_to_decide
-from fedemb.audit.canary import INCLUSION_KEYS, STREAM_AUDIT, canary_user, includes_canary
+from fedemb.audit.canary import INCLUSION_KEYS, canary_user, includes_canary
 from fedemb.config import Config
 from fedemb.privacy.keyed_random import keyed_seed
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.mechanisms import make_mechanism
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.sampling import make_sampler
+from fedemb.privacy.streams import STREAM_AUDIT
 from fedemb.run_setup import prepare_run
 
 MAX_TRIALS = 20_000  # per world, for trials = "auto"

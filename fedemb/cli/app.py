@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from fedemb.cli import audit, data, deploy, experiments, flwr_run, privacy, synth, train
+from fedemb.cli import audit, config, data, deploy, experiments, flwr_run, privacy, synth, train
 from fedemb.cli.common import err_console
 
 app = typer.Typer(
@@ -17,7 +17,7 @@ app = typer.Typer(
          "Start with:  fedemb simulate --config simulations/configs/quickstart.toml",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-TRAIN, PRIVACY, RESULTS, DEPLOY, DATA = "Train and evaluate", "Privacy", "Experiments and results", "Deploy", "Data"
+TRAIN, PRIVACY, RESULTS, DEPLOY, DATA = "Train and evaluate", "Privacy", "Experiments and results", "Deploy", "Data and settings"
 app.command("simulate", rich_help_panel=TRAIN)(train.simulate)
 app.command("flwr-run", rich_help_panel=TRAIN)(flwr_run.flwr_run)
 app.command("pretrain", rich_help_panel=TRAIN)(train.pretrain)
@@ -30,6 +30,7 @@ app.add_typer(experiments.experiments_app, name="experiments", rich_help_panel=R
 app.command("report", rich_help_panel=RESULTS)(experiments.report)
 app.add_typer(deploy.deploy_app, name="deploy", rich_help_panel=DEPLOY)
 app.add_typer(data.data_app, name="data", rich_help_panel=DATA)
+app.add_typer(config.config_app, name="config", rich_help_panel=DATA)
 
 
 # A device install (the base dependencies) lacks what the server-side commands import

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from fedemb.cli.common import app_root, friendly_errors
+from fedemb.cli.common import ConfigOpt, SetOpt, app_root, friendly_errors, load_run_config
 from fedemb.errors import FedembError
 
 deploy_app = typer.Typer(help="Deploy to real devices: the server's side (SuperLink, keys, runs), or all of it on this machine.",
@@ -21,6 +21,21 @@ deploy_app = typer.Typer(help="Deploy to real devices: the server's side (SuperL
 Folder = Annotated[Path, typer.Argument(help="The deployment folder: certs/, keys/, logs/, pids/, flwr-home/.")]
 Port = Annotated[int, typer.Option(help="The SuperLink's port.")]
 DEPLOY_CONFIG = Path("simulations/configs/deploy.toml")
+
+
+@deploy_app.command()
+@friendly_errors
+def shards(out: Annotated[Path, typer.Argument(help="Where the device files go (and shards.json, their manifest).")],
+           config: ConfigOpt = None, overrides: SetOpt = None,
+           devices: Annotated[int, typer.Option(help="How many training users (the first N); 0: all.")] = 0,
+           one_file: Annotated[bool, typer.Option(help="All users in one users.npz (devices then need user=ID).")] = False):
+    """Give each device its own data: one .npz per training user of a config (for tests and demos of a
+    deployment; real devices hold their own data)."""
+    from fedemb.deploy.shards import write_shards
+
+    cfg = load_run_config(config or app_root() / DEPLOY_CONFIG, overrides)
+    manifest = write_shards(cfg, out, devices, one_file)
+    typer.echo(f"{len(manifest)} devices' data in {out} ({sum(m['examples'] for m in manifest)} examples)")
 
 
 @deploy_app.command()

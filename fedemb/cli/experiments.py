@@ -71,7 +71,6 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run directories, or 
     Utility against ε per method, ablations, synthetic-data accuracy against the end-to-end ledger ε,
     and the privacy ledger per stage. Runs of one grid point (experiment.json from
     `fedemb experiments run`) are averaged over their seeds."""
-    from fedemb.report.writer import write_report
+    from fedemb.cli import api
 
-    path = write_report(runs, out)
-    console.print(f"report: {path}", highlight=False)
+    console.print(f"report: {api.report(runs, out).report}", highlight=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,26 +33,10 @@ def privacy(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None,
     --target-epsilon. `fedemb privacy report RUN_DIR` prints a run's privacy ledger."""
     if ctx.invoked_subcommand is not None:
         return
-    from fedemb.privacy.accountant import calibrate_accounting_z, epsilon_for
-    from fedemb.privacy.sensitivity import (accounting_noise_multiplier, noise_multiplier_for,
-                                            sensitivity_in_clip_norms)
+    from fedemb.cli import api
 
     if config is not None or set_:
-        from fedemb.run_setup import prepare_run
-
-        cfg = load_run_config(config, set_)
-        if target_epsilon is not None:
-            cfg.privacy.target_epsilon, cfg.privacy.calibrate_noise = target_epsilon, True
-        setup = prepare_run(cfg)
-        p = setup.privacy
-        n_rounds = cfg.run.rounds
-        report = {"epsilon": p.epsilon_after(n_rounds) if cfg.privacy.enabled else math.inf, "delta": p.delta,
-                  "noise_multiplier": p.noise_multiplier, "accounting_noise_multiplier": p.accounting_noise_multiplier,
-                  "sensitivity_in_clip_norms": p.sensitivity, "sampling_rate": p.sampling_rate, "rounds": n_rounds,
-                  "users_per_client": cfg.sampling.users_per_client, "population": setup.population,
-                  "accountant": p.accountant}
-        if p.projection:
-            report |= {f"projected_{k}": v for k, v in p.projection.items()}
+        accounting = api.account(load_run_config(config, set_), target_epsilon=target_epsilon)
     else:
         missing = [name for name, v in (("--sampling-rate", sampling_rate), ("--rounds", rounds), ("--delta", delta))
                    if v is None]
@@ -61,23 +44,10 @@ def privacy(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None,
             missing.append("--noise-multiplier or --target-epsilon")
         if missing:
             raise FedembError(f"without --config, give {', '.join(missing)}")
-        if not 0 < sampling_rate <= 1:
-            raise FedembError(f"--sampling-rate must be in (0, 1], got {sampling_rate}")
-        if rounds < 1 or not 0 < delta < 1 or users_per_client < 1:
-            raise FedembError("--rounds must be >= 1, --delta in (0, 1), --users-per-client >= 1")
-        if accountant not in ("rdp", "prv"):
-            raise FedembError(f"--accountant must be rdp or prv, got {accountant!r}")
-        if target_epsilon is not None:
-            acc_z = calibrate_accounting_z(accountant, target_epsilon, delta, sampling_rate, rounds)
-            noise_multiplier = noise_multiplier_for(acc_z, users_per_client)
-        elif noise_multiplier < 0:
-            raise FedembError(f"--noise-multiplier must be >= 0, got {noise_multiplier}")
-        acc_z = accounting_noise_multiplier(noise_multiplier, users_per_client)
-        report = {"epsilon": epsilon_for(accountant, sampling_rate, acc_z, rounds, delta), "delta": delta,
-                  "noise_multiplier": noise_multiplier, "accounting_noise_multiplier": acc_z,
-                  "sensitivity_in_clip_norms": sensitivity_in_clip_norms(users_per_client),
-                  "sampling_rate": sampling_rate, "rounds": rounds, "users_per_client": users_per_client,
-                  "accountant": accountant}
+        accounting = api.account_parameters(sampling_rate=sampling_rate, rounds=rounds, delta=delta,
+                                            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+                                            users_per_client=users_per_client, accountant=accountant)
+    report = accounting.report()
     print_report(report, "user-level privacy", as_json)
 
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from fedemb.cli.common import (ConfigOpt, SetOpt, console, err_console, friendly_errors, load_run_config,
-                                    print_report)
-from fedemb.errors import DataError, FedembError
+from fedemb.cli.common import ConfigOpt, SetOpt, console, err_console, friendly_errors, print_report
+from fedemb.errors import FedembError
 
 synth_app = typer.Typer(help="Differentially private synthetic data from the private model.", no_args_is_help=True,
                         pretty_exceptions_enable=False, add_completion=False)
@@ -30,45 +28,10 @@ def parse_epsilons(text: str) -> list[float]:
     return values
 
 
-def open_ledger(run: Path | None, out: Path, delta: float | None, cfg, users: int):
-    """The run's ledger when there is one (releases compose with training's), else a new one in `out`."""
-    from fedemb.privacy.accountant import default_delta
-    from fedemb.privacy.ledger import PrivacyLedger
-    from fedemb.run_dir import LEDGER_FILE
-
-    if run is not None and (run / LEDGER_FILE).is_file():
-        ledger = PrivacyLedger.load(run / LEDGER_FILE)
-        if delta is not None and delta != ledger.delta:
-            raise FedembError(f"--delta {delta} differs from the run ledger's δ {ledger.delta:.3g}")
-        return ledger
-    ledger_delta = delta if delta is not None else (cfg.privacy.delta or default_delta(users))
-    if not 0 < ledger_delta < 1:
-        raise FedembError(f"--delta must be in (0, 1), got {ledger_delta}")
-    out.mkdir(parents=True, exist_ok=True)
-    return PrivacyLedger(out / LEDGER_FILE, ledger_delta, cfg.privacy.accountant)
-
-
-def run_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
-    checkpoint = checkpoint or (run / "checkpoints" / "final.pt" if run is not None else None)
-    if checkpoint is None:
-        raise FedembError("give a run directory, or --checkpoint with --config")
-    if not Path(checkpoint).is_file():
-        raise DataError(f"checkpoint not found: {checkpoint}")
-    return Path(checkpoint)
-
-
 RunArg = Annotated[Optional[Path], typer.Argument(help="A run directory: its config, final checkpoint and privacy ledger.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Backbone + embedding checkpoint (default: the run's final.pt).")]
 DeltaOpt = Annotated[Optional[float], typer.Option(help="δ when there is no run ledger (default 1/N^1.1 of the private users).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results JSON.")]
-
-
-def run_config(run: Path | None, config: Path | None, set_):
-    if run is not None and not run.is_dir():
-        raise FedembError(f"run directory not found: {run}")
-    if run is not None:
-        config = config or run / "config.toml"
-    return load_run_config(config, set_)
 
 
 def print_release(results: dict) -> None:
@@ -82,19 +45,20 @@ def print_release(results: dict) -> None:
 
 
 @contextmanager
-def optimisation_progress(steps: int):
-    """A rich progress bar per phase; yields the `progress(phase, step, loss)` callback the runs call.
-    Optimisation phases count their steps; training and baseline phases just show that they run."""
+def optimisation_progress():
+    """A rich progress bar per phase; yields the `progress(phase, step, total, loss)` callback of
+    fedemb.cli.api.synthesize. Optimisation phases count their steps; training and baseline phases just
+    show that they run."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         tasks = {}
 
-        def progress(phase: str, step: int, loss: float) -> None:
+        def progress(phase: str, step: int, total: int | None, loss: float) -> None:
             if phase not in tasks:
                 counted = not any(word in phase for word in ("training", "baseline"))
-                tasks[phase] = bar.add_task(phase, total=steps if counted else None, loss="")
+                tasks[phase] = bar.add_task(phase, total=total if counted else None, loss="")
             bar.update(tasks[phase], completed=step, loss="" if loss != loss else f"loss {loss:.4g}")
         yield progress
 
@@ -117,40 +81,16 @@ def gmm(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, check
     run's privacy ledger; non-private figures go to OUT/private/ only."""
     from rich.progress import Progress
 
-    from fedemb.synth.embedded import load_embedded, to_sphere
-    from fedemb.synth.from_run import SynthesisData, embed_for_synthesis
-    from fedemb.synth.gmm import check_fit_inputs
-    from fedemb.synth.pipeline import run_gmm_synthesis
+    from fedemb.cli import api
 
     sweep = parse_epsilons(epsilons)
-    cfg = run_config(run, config, set_)
-    if embeddings is not None or test_embeddings is not None:
-        if embeddings is None or test_embeddings is None:
-            raise FedembError("--embeddings and --test-embeddings go together")
-        dim = cfg.model.embedding_dim if run is not None else None
-        private = load_embedded(embeddings, dim)
-        test = load_embedded(test_embeddings, private.dim)
-        private.x, test.x = to_sphere(private.x), to_sphere(test.x)
-        data = SynthesisData(private, test, None, int(max(private.labels.max(), test.labels.max())) + 1)
-    else:
-        if run is None and checkpoint is None:
-            raise FedembError("give a run directory, --checkpoint with --config, or --embeddings and --test-embeddings")
-        data = embed_for_synthesis(cfg, run_checkpoint(run, checkpoint))
-    if data.test.labels.max() >= data.num_classes:
-        raise DataError(f"test labels go up to {data.test.labels.max()}, beyond the {data.num_classes} classes")
-    check_fit_inputs(data.private, data.num_classes, cfg.synth, data.public)  # before anything is written
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = out or (run / "synth" / f"gmm-{stamp}" if run is not None else Path("runs") / f"synth-gmm-{stamp}")
-    ledger = open_ledger(run, out, delta, cfg, len(set(data.private.users.tolist())))
-
-    points = len(set(sweep) | {cfg.synth.epsilon})
     with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("release and sweep", total=points)
-        results = run_gmm_synthesis(data.private, data.test, data.num_classes, cfg.synth, ledger, out, sweep,
-                                    data.public, baselines, progress=lambda i, eps: bar.update(
-                                        task, completed=i, description=f"ε = {eps:g}"))
-    results["out"] = str(out)
+        task = bar.add_task("release and sweep", total=None)
+        result = api.synthesize(run, "gmm", config=config, overrides=set_ or [], checkpoint=checkpoint, out=out,
+                                delta=delta, epsilons=sweep, baselines=baselines, embeddings=embeddings,
+                                test_embeddings=test_embeddings, progress=lambda phase, step, total, loss: bar.update(
+                                    task, completed=step, total=total, description=phase))
+    results, out = dict(result.results), result.out
     if as_json:
         print(json.dumps(results, default=str))
         return
@@ -178,16 +118,12 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
     Releases DP activation statistics and DP class prototypes of the private data, inverts them into
     images, and trains fresh classifiers on those images alone (hard labels, and distilled from the private
     model), tested on real held-out images next to an ablation without statistics. Settings: the config's invert section."""
-    from fedemb.synth.invert_run import load_private_model, run_inversion
+    from fedemb.cli import api
 
-    cfg = run_config(run, config, set_)
-    model = load_private_model(cfg, run_checkpoint(run, checkpoint))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = out or (run / "synth" / f"invert-{stamp}" if run is not None else Path("runs") / f"synth-invert-{stamp}")
-    ledger = open_ledger(run, out, delta, cfg, model.private.num_users)
-    with optimisation_progress(cfg.invert.steps) as progress:
-        results = run_inversion(cfg, model, ledger, out, progress)
-    results["out"] = str(out)
+    with optimisation_progress() as progress:
+        result = api.synthesize(run, "invert", config=config, overrides=set_ or [], checkpoint=checkpoint, out=out,
+                                delta=delta, progress=progress)
+    results, out = dict(result.results), result.out
     if as_json:
         print(json.dumps(results, default=str))
         return
@@ -216,23 +152,12 @@ def custom(run: RunArg = None,
     segment; optional DP embeddings), synthesizes on the server from the uploaded payload alone, trains
     a small model on the result and tests it on the user's real held-out
     images against the L0-only baseline, with per-object privacy measures."""
-    from fedemb.synth.custom import custom_settings
-    from fedemb.synth.custom_run import run_custom
-    from fedemb.synth.from_run import embedding_centre, load_encoder
-    from fedemb.synth.task_spec import load_task
+    from fedemb.cli import api
 
-    if task is None:
-        raise FedembError("--task FILE is required (the task spec, TOML)")
-    cfg = run_config(run, config, set_)
-    net, splits = load_encoder(cfg, run_checkpoint(run, checkpoint))
-    spec = load_task(task, splits.train.image_shape)  # every check on the task happens before anything leaves
-    settings = custom_settings(spec.synthesis, str(task))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = out or (run / "synth" / f"custom-{stamp}" if run is not None else Path("runs") / f"synth-custom-{stamp}")
-    with optimisation_progress(settings.steps) as progress:
-        results = run_custom(cfg.model, net, embedding_centre(cfg, net, splits), spec, out, cfg.privacy.accountant,
-                             statistics, baseline, progress)
-    results["out"] = str(out)
+    with optimisation_progress() as progress:
+        result = api.synthesize(run, "custom", config=config, overrides=set_ or [], checkpoint=checkpoint, out=out,
+                                task=task, statistics=statistics, baselines=baseline, progress=progress)
+    results, out = dict(result.results), result.out
     if as_json:
         print(json.dumps(results, default=str))
         return

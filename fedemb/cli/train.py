@@ -24,32 +24,22 @@ def simulate(config: ConfigOpt = None, set_: SetOpt = None,
 
     Writes a run directory: config.toml, results.json, privacy.json (the privacy ledger), checkpoints/
     and TensorBoard logs."""
-    from fedemb.run_setup import check_resume, prepare_run
-    from fedemb.run_dir import LEDGER_FILE, new_run_dir
-    from simulations.engine import run_simulation
+    from fedemb.cli import api
 
+    def announce(plan: api.RunPlan) -> None:
+        err_console.print(f"fedemb: {plan.population} training users, q={plan.sampling_rate}, k={plan.users_per_client}, "
+                          f"M={plan.virtual_clients} virtual clients/round, z={plan.noise_multiplier:.4g}, C={plan.clip_norm}, "
+                          f"δ={plan.delta:.3g}; run directory {plan.run_dir}{' (resumed)' if plan.resumed else ''}",
+                          highlight=False)
+
+    options = {"ray_address": ray_address or "", "verbose": verbose, "on_start": announce}
     if resume is not None:
         if config is not None or set_ or run_dir is not None:
             raise FedembError("--resume continues a run with its own config: drop --config, --set and --run-dir")
-        if not (resume / "config.toml").is_file():
-            raise FedembError(f"{resume} is not a run directory (no config.toml)")
-        cfg = load_run_config(resume / "config.toml", [])
+        result = api.resume(resume, **options)
     else:
-        if run_dir is not None and (run_dir / LEDGER_FILE).exists():
-            raise FedembError(f"{run_dir} already holds a run ({LEDGER_FILE}): resume it with --resume {run_dir} "
-                              "or choose another --run-dir")
-        cfg = load_run_config(config, set_)
-    setup = prepare_run(cfg)  # fail on bad data or model before anything is written or started
-    if resume is not None:
-        check_resume(resume, cfg, setup)  # a missing or mismatched ledger: one line, before Ray starts
-    out = resume.resolve() if resume is not None else new_run_dir(cfg, str(run_dir) if run_dir else None)
-    p = setup.privacy
-    err_console.print(f"fedemb: {setup.population} training users, q={cfg.sampling.rate}, k={cfg.sampling.users_per_client}, "
-                      f"M={setup.virtual_clients} virtual clients/round, z={p.noise_multiplier:.4g}, C={cfg.privacy.clip_norm}, "
-                      f"δ={p.delta:.3g}; run directory {out}{' (resumed)' if resume else ''}", highlight=False)
-    results = run_simulation(cfg, out, setup.virtual_clients, verbose=verbose, resume=resume is not None,
-                             ray_address=ray_address or "")
-    print_run_summary(results, out)
+        result = api.simulate(load_run_config(config, set_), run_dir, **options)
+    print_run_summary(dict(result.results), result.run_dir)
 
 
 def print_run_summary(results: dict, out: Path) -> None:

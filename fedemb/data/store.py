@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,7 +39,7 @@ SPLITS = ("train", "eval", "public")
 def load_splits(data_cfg) -> DataSplits:
     """Deterministic in the data config: every process that loads it gets the same split, memory-mapped
     from the machine's store (built by the first process that asks)."""
-    return _load_splits_cached(json.dumps(asdict(data_cfg), sort_keys=True))
+    return _load_splits_cached(json.dumps(data_cfg.model_dump(), sort_keys=True))
 
 
 @lru_cache(maxsize=4)
@@ -60,7 +59,7 @@ def _source_files(data_cfg) -> list[Path]:
 
 
 def store_key(data_cfg) -> str:
-    config = {k: v for k, v in asdict(data_cfg).items() if k != "cache_dir"}
+    config = {k: v for k, v in data_cfg.model_dump().items() if k != "cache_dir"}
     return key_of({"version": STORE_VERSION, "config": config, "files": file_stats(_source_files(data_cfg))})
 
 

@@ -5,7 +5,7 @@
 
 The file is an .npz with x ((n, H, W), (n, H, W, C) or (n, C, H, W); uint8, or float in [0, 1]), y (labels) and
 optionally user (one id per row): the format `data.name = "npz"` reads. fedemb.deploy.shards writes one
-per device from a config's training users (scripts/deploy/make_shards.py); `fedemb-device data` writes
+per device from a config's training users (`fedemb deploy shards`); `fedemb-device data` writes
 one from a folder of images. Nothing of it leaves the device but the clipped update of the model trained on it.
 
 Reading and checking a file needs only NumPy: `fedemb-device join` checks it on installs without torch.

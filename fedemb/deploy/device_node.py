@@ -8,7 +8,8 @@
 
 Joining starts the SuperNode detached and watches its log until the server activates it (Flower logs
 `SuperNode ID: N`) or it exits or the wait runs out; a failure is explained from the log in plain words.
-Standard library only, beside fedemb's lean modules: a device's install has no torch to spare.
+Only fedemb's lean modules and base dependencies (psutil for the processes), never torch: a device's
+install has no torch to spare.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from cryptography import x509
 
 from fedemb.deploy.credentials import checked_node_name, make_node_key
 from fedemb.deploy.device_data import DATA_PATH, USER, read_device_file
-from fedemb.deploy.process_group import group_running, process_running, read_pid, start_detached, stop_group
 from fedemb.errors import FedembError
+from fedemb.os_processes import alive, command_line, group_running, read_pid, start_detached, stop_group
 
 HOME_VARIABLE = "FEDEMB_DEVICE_HOME"
 KEY, PUBLIC_KEY, SETTINGS, CA, LOG, PID = "node.key", "node.key.pub", "device.json", "ca.crt", "supernode.log", "supernode.pid"
@@ -79,15 +80,12 @@ class DeviceFolder:
     def node_pid(self) -> int | None:
         """The running SuperNode's PID; None when none runs (a PID file left by a crash does not count)."""
         pid = read_pid(self.file(PID))
-        return pid if process_running(pid) and self._runs_our_node(pid) else None
+        return pid if alive(pid) and self._runs_our_node(pid) else None
 
     def _runs_our_node(self, pid: int) -> bool:
         """Whether `pid` is this folder's SuperNode and not a process that got its PID after a reboot."""
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return True  # no /proc on this system: trust the PID file
-        return any(a.endswith(b"flower-supernode") for a in argv) and str(self.file(KEY).resolve()).encode() in argv
+        argv = command_line(pid)
+        return any(a.endswith("flower-supernode") for a in argv) and str(self.file(KEY).resolve()) in argv
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -377,7 +375,7 @@ def read_tail(log: Path, size: int = 16384) -> str:
 def stop(folder: DeviceFolder, grace: float = 10.0) -> int | None:
     """SIGTERM, then SIGKILL, to the SuperNode's process group; the PID stopped, None when nothing ran."""
     pid = read_pid(folder.file(PID))
-    leftovers = pid is not None and not process_running(pid) and group_running(pid)
+    leftovers = pid is not None and not alive(pid) and group_running(pid)
     if pid is None or (folder.node_pid() is None and not leftovers):
         folder.file(PID).unlink(missing_ok=True)
         return None

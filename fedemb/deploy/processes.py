@@ -23,9 +23,9 @@ from pathlib import Path
 
 from fedemb.deploy.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, certificate_hosts
 from fedemb.deploy.registry import NodeRegistry, read_public_key
-from fedemb.deploy.process_group import process_running, read_pid, start_detached, stop_group
 from fedemb.errors import FedembError
 from fedemb.flower_cli_run import flwr_command, submit_run, wait_for_final_status
+from fedemb.os_processes import alive, read_pid, start_detached, stop_group
 
 CONNECTION = "fedemb"
 SUPERLINK = "superlink"
@@ -181,7 +181,7 @@ class Deployment:
         return read_pid(self.path("pids", f"{name}.pid"))
 
     def alive(self, name: str) -> bool:
-        return process_running(self.pid(name))
+        return alive(self.pid(name))
 
     def stop(self, name: str, grace: float = 10.0) -> None:
         """SIGTERM to the process group (a SuperNode deregisters, a SuperLink stops its SuperExec), then

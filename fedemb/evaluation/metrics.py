@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from fedemb.monitoring.metric_names import RECALL_AT_1, TAR_AT_FAR
+
 BLOCK = 2048
 
 
@@ -63,8 +65,5 @@ def embedding_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, f
     # 2-core machine (py-spy). The matrices are small; one thread costs nothing.
     with threadpool_limits(limits=1, user_api="blas"):
         genuine, impostor = pair_scores(embeddings, labels)
-        return {
-            "recall_at_1": recall_at_1(embeddings, labels),
-            "tar_at_far_1e-3": tar_at_far(genuine, impostor, 1e-3),
-            "tar_at_far_1e-1": tar_at_far(genuine, impostor, 1e-1),
-        }
+        return {RECALL_AT_1: recall_at_1(embeddings, labels),
+                **{name: tar_at_far(genuine, impostor, far) for far, name in TAR_AT_FAR.items()}}

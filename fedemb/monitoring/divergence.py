@@ -14,10 +14,11 @@ from logging import WARNING
 from flwr.common.logger import log
 
 from fedemb.monitoring.callback import RoundCallback
+from fedemb.monitoring.metric_names import MODEL_NORM, TAG_DIVERGED
 
 GROWTH_FACTOR = 100.0
 ADVICE = ("lower server.lr (or server.momentum) and client.lr; with DP, a smaller privacy.clip_norm "
-          "or more users per round lowers the noise per step (docs/configuration.md, 'When a run diverges')")
+          "or more users per round lowers the noise per step (docs/divergence.md)")
 
 
 class DivergenceWatch(RoundCallback):
@@ -39,7 +40,7 @@ class DivergenceWatch(RoundCallback):
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         if self.report is not None:
             return
-        norm = float(train_metrics.get("model-norm", 0.0))
+        norm = float(train_metrics.get(MODEL_NORM, 0.0))
         if not math.isfinite(norm):
             reason = "the model is no longer finite"
         elif norm > self.growth_factor * self.initial_norm:
@@ -50,6 +51,6 @@ class DivergenceWatch(RoundCallback):
         self.run_state["diverged"] = {"round": server_round, "reason": reason, "advice": ADVICE}
         log(WARNING, "training diverged in round %s: %s; %s", server_round, reason, ADVICE)
         if self.writer is not None:
-            self.writer.add_text("run/diverged", f"round {server_round}: {reason}. What to change: {ADVICE}",
+            self.writer.add_text(TAG_DIVERGED, f"round {server_round}: {reason}. What to change: {ADVICE}",
                                  server_round)
             self.writer.flush()

@@ -10,17 +10,19 @@ is not on it is private, so a new metric can never leak by default.
 
 from __future__ import annotations
 
+from fedemb.monitoring import metric_names as names
+
 # round figure -> why it may be published
 PUBLIC_ROUND_METRICS = {
-    "epsilon": "the ledger's cumulative ε (data-independent)",
-    "denominator": "M, fixed by the config and the population size",
-    "clip-norm": "fixed: the config; adaptive: post-processing of the released noisy clipped count",
-    "noise-std": "a function of the clip norm and the config",
-    "effective-noise-multiplier": "a function of the clip norm and the config",
-    "unclipped-fraction-estimate": "adaptive clipping's released noisy count, post-processed",
-    "dp-train-loss": "the released noisy sum of bounded losses (privacy.metrics), post-processed",
-    "dp-fraction-clipped": "the released noisy clipped count (privacy.metrics or adaptive clipping), post-processed",
-    "model-norm": "the norm of the released model after the round: post-processing of the releases",
+    names.EPSILON: "the ledger's cumulative ε (data-independent)",
+    names.DENOMINATOR: "M, fixed by the config and the population size",
+    names.CLIP_NORM: "fixed: the config; adaptive: post-processing of the released noisy clipped count",
+    names.NOISE_STD: "a function of the clip norm and the config",
+    names.EFFECTIVE_NOISE_MULTIPLIER: "a function of the clip norm and the config",
+    names.UNCLIPPED_FRACTION_ESTIMATE: "adaptive clipping's released noisy count, post-processed",
+    names.DP_TRAIN_LOSS: "the released noisy sum of bounded losses (privacy.metrics), post-processed",
+    names.DP_FRACTION_CLIPPED: "the released noisy clipped count (privacy.metrics or adaptive clipping), post-processed",
+    names.MODEL_NORM: "the norm of the released model after the round: post-processing of the releases",
 }
 
 

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedemb.monitoring.callback import RoundCallback
+from fedemb.monitoring.metric_names import DP_TRAIN_LOSS, EPSILON, RECALL_AT_1
 
 
 class ProgressReporter(RoundCallback):
@@ -23,10 +24,10 @@ class ProgressReporter(RoundCallback):
                                            loss="-", recall="-", eps="0")
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
-        dp_loss = train_metrics.get("dp-train-loss")
-        fields = {"loss": "-" if dp_loss is None else f"{dp_loss:.3f}", "eps": f"{train_metrics.get('epsilon', 0.0):.3g}"}
+        dp_loss = train_metrics.get(DP_TRAIN_LOSS)
+        fields = {"loss": "-" if dp_loss is None else f"{dp_loss:.3f}", "eps": f"{train_metrics.get(EPSILON, 0.0):.3g}"}
         if eval_metrics:
-            fields["recall"] = f"{eval_metrics['recall_at_1']:.3f}"
+            fields["recall"] = f"{eval_metrics[RECALL_AT_1]:.3f}"
         self.progress.update(self.task, completed=server_round, **fields)
 
     def on_run_end(self, result, strategy):

@@ -12,6 +12,7 @@ from numbers import Real
 from pathlib import Path
 
 from fedemb.monitoring.callback import RoundCallback
+from fedemb.monitoring.metric_names import TAG_TRAINING_INPUTS, private_tag
 from fedemb.run_dir import append_private_jsonl, private_dir
 
 TELEMETRY_FILE = "telemetry.jsonl"
@@ -43,7 +44,7 @@ class PrivateTelemetry(RoundCallback):
             from fedemb.monitoring.image_grid import class_rows, sample_by_class
 
             images, labels = sample_by_class(train_population)
-            self.writer.add_image("server-private/training_inputs_one_class_per_row", class_rows(images, labels), 0)
+            self.writer.add_image(TAG_TRAINING_INPUTS, class_rows(images, labels), 0)
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
         append_private_jsonl(self.run_dir, TELEMETRY_FILE,
@@ -51,7 +52,7 @@ class PrivateTelemetry(RoundCallback):
         if self.writer is not None:
             for key, value in train_metrics.items():
                 if isinstance(value, Real) and math.isfinite(value):
-                    self.writer.add_scalar(f"server-private/{key}", float(value), server_round)
+                    self.writer.add_scalar(private_tag(key), float(value), server_round)
             self.writer.flush()
 
     def on_run_end(self, result, strategy):

@@ -19,25 +19,23 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from fedemb.monitoring import metric_names as names
 from fedemb.monitoring.callback import RoundCallback
 
-TRAINING, EVALUATION, PRIVACY, RUN = "1_training", "2_evaluation", "3_privacy", "run"
-
 ROUND_CURVES = {  # tag -> round figure
-    f"{TRAINING}/dp_loss": "dp-train-loss",
-    f"{TRAINING}/dp_fraction_clipped": "dp-fraction-clipped",
-    f"{TRAINING}/model_norm": "model-norm",
-    f"{PRIVACY}/epsilon": "epsilon",
+    names.TAG_DP_LOSS: names.DP_TRAIN_LOSS,
+    names.TAG_DP_FRACTION_CLIPPED: names.DP_FRACTION_CLIPPED,
+    names.TAG_MODEL_NORM: names.MODEL_NORM,
+    names.TAG_EPSILON: names.EPSILON,
 }
 # constant under fixed clipping (then they are text); curves only when adaptive clipping moves them
 ADAPTIVE_CURVES = {
-    f"{PRIVACY}/clip_norm": "clip-norm",
-    f"{PRIVACY}/noise_std": "noise-std",
-    f"{PRIVACY}/effective_noise_multiplier": "effective-noise-multiplier",
-    f"{PRIVACY}/unclipped_fraction_estimate": "unclipped-fraction-estimate",
+    names.TAG_CLIP_NORM: names.CLIP_NORM,
+    names.TAG_NOISE_STD: names.NOISE_STD,
+    names.TAG_EFFECTIVE_NOISE_MULTIPLIER: names.EFFECTIVE_NOISE_MULTIPLIER,
+    names.TAG_UNCLIPPED_FRACTION_ESTIMATE: names.UNCLIPPED_FRACTION_ESTIMATE,
 }
-HPARAM_METRICS = (f"{EVALUATION}/recall_at_1", f"{EVALUATION}/tar_at_far_1e-3", f"{EVALUATION}/tar_at_far_1e-1",
-                  f"{PRIVACY}/epsilon")
+HPARAM_METRICS = (*(names.eval_tag(m) for m in names.EVAL_METRICS), names.TAG_EPSILON)
 PROJECTOR_TAG = "held_out_users"
 PROJECTOR_CONFIG = "projector_config.pbtxt"
 
@@ -103,18 +101,18 @@ class TensorBoardLogger(RoundCallback):
 
         from fedemb.monitoring.image_grid import class_rows
 
-        self.writer.add_text(f"{RUN}/config", code_block(config_toml), 0)
-        self.writer.add_text(f"{RUN}/privacy", markdown_table(facts), 0)
+        self.writer.add_text(names.TAG_CONFIG, code_block(config_toml), 0)
+        self.writer.add_text(names.TAG_PRIVACY, markdown_table(facts), 0)
         for summary in hparams_summaries(hparams, {tag: 0.0 for tag in HPARAM_METRICS}):
             self.writer.file_writer.add_summary(summary)
         if inputs is not None:
             images, labels = inputs
-            self.writer.add_image(f"{EVALUATION}/held_out_inputs_one_class_per_row", class_rows(images, labels), 0)
+            self.writer.add_image(names.TAG_HELD_OUT_INPUTS, class_rows(images, labels), 0)
         self.writer.flush()
 
     def log_eval(self, step: int, eval_metrics: dict) -> None:
         for key, value in eval_metrics.items():
-            self.writer.add_scalar(f"{EVALUATION}/{key}", float(value), step)
+            self.writer.add_scalar(names.eval_tag(key), float(value), step)
         self.project(step)
 
     def on_round_end(self, server_round, arrays, train_metrics, eval_metrics):
@@ -127,7 +125,7 @@ class TensorBoardLogger(RoundCallback):
         self.writer.flush()
 
     def log_summary(self, summary: dict[str, object], step: int) -> None:
-        self.writer.add_text(f"{RUN}/summary", markdown_table(summary), step)
+        self.writer.add_text(names.TAG_SUMMARY, markdown_table(summary), step)
         self.writer.flush()
 
     def project(self, step: int) -> None:

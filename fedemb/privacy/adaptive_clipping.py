@@ -24,9 +24,9 @@ class AdaptiveClipping:
     learning_rate: float  # η
     count_std: float  # σ_b, on the centred count
 
-    def update(self, noisy_centred_count: float, expected_clients: int) -> float:
-        """Move C after a round; returns the estimated unclipped fraction."""
-        unclipped = noisy_centred_count / expected_clients + 0.5
+    def update(self, noisy_centred_count: float, virtual_clients: int) -> float:
+        """Move C after a round (M = `virtual_clients`); returns the estimated unclipped fraction."""
+        unclipped = noisy_centred_count / virtual_clients + 0.5
         self.clip_norm *= math.exp(-self.learning_rate * (unclipped - self.target_quantile))
         return unclipped
 

@@ -33,12 +33,8 @@ from functools import lru_cache
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-STREAM_SAMPLING = 1
-STREAM_GROUPING = 2
-STREAM_FAULTS = 3
-STREAM_TRAINING = 4
-STREAM_HEAD_ANCHORS = 5
-STREAM_RUN_SECRET = 40
+# the stream ids live in fedemb.privacy.streams; the nodes' three are re-exported for client_task
+from fedemb.privacy.streams import STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_RUN_SECRET, STREAM_TRAINING  # noqa: F401
 
 SECRET_BYTES = 32
 Secret = int | bytes

@@ -1,6 +1,8 @@
 """The DP mechanism of a round: what clients clip to, the noise the server adds to their clipped sum,
 and the ledger entry that accounts for it. The strategy composes one of these with a sampler, the
-ledger and the server optimizer; it does not branch on which one it has.
+ledger and the server optimizer; it does not branch on which one it has. It hands the mechanism the
+clipped sum and the round's exact counts (RoundCounts); the mechanism owns the noise std and what it
+releases of the counts, divided by M (the run's virtual-client slots, RunSetup.virtual_clients).
 
 - SampledGaussian: N(0, (z·C)²) on the sum, fixed C or adaptive C (with its noised clipped-count query),
   optionally with DP training metrics (a noised sum of bounded losses and a noised clipped count).
@@ -16,6 +18,8 @@ from fedemb.privacy.accountant import PrivacyPlan
 from dataclasses import dataclass
 
 from fedemb.errors import ConfigError
+from fedemb.monitoring.metric_names import (CLIP_NORM, DP_FRACTION_CLIPPED, DP_TRAIN_LOSS, EFFECTIVE_NOISE_MULTIPLIER,
+                                            NOISE_STD, UNCLIPPED_FRACTION_ESTIMATE)
 from fedemb.privacy.adaptive_clipping import AdaptiveClipping
 from fedemb.privacy.clipping import Update
 from fedemb.privacy.ledger import SAMPLED_GAUSSIAN, TREE, ZERO_OUT, LedgerEntry
@@ -26,6 +30,22 @@ from fedemb.privacy.tree_noise import TreeNoise
 STAGE = "training"
 CENTRED_UNCLIPPED = "centred-unclipped"  # Σ over accepted virtual clients of (1 if unclipped else 0) − ½
 CENTRED_LOSS = "centred-loss"  # Σ over accepted virtual clients of (min(max(loss, 0), B) − B/2)
+
+
+@dataclass(frozen=True)
+class RoundCounts:
+    """The exact counts of a round's accepted replies (server-side only), as the strategy summed them.
+    What a mechanism releases of them, and how, is the mechanism's: it centres them (CENTRED_*) here."""
+    accepted: float  # virtual clients whose updates are in the sum
+    clipped: float  # of those, the ones whose update was clipped
+    bounded_loss_sum: float = 0.0  # Σ of their mean losses clamped to [0, B] (privacy.metrics)
+
+    @property
+    def centred_unclipped(self) -> float:
+        return (self.accepted - self.clipped) - self.accepted / 2
+
+    def centred_loss(self, loss_bound: float) -> float:
+        return self.bounded_loss_sum - self.accepted * loss_bound / 2
 
 
 @dataclass(frozen=True)
@@ -46,11 +66,11 @@ def metric_noise_std(sensitivity: float, by_cohort: float, plan: PrivacyPlan) ->
     return max(by_cohort, sensitivity * plan.accounting_noise_multiplier / METRIC_BUDGET_SHARE ** 0.5)
 
 
-def training_metrics(centred_unclipped: float, centred_loss: float, expected_clients: int, loss_bound: float
+def training_metrics(centred_unclipped: float, centred_loss: float, virtual_clients: int, loss_bound: float
                      ) -> dict[str, float]:
     """The published training metrics from the (released) centred sums, divided by M, never by what arrived."""
-    return {"dp-train-loss": centred_loss / expected_clients + loss_bound / 2,
-            "dp-fraction-clipped": 0.5 - centred_unclipped / expected_clients}
+    return {DP_TRAIN_LOSS: centred_loss / virtual_clients + loss_bound / 2,
+            DP_FRACTION_CLIPPED: 0.5 - centred_unclipped / virtual_clients}
 
 
 def joint_update_noise_multiplier(accounting_z: float, queries: list[ScalarQuery]) -> float:
@@ -70,13 +90,14 @@ def joint_update_noise_multiplier(accounting_z: float, queries: list[ScalarQuery
 class RoundMechanism:
     name = ""
     clip_norm = 0.0  # what clients clip to in the coming round; 0: no clipping
+    virtual_clients = 0  # M, by which released counts are divided; 0: the mechanism divides nothing
 
     def ledger_entry(self, server_round: int, attempt: int) -> LedgerEntry:
         raise NotImplementedError
 
-    def privatize(self, total: Update, centred_unclipped: float, centred_loss: float = 0.0) -> Update:
-        """The noisy clipped sum. `centred_unclipped` and `centred_loss` (see CENTRED_*) are the
-        scalar sums for mechanisms that query them."""
+    def privatize(self, total: Update, counts: RoundCounts) -> Update:
+        """The noisy clipped sum. `counts`: the round's exact counts, for mechanisms that release
+        scalar queries of them (the centred sums CENTRED_*, noised with the update)."""
         raise NotImplementedError
 
     def round_metrics(self) -> dict:
@@ -92,8 +113,8 @@ class RoundMechanism:
 class NoPrivacy(RoundMechanism):
     name = "none"
 
-    def __init__(self, expected_clients: int = 1, metrics=None):
-        self.expected_clients = expected_clients
+    def __init__(self, virtual_clients: int = 1, metrics=None):
+        self.virtual_clients = virtual_clients  # M
         self.metrics = metrics if metrics is not None and metrics.enabled else None
         self._last: dict = {}
 
@@ -101,23 +122,24 @@ class NoPrivacy(RoundMechanism):
         return LedgerEntry(STAGE, f"round {server_round}", "unclipped, noiseless sum (not private)",
                            {"kind": "none"}, round=server_round, attempt=attempt)
 
-    def privatize(self, total, centred_unclipped, centred_loss=0.0):
+    def privatize(self, total, counts):
         self._last = {}
         if self.metrics:  # not private anyway (ε = ∞ in the ledger): the same estimates, without noise
-            self._last = training_metrics(centred_unclipped, centred_loss, self.expected_clients,
-                                          self.metrics.loss_bound)
+            bound = self.metrics.loss_bound
+            self._last = training_metrics(counts.centred_unclipped, counts.centred_loss(bound), self.virtual_clients,
+                                          bound)
         return {k: v.clone() for k, v in total.items()}
 
     def round_metrics(self):
-        return {"noise-std": 0.0, **self._last}
+        return {NOISE_STD: 0.0, **self._last}
 
 
 class SampledGaussian(RoundMechanism):
-    def __init__(self, plan: PrivacyPlan, clip_norm: float, noise: GaussianNoise, expected_clients: int,
+    def __init__(self, plan: PrivacyPlan, clip_norm: float, noise: GaussianNoise, virtual_clients: int,
                  adaptive: AdaptiveClipping | None = None, metrics=None):
         self.plan = plan
         self.noise = noise
-        self.expected_clients = expected_clients
+        self.virtual_clients = virtual_clients  # M: the released counts are divided by it
         self.adaptive = adaptive
         self.metrics = metrics if metrics is not None and metrics.enabled else None
         self.fixed_clip_norm = clip_norm
@@ -129,14 +151,14 @@ class SampledGaussian(RoundMechanism):
         if adaptive or self.metrics:
             setting = "privacy.adaptive.count_noise_std" if adaptive else "privacy.metrics.count_noise_std"
             count_std = adaptive.count_std if adaptive else (
-                self.metrics.count_noise_std or metric_noise_std(self.count_sensitivity, expected_clients / 20, plan))
+                self.metrics.count_noise_std or metric_noise_std(self.count_sensitivity, virtual_clients / 20, plan))
             self.queries.append(ScalarQuery(CENTRED_UNCLIPPED, self.count_sensitivity, count_std, setting))
         if self.metrics:
             bound = self.metrics.loss_bound
             loss_sensitivity = plan.sensitivity * bound / 2
             self.queries.append(ScalarQuery(
                 CENTRED_LOSS, loss_sensitivity,
-                self.metrics.loss_noise_std or metric_noise_std(loss_sensitivity, bound * expected_clients / 40, plan),
+                self.metrics.loss_noise_std or metric_noise_std(loss_sensitivity, bound * virtual_clients / 40, plan),
                 "privacy.metrics.loss_noise_std"))
         self.update_z = joint_update_noise_multiplier(plan.accounting_noise_multiplier, self.queries)
         self._last: dict = {}
@@ -164,15 +186,17 @@ class SampledGaussian(RoundMechanism):
                            noise_multiplier=self.plan.accounting_noise_multiplier,
                            sensitivity=self.plan.sensitivity * self.clip_norm, attempt=attempt, details=details)
 
-    def privatize(self, total, centred_unclipped, centred_loss=0.0):
+    def privatize(self, total, counts):
         clip, std = self.clip_norm, self.update_std
         noisy = self.noise.add(total, std)
-        self._last = {"clip-norm": clip, "noise-std": std, "effective-noise-multiplier": std / clip if clip else 0.0}
-        exact = {CENTRED_UNCLIPPED: centred_unclipped, CENTRED_LOSS: centred_loss}
+        self._last = {CLIP_NORM: clip, NOISE_STD: std, EFFECTIVE_NOISE_MULTIPLIER: std / clip if clip else 0.0}
+        exact = {CENTRED_UNCLIPPED: counts.centred_unclipped}
+        if self.metrics:
+            exact[CENTRED_LOSS] = counts.centred_loss(self.metrics.loss_bound)
         released = {q.name: exact[q.name] + self.noise.draw_scalar(q.std) for q in self.queries}
-        m = self.expected_clients
+        m = self.virtual_clients
         if self.adaptive:
-            self._last["unclipped-fraction-estimate"] = self.adaptive.update(released[CENTRED_UNCLIPPED], m)
+            self._last[UNCLIPPED_FRACTION_ESTIMATE] = self.adaptive.update(released[CENTRED_UNCLIPPED], m)
         if self.metrics:
             self._last |= training_metrics(released[CENTRED_UNCLIPPED], released[CENTRED_LOSS], m,
                                            self.metrics.loss_bound)
@@ -214,12 +238,12 @@ class TreeAggregation(RoundMechanism):
                                     "max_participations": self.plan.limits.max_participations,
                                     "restart_every": self.plan.restart_every})
 
-    def privatize(self, total, centred_unclipped, centred_loss=0.0):
+    def privatize(self, total, counts):
         return self.tree.residual(total)
 
     def round_metrics(self):
-        return {"clip-norm": self.clip_norm, "noise-std": self.tree.std,
-                "effective-noise-multiplier": self.plan.noise_multiplier}
+        return {CLIP_NORM: self.clip_norm, NOISE_STD: self.tree.std,
+                EFFECTIVE_NOISE_MULTIPLIER: self.plan.noise_multiplier}
 
     def state_dict(self):
         # the tree's node noise is state the prefix sums depend on: it is kept even for OS-seeded noise
@@ -231,15 +255,17 @@ class TreeAggregation(RoundMechanism):
         self.tree.load_state_dict(state["tree"])
 
 
-def make_mechanism(cfg, plan: PrivacyPlan, noise: GaussianNoise, expected_clients: int) -> RoundMechanism:
+def make_mechanism(cfg, plan: PrivacyPlan, noise: GaussianNoise, virtual_clients: int) -> RoundMechanism:
+    """`virtual_clients`: M, the run's slots per round (RunSetup.virtual_clients), by which released
+    counts are divided."""
     p = cfg.privacy
     if not p.enabled:
-        return NoPrivacy(expected_clients, p.metrics)
+        return NoPrivacy(virtual_clients, p.metrics)
     if p.mechanism == "tree":
         return TreeAggregation(plan, p.clip_norm, noise)
     adaptive = None
     if p.clipping == "adaptive":
         a = p.adaptive
         adaptive = AdaptiveClipping(p.clip_norm, a.target_quantile, a.learning_rate,
-                                    a.count_noise_std or expected_clients / 20)
-    return SampledGaussian(plan, p.clip_norm, noise, expected_clients, adaptive, p.metrics)
+                                    a.count_noise_std or virtual_clients / 20)
+    return SampledGaussian(plan, p.clip_norm, noise, virtual_clients, adaptive, p.metrics)

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fedemb.privacy.clipping import Update
 from fedemb.privacy.keyed_random import SECRET_BYTES, Secret, keyed_bytes
+from fedemb.privacy.streams import STREAM_NOISE
 
-STREAM_NOISE = 11
 _CHUNK_PAIRS = 1 << 19  # normals are made in chunks of 2^20 (16 MiB of float64 at a time)
 
 

@@ -29,8 +29,8 @@ import numpy as np
 from fedemb.privacy.keyed_random import keyed_bytes, keyed_seed
 from fedemb.privacy.ledger import SAMPLED_GAUSSIAN, LedgerEntry, PrivacyLedger
 from fedemb.privacy.noise import GaussianNoise
+from fedemb.privacy.streams import STREAM_RELEASES
 
-STREAM_RELEASES = 50
 T = TypeVar("T")
 
 

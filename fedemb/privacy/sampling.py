@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedemb.privacy.keyed_random import STREAM_GROUPING, STREAM_SAMPLING, Secret, keyed_hash, keyed_uniform
+from fedemb.privacy.keyed_random import Secret, keyed_hash, keyed_uniform
+from fedemb.privacy.streams import STREAM_GROUPING, STREAM_SAMPLING
 
 
 @dataclass(frozen=True)

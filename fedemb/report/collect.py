@@ -11,19 +11,26 @@ from pathlib import Path
 
 from fedemb.config import read_toml
 from fedemb.errors import FedembError
+from fedemb.monitoring.metric_names import EVAL_METRICS
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.run_dir import LEDGER_FILE
 
-METRICS = ("recall_at_1", "tar_at_far_1e-3", "tar_at_far_1e-1")
+METRICS = EVAL_METRICS  # what a run's results.json must hold for the report
 
 
 @dataclass
 class Synthesis:
+    """One synthesis output (RUN/synth/<folder>/), described by what its results say was released, so that
+    repeated releases of one condition (several folders, several runs) aggregate into one row."""
+
     kind: str  # gmm | invert | custom
-    folder: str
+    condition: str  # what was released: "ε = 2" (gmm, invert); custom: levels, DP embedding, artifacts, model
     accuracy: dict[str, float]  # method -> accuracy on real held-out data
-    epsilon_total: float  # the run's ledger after this stage (training + synthesis); custom: see unit
+    epsilon: float  # the release's ε (gmm, invert: its target, per method); custom: per reference image
+    epsilon_total: float  # the run's ledger after this release (training + synthesis so far); custom: = epsilon
     unit: str = "user"  # custom synthesis: "reference image" (the device's own budget, not the run's ledger)
+    measures: dict[str, float] = field(default_factory=dict)  # custom: what the device measured of what it shared
+    folder: str = ""
 
 
 @dataclass
@@ -41,6 +48,12 @@ class RunRecord:
     projected_epsilon: float | None
     stages: list[tuple[str, float, float]] = field(default_factory=list)  # stage, its own ε, ledger ε after it
     synthesis: list[Synthesis] = field(default_factory=list)
+
+    @property
+    def ledger_epsilon(self) -> float:
+        """The run's ledger after every stage (training and each synthesis release): what publishing all
+        of the run's outputs costs."""
+        return self.stages[-1][2] if self.stages else self.epsilon
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -111,27 +124,57 @@ def _stages(path: Path, privacy: dict) -> tuple[list[tuple[str, float, float]], 
 def _synthesis(path: Path) -> list[Synthesis]:
     out = []
     for file in sorted((path / "synth").glob("*/*_results.json")) if (path / "synth").is_dir() else []:
-        data = _json(file)
-        folder = file.parent.name
-        if file.name == "synth_results.json":
-            out.append(Synthesis("gmm", folder, _gmm_accuracies(data), float(data["ledger_epsilon_total"])))
-        elif file.name == "invert_results.json":
-            ev = data["evaluation"]
-            acc = {"inverted, from scratch": ev["inverted"]["from_scratch_accuracy"],
-                   "inverted, distilled": ev["inverted"]["distilled_accuracy"]}
-            if "no_statistics" in ev:
-                acc["no statistics, from scratch"] = ev["no_statistics"]["from_scratch_accuracy"]
-            out.append(Synthesis("invert", folder, {k: float(v) for k, v in acc.items()},
-                                 float(data["ledger_epsilon_total"])))
-        elif file.name == "custom_results.json":
-            acc = {"customized": float(data["customized"]["accuracy"])}
-            if "l0_baseline" in data:
-                acc["L0-only baseline"] = float(data["l0_baseline"]["accuracy"])
-            # L1 and L2 upload masks, edges or segments as they are: no DP guarantee for that object
-            exact = any(level in ("L1", "L2") for level in data.get("levels", {}).values())
-            epsilon = math.inf if exact else float(data["privacy"]["epsilon_per_reference_image"])
-            out.append(Synthesis("custom", folder, acc, epsilon, "reference image"))
+        reader = SYNTHESIS_READERS.get(file.name)
+        if reader is not None:
+            synthesis = reader(_json(file))
+            synthesis.folder = file.parent.name
+            out.append(synthesis)
     return out
+
+
+def _released(data: dict) -> str:
+    """A DP release's condition: its target ε, and whether its noise can be predicted from a seed."""
+    seeded = ", seeded noise (predictable: not a DP release)" if data["released"].get("noise_predictable_from_seed") else ""
+    return f"ε = {data['released']['target_epsilon']:g}{seeded}"
+
+
+def _gmm(data: dict) -> Synthesis:
+    return Synthesis("gmm", _released(data), _gmm_accuracies(data), float(data["released"]["target_epsilon"]),
+                     float(data["ledger_epsilon_total"]))
+
+
+def _invert(data: dict) -> Synthesis:
+    acc = {}
+    for name, label in (("inverted", "inverted"), ("no_statistics", "no statistics")):
+        if name in data["evaluation"]:
+            acc[f"{label}, from scratch"] = float(data["evaluation"][name]["from_scratch_accuracy"])
+            acc[f"{label}, distilled"] = float(data["evaluation"][name]["distilled_accuracy"])
+    acc["private model (DP prototypes)"] = float(data["references"]["private_model_prototype_accuracy"])
+    return Synthesis("invert", _released(data), acc, float(data["released"]["target_epsilon"]),
+                     float(data["ledger_epsilon_total"]))
+
+
+def _custom(data: dict) -> Synthesis:
+    acc = {"customized": float(data["customized"]["accuracy"])}
+    if "l0_baseline" in data:
+        acc["L0-only baseline"] = float(data["l0_baseline"]["accuracy"])
+    objects = data["privacy"]["objects"]
+    shared = ", ".join(f"{obj} {o['level']}" + (f" + DP embedding ε = {o['embedding_epsilon']:g}"
+                                                 if o.get("embedding_epsilon") else "") for obj, o in objects.items())
+    artifacts = "with the run's released artifacts" if data.get("statistics_from") else "payload alone"
+    condition = f"{shared}; {artifacts}; {data.get('settings', {}).get('model', 'head')} model"
+    # L1 and L2 upload masks, edges or segments as they are: no DP guarantee for that object
+    exact = any(o["level"] in ("L1", "L2") for o in objects.values())
+    epsilon = math.inf if exact else float(data["privacy"]["epsilon_per_reference_image"])
+    measures = {f"{obj} pixel MI / H(raw)": float(o["fraction"]) for obj, o in objects.items() if o["level"] != "L0"}
+    measures |= {f"cos(synthetic, raw {obj})": float(s["synthetic_vs_own_reference"])
+                 for obj, s in data["privacy"]["embedding_similarity"].items() if objects[obj]["level"] != "L0"
+                 or objects[obj].get("embedding_epsilon")}
+    measures["bytes uploaded"] = float(data["uploaded_bytes"])
+    return Synthesis("custom", condition, acc, epsilon, epsilon, "reference image", measures)
+
+
+SYNTHESIS_READERS = {"synth_results.json": _gmm, "invert_results.json": _invert, "custom_results.json": _custom}
 
 
 def _gmm_accuracies(data: dict) -> dict[str, float]:

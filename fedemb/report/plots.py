@@ -10,10 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedemb.monitoring.metric_names import EVAL_LABELS, RECALL_AT_1, TAR_AT_FAR_1E_3  # noqa: E402
 from fedemb.report.aggregate import Point  # noqa: E402
 from fedemb.report.collect import METRICS  # noqa: E402
-
-LABELS = {"recall_at_1": "recall@1", "tar_at_far_1e-3": "TAR@FAR=1e-3", "tar_at_far_1e-1": "TAR@FAR=1e-1"}
 
 
 def epsilon_curves(points: list[Point], title: str, path: Path) -> Path | None:
@@ -38,7 +37,7 @@ def epsilon_curves(points: list[Point], title: str, path: Path) -> Path | None:
             ax.axhline(p.metrics[metric].mean, linestyle="--", color=f"C{len(curves) + i}", label=f"{p.group} (ε = ∞)")
         _epsilon_ticks(ax, [p.plotted_epsilon for pts in curves.values() for p in pts])
         ax.set_xlabel("ε (training)")
-        ax.set_ylabel(LABELS[metric])
+        ax.set_ylabel(EVAL_LABELS[metric])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
@@ -53,14 +52,14 @@ def ablation_bars(points: list[Point], title: str, path: Path) -> Path | None:
     pts = [p for p in points if p.params and not p.on_epsilon_grid]
     if not pts:
         return None
-    shown = ("recall_at_1", "tar_at_far_1e-3")
+    shown = (RECALL_AT_1, TAR_AT_FAR_1E_3)
     fig, axes = plt.subplots(1, len(shown), figsize=(max(6, 0.9 * len(pts) + 3) * len(shown) / 1.5, 4.5), squeeze=False)
     names = [f"{p.group}\n{p.label}" for p in pts]
     for ax, metric in zip(axes[0], shown):
         ax.bar(range(len(pts)), [p.metrics[metric].mean for p in pts], yerr=[p.metrics[metric].std for p in pts],
                capsize=3, color=[f"C{sorted({q.group for q in pts}).index(p.group)}" for p in pts])
         ax.set_xticks(range(len(pts)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(LABELS[metric])
+        ax.set_ylabel(EVAL_LABELS[metric])
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from fedemb.monitoring.metric_names import EVAL_LABELS, EVAL_METRICS, RECALL_AT_1
 from fedemb.report.aggregate import Point
 
 NON_PRIVATE_REFERENCE = "federated (non-private)"
@@ -22,18 +23,17 @@ def _eps(value: float) -> str:
 def utility_table(points: list[Point]) -> str:
     """One row per grid point. The last column compares recall@1 with the experiment's non-private
     federated run (same algorithm, no clipping or noise), where there is one."""
-    reference = {p.experiment: p.metrics["recall_at_1"].mean for p in points
+    reference = {p.experiment: p.metrics[RECALL_AT_1].mean for p in points
                  if p.method == NON_PRIVATE_REFERENCE and not p.params}
     rows = []
     for p in points:
         ref = reference.get(p.experiment)
-        drop = "–" if ref is None or p.method == NON_PRIVATE_REFERENCE else f"{100 * (p.metrics['recall_at_1'].mean - ref) / ref:+.1f}%"
+        drop = "–" if ref is None or p.method == NON_PRIVATE_REFERENCE else f"{100 * (p.metrics[RECALL_AT_1].mean - ref) / ref:+.1f}%"
         rows.append([p.group, p.label, str(p.seeds), _eps(p.epsilon.mean),
                      _eps(p.projected_epsilon.mean) if p.projected_epsilon else "–",
-                     p.metrics["recall_at_1"].text(), p.metrics["tar_at_far_1e-3"].text(),
-                     p.metrics["tar_at_far_1e-1"].text(), drop])
-    return markdown(["group", "grid point", "seeds", "ε (this population)", "ε (projected)", "recall@1",
-                     "TAR@FAR=1e-3", "TAR@FAR=1e-1", "recall@1 vs non-private"], rows)
+                     *(p.metrics[m].text() for m in EVAL_METRICS), drop])
+    return markdown(["group", "grid point", "seeds", "ε (this population)", "ε (projected)",
+                     *(EVAL_LABELS[m] for m in EVAL_METRICS), f"{EVAL_LABELS[RECALL_AT_1]} vs non-private"], rows)
 
 
 def synthesis_table(points: list[Point]) -> str:

@@ -20,64 +20,17 @@ steers the images: that is the L0-only baseline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedemb.errors import ConfigError
 from fedemb.synth.activation_stats import ActivationStatistics
 from fedemb.synth.inversion import InversionSettings, invert
 from fedemb.synth.sanitize import Payload
-
-
-SPECIALISED_MODELS = ("head", "scratch")
-
-
-@dataclass
-class CustomSettings:
-    images_per_reference: int = 16
-    steps: int = 300
-    lr: float = 0.1
-    shift: int = 2
-    weight_edges: float = 20.0
-    weight_embedding: float = 1.0
-    weight_class: float = 1.0
-    weight_statistics: float = 0.1  # used only with --statistics
-    weight_tv: float = 0.01
-    weight_l2: float = 0.0001
-    temperature: float = 0.1
-    jitter: int = 1
-    init_scale: float = 0.5  # std of the noise the unshared pixels start from (model scale, [-1, 1])
-    model: str = "head"  # the specialised model: head (linear, on the frozen private encoder) | scratch
-    train_epochs: int = 60
-    train_lr: float = 0.003
-
-
-def custom_settings(raw: dict, where: str) -> CustomSettings:
-    """The task's [synthesis] table over the defaults; a typo or a bad value is a one-line error."""
-    known = {f.name: f for f in fields(CustomSettings)}
-    values = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key synthesis.{key} (known: {', '.join(known)})")
-        kind = type(known[key].default)
-        if key == "model":
-            if value not in SPECIALISED_MODELS:
-                raise ConfigError(f"{where}: synthesis.model must be one of {', '.join(SPECIALISED_MODELS)}, "
-                                  f"got {value!r}")
-            values[key] = value
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise ConfigError(f"{where}: synthesis.{key} must be {'an integer' if kind is int else 'a number'}, "
-                              f"got {value!r}")
-        if value < 0 or (key in ("images_per_reference", "train_epochs", "lr", "temperature", "train_lr")
-                         and value <= 0):
-            raise ConfigError(f"{where}: synthesis.{key} must be {'>= 0' if value < 0 else '> 0'}, got {value!r}")
-        values[key] = kind(value)
-    return CustomSettings(**values)
+from fedemb.synth.task_spec import CustomSettings, custom_settings  # noqa: F401 (custom_settings: re-exported)
 
 
 def shifted_fill(a: np.ndarray, dy: int, dx: int) -> np.ndarray:

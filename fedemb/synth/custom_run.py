@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +141,7 @@ def run_custom(model_cfg, net: torch.nn.Module, centre: np.ndarray | None, task:
                     "releases": privacy_releases(payload), "epsilon_per_reference_image": ledger.epsilon,
                     "delta": task.delta, "unit": ledger.unit,
                     "federated_run_ledger": "unchanged: synthesis uses released artifacts only"},
-        "settings": asdict(settings),
+        "settings": settings.model_dump(),
         "statistics_from": str(statistics_dir) if statistics_dir else None,
     }
     grids = {"synthetic": (images, targets.labels)}
@@ -150,7 +149,7 @@ def run_custom(model_cfg, net: torch.nn.Module, centre: np.ndarray | None, task:
         if progress:
             progress("L0-only baseline", 0, float("nan"))
         base_images, base_targets, base_summary = synthesize(
-            net, nothing_shared(received), replace(settings), seed % 2**63, centre, population_prototypes, stats)
+            net, nothing_shared(received), settings.model_copy(), seed % 2**63, centre, population_prototypes, stats)
         results["l0_baseline"] = {"accuracy": task_accuracy(model_cfg, net, centre, task, base_images,
                                                             base_targets.labels, settings, seed % 2**31),
                                   "optimisation": base_summary}

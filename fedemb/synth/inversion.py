@@ -27,23 +27,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedemb.config import InvertConfig
 from fedemb.synth.activation_stats import ActivationStatistics, channel_moments, recorded_outputs
+
+_INVERT = InvertConfig()  # the one home of the defaults: `fedemb synth invert`'s settings
 
 EVALUATE_EVERY = 25
 
 
 @dataclass
 class InversionSettings:
-    steps: int = 1000
-    lr: float = 0.1
-    weight_statistics: float = 1.0
-    weight_class: float = 1.0
-    weight_tv: float = 1e-3
-    weight_l2: float = 1e-4
-    temperature: float = 0.1
-    jitter: int = 1
-    flip: bool = False
-    init_scale: float = 0.5
+    steps: int = _INVERT.steps
+    lr: float = _INVERT.lr
+    weight_statistics: float = _INVERT.weight_statistics
+    weight_class: float = _INVERT.weight_class
+    weight_tv: float = _INVERT.weight_tv
+    weight_l2: float = _INVERT.weight_l2
+    temperature: float = _INVERT.temperature
+    jitter: int = _INVERT.jitter
+    flip: bool = _INVERT.flip
+    init_scale: float = 0.5  # std of the starting noise (model scale, [-1, 1]); custom synthesis sets its own
     extra_terms: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
     project: Callable[[torch.Tensor], None] | None = None  # in place, after every step: fixed pixels
 

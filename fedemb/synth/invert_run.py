@@ -30,6 +30,7 @@ import torch
 from fedemb.privacy.keyed_random import keyed_seed
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
+from fedemb.privacy.streams import STREAM_INVERT, STREAM_INVERT_REAL, STREAM_INVERT_TRAIN
 from fedemb.run_dir import write_json, write_private_json
 from fedemb.synth.activation_stats import ActivationStatistics, batchnorm_statistics, release_activation_statistics
 from fedemb.synth.baselines import dp_prototypes, prototype_accuracy
@@ -38,7 +39,6 @@ from fedemb.synth.image_classifier import classifier_accuracy, fresh_classifier,
 from fedemb.synth.inversion import InversionSettings, invert
 from fedemb.synth.pipeline import HELD_OUT
 
-STREAM_INVERT, STREAM_TRAIN, STREAM_REAL = 33, 34, 35
 PRIVATE_FILE = "invert_private.json"
 
 
@@ -128,7 +128,7 @@ def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, pr
     if iv.ablation:
         sets["no_statistics"] = inverted("no statistics", weight_statistics=0.0)
     teacher = prototype_teacher(model.net, protos, centre, iv.distill_temperature)
-    train_seed = keyed_seed(seed, STREAM_TRAIN) % 2**31
+    train_seed = keyed_seed(seed, STREAM_INVERT_TRAIN) % 2**31
     evaluation = {}
     for name, (images, summary, seconds) in sets.items():
         np.savez(out / f"{name}.npz", images=images, labels=labels)
@@ -166,7 +166,7 @@ def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, pr
 
 def write_nonprivate_reference(cfg, model: PrivateModel, out: Path, count: int, seed: int, train_seed: int) -> Path:
     """Not DP, for scale: a fresh model trained on `count` real private images, in OUT/private/."""
-    real_rows = np.random.default_rng(keyed_seed(seed, STREAM_REAL)).choice(
+    real_rows = np.random.default_rng(keyed_seed(seed, STREAM_INVERT_REAL)).choice(
         len(model.private), size=min(count, len(model.private)), replace=False)
     real_rows.sort()
     real_images = np.asarray(model.private.images[real_rows], dtype=np.float32) * model.private.pixel_scale

@@ -25,6 +25,7 @@ import torch
 from fedemb.privacy.keyed_random import keyed_seed
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
+from fedemb.privacy.streams import STREAM_GMM_MLP, STREAM_GMM_SAMPLES, STREAM_GMM_START
 from fedemb.run_dir import write_json, write_private_json
 from fedemb.synth.baselines import (PROBE_RELEASE, dp_prototypes, dpsgd_linear_probe, linear_accuracy,
                                     prototype_accuracy)
@@ -33,7 +34,6 @@ from fedemb.synth.classifier import accuracy, train_mlp
 from fedemb.synth.embedded import Embedded
 from fedemb.synth.gmm import ReleasedGMM, fit_dp_gmm
 
-STREAM_START, STREAM_SAMPLES, STREAM_TRAIN = 21, 22, 23
 METHODS = ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes")
 PRIVATE_FILE = "synth_private.json"
 HELD_OUT = ("accuracies are measured on held-out users, a population separate from the private training "
@@ -51,12 +51,12 @@ class Fitted:
 def gmm_mlp(private: Embedded, test: Embedded, num_classes: int, cfg, z: float, seed: int, stage: LedgerStage,
             public: Embedded | None) -> tuple[Fitted, float]:
     """The mixture released into `stage`; the rest (samples, MLP, its test accuracy) is post-processing."""
-    gmm = fit_dp_gmm(private, num_classes, cfg, z, stage, np.random.default_rng(keyed_seed(seed, STREAM_START)),
+    gmm = fit_dp_gmm(private, num_classes, cfg, z, stage, np.random.default_rng(keyed_seed(seed, STREAM_GMM_START)),
                      public)
-    x, y = gmm.sample(cfg.samples_per_class, np.random.default_rng(keyed_seed(seed, STREAM_SAMPLES)),
+    x, y = gmm.sample(cfg.samples_per_class, np.random.default_rng(keyed_seed(seed, STREAM_GMM_SAMPLES)),
                       cfg.project_samples)
     model = train_mlp(x, y, num_classes, cfg.mlp_hidden, cfg.mlp_epochs, cfg.mlp_lr,
-                      seed=keyed_seed(seed, STREAM_TRAIN) % 2**31)
+                      seed=keyed_seed(seed, STREAM_GMM_MLP) % 2**31)
     return Fitted(gmm, x, y, model), accuracy(model, test.x, test.labels)
 
 
@@ -116,7 +116,7 @@ def run_gmm_synthesis(private: Embedded, test: Embedded, num_classes: int, cfg, 
     torch.save(released.model.state_dict(), out / "classifier.pt")
 
     upper = train_mlp(private.x, private.labels, num_classes, cfg.mlp_hidden, cfg.mlp_epochs, cfg.mlp_lr,
-                      seed=keyed_seed(seed, STREAM_TRAIN) % 2**31)
+                      seed=keyed_seed(seed, STREAM_GMM_MLP) % 2**31)
     private_file = write_private_json(out, PRIVATE_FILE, {
         "what": "not DP: figures computed on the private embeddings themselves; never publish",
         "nonprivate_mlp_accuracy": accuracy(upper, test.x, test.labels),
@@ -141,5 +141,5 @@ def run_gmm_synthesis(private: Embedded, test: Embedded, num_classes: int, cfg, 
 
     accuracy_plot(results, out / "accuracy_vs_epsilon.png")
     projector(test, released.x, released.y, log_dir(out, "gmm"),
-              np.random.default_rng(keyed_seed(seed, STREAM_SAMPLES, 1)))
+              np.random.default_rng(keyed_seed(seed, STREAM_GMM_SAMPLES, 1)))
     return results

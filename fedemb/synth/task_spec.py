@@ -39,28 +39,173 @@ Pixels: uint8 is scaled by 1/255, uint16 by 1/65535, floats must already lie in 
 from __future__ import annotations
 
 import math
+import typing
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field, field_validator, model_validator
 
 from fedemb.config import read_toml
 from fedemb.errors import ConfigError, DataError
+from fedemb.typed_config import Settings, parse
 
 OBJECTS = ("foreground", "background")
-LEVELS = ("L0", "L1", "L2")
-MASK_RULES = ("file", "threshold:T", "none")
-
-TOP_KEYS = ("name", "delta", "mask_rule", "seed", "levels", "embedding_epsilon", "classes", "references",
-            "test", "synthesis")
-CLASS_KEYS = ("name", "prototype", "references", "masks")
-ARCHIVE_CLASS_KEYS = ("name", "prototype")
-TEST_KEYS = ("images",)
+Level = Literal["L0", "L1", "L2"]
+LEVELS: tuple[str, ...] = typing.get_args(Level)
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+class CustomSettings(Settings):
+    """The task's optional [synthesis] table: how the server synthesises images for it (`fedemb synth
+    custom`). The device sends it with the payload; the server validates it again."""
+
+    images_per_reference: int = Field(16, ge=1)
+    """synthetic copies per reference image, each with its own random shift"""
+    steps: int = Field(300, ge=0)
+    """Adam steps"""
+    lr: float = Field(0.1, gt=0)
+    """Adam learning rate"""
+    shift: int = Field(2, ge=0)
+    """pixels of random shift per copy (zero fill)"""
+    weight_edges: float = Field(20.0, ge=0)
+    """weight of the L1 objects' edge-map term"""
+    weight_embedding: float = Field(1.0, ge=0)
+    """weight of the DP-embedding term (scaled down for noisy releases)"""
+    weight_class: float = Field(1.0, ge=0)
+    """weight of the class term toward the class anchors"""
+    weight_statistics: float = Field(0.1, ge=0)
+    """weight of the DP activation-statistics prior (used only with --statistics)"""
+    weight_tv: float = Field(0.01, ge=0)
+    """weight of total variation"""
+    weight_l2: float = Field(0.0001, ge=0)
+    """weight of the pixels' L2 norm"""
+    temperature: float = Field(0.1, gt=0)
+    """of the class term's softmax over cosine similarities"""
+    jitter: int = Field(1, ge=0)
+    """random shift per step, in pixels"""
+    init_scale: float = Field(0.5, ge=0)
+    """std of the noise the unshared pixels start from (model scale, [-1, 1])"""
+    model: Literal["head", "scratch"] = "head"
+    """the specialised model: head (linear, on the frozen private encoder) or scratch"""
+    train_epochs: int = Field(60, ge=1)
+    """epochs of the specialised model"""
+    train_lr: float = Field(0.003, gt=0)
+    """its learning rate"""
+
+
+class _SynthesisTable(Settings):
+    synthesis: CustomSettings = Field(default_factory=CustomSettings)
+
+
+def custom_settings(raw: dict, where: str) -> CustomSettings:
+    """The task's [synthesis] table over the defaults; a typo or a bad value is a one-line error."""
+    return parse(_SynthesisTable, {"synthesis": raw}, where).synthesis
+
+
+class ObjectLevels(Settings):
+    """How much of each object may leave the device: L0 nothing, L1 its edge map, L2 its pixels."""
+
+    foreground: Level
+    """the masked object (the whole image under mask_rule = "none")"""
+    background: Level
+    """the rest of the image"""
+
+
+class ObjectEpsilons(Settings):
+    """Per object: share a DP embedding of it at this ε (0: none)."""
+
+    foreground: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """ε of the foreground's DP embedding"""
+    background: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """ε of the background's DP embedding"""
+
+
+class TaskClass(Settings):
+    """A [[classes]] table: one class of the task and its reference images."""
+
+    name: str = Field(min_length=1)
+    """the class's name"""
+    prototype: int = Field(-1, ge=-1)
+    """class index of the federated model whose DP prototype anchors this class; -1: none"""
+    references: list[str] = Field(default_factory=list)
+    """PNG/JPEG (PIL) or .npy (H, W) / (C, H, W) files, relative to the task file (not with an archive)"""
+    masks: list[str] = Field(default_factory=list)
+    """one mask per reference iff mask_rule = "file"; nonzero = foreground"""
+
+
+class TaskTest(Settings):
+    """The optional [test] table; it stays on the device."""
+
+    images: str = Field(min_length=1)
+    """an .npz with images (n, [C,] H, W) and labels (n,)"""
+
+
+class TaskSpec(Settings):
+    """A customized-synthesis task file (`fedemb-device task`, `fedemb synth custom --task`). Paths are
+    relative to the file's folder."""
+
+    name: str = Field(min_length=1)
+    """the task's name"""
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """δ of the DP embeddings"""
+    mask_rule: str = "none"
+    """"file" (masks listed per class), "threshold:T" (foreground = mean pixel above T, T in (0, 1)) or
+    "none" (the whole image is one object, `foreground`)"""
+    seed: int = Field(-1, ge=-1)
+    """-1: OS randomness; >= 0: reproducible noise"""
+    levels: ObjectLevels
+    """required: the level of each object"""
+    embedding_epsilon: ObjectEpsilons = Field(default_factory=ObjectEpsilons)
+    classes: list[TaskClass] = Field(min_length=1)
+    """one [[classes]] table per class"""
+    references: str = ""
+    """instead of per-class lists: one .npz with images (n, [C,] H, W), labels (n,) and, iff mask_rule =
+    "file", masks (n, H, W); the classes then have only name and prototype"""
+    test: TaskTest | None = None
+    synthesis: CustomSettings = Field(default_factory=CustomSettings)
+
+    @field_validator("mask_rule")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        mask_threshold(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskSpec:
+        names = [c.name for c in self.classes]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"duplicate class name {name!r} in classes[{i}]")
+        if self.references:
+            for i, c in enumerate(self.classes):
+                if c.references or c.masks:
+                    raise ValueError(f"classes[{i}] lists files, but the references come from the archive "
+                                     f"{self.references!r}: a class then has only name and prototype")
+        if self.mask_rule == "none" and self.policy()["foreground"] != self.policy()["background"]:
+            raise ValueError("the foreground and background policies differ, so the task needs masks: set "
+                             "mask_rule = 'file' or 'threshold:T'")
+        return self
+
+    def policy(self) -> dict[str, ObjectPolicy]:
+        return {o: ObjectPolicy(getattr(self.levels, o), getattr(self.embedding_epsilon, o)) for o in OBJECTS}
+
+
+def mask_threshold(mask_rule: str) -> float | None:
+    if mask_rule in ("file", "none"):
+        return None
+    kind, _, text = mask_rule.partition(":")
+    try:
+        threshold = float(text) if kind == "threshold" else math.nan
+    except ValueError:
+        threshold = math.nan
+    if not 0 < threshold < 1:
+        raise ValueError(f"must be one of file, threshold:T, none with T in (0, 1), got {mask_rule!r}")
+    return threshold
 
 
 @dataclass
@@ -83,7 +228,7 @@ class CustomTask:
     test_labels: np.ndarray  # (m,) int64
     delta: float
     seed: int
-    synthesis: dict[str, Any]
+    synthesis: dict[str, Any]  # the [synthesis] keys the task sets (validated; the server validates again)
     mask_rule: str = "none"
 
     @property
@@ -104,34 +249,27 @@ def object_masks(masks: np.ndarray, objects: tuple[str, ...] = OBJECTS) -> dict[
 
 def load_task(path: Path, image_shape: tuple[int, int, int]) -> CustomTask:
     path = Path(path)
-    raw = read_toml(path, "task file")
-    spec = _Spec(path)
-    spec.no_unknown(raw, TOP_KEYS, "top level")
-    name = spec.string(raw, "name", None)
-    seed = spec.integer(raw, "seed", -1)
-    if seed < -1:
-        raise ConfigError(f"{path}: seed must be >= 0, or -1 for OS randomness, got {seed}")
-    mask_rule = spec.string(raw, "mask_rule", "none")
-    threshold = spec.mask_threshold(mask_rule)
-    delta = spec.number(raw, "delta", 1e-5)
-    if not 0 < delta < 1:
-        raise ConfigError(f"{path}: delta must be in (0, 1), got {delta}")
-    class_names, prototypes, class_tables = spec.classes(raw)
-    policy = spec.policy(raw, mask_rule)
-    images, labels, masks = _References(spec, tuple(image_shape), mask_rule).load(raw, class_tables)
+    spec = parse(TaskSpec, read_toml(path, "task file"), str(path))
+    files = _Files(path)
+    policy = spec.policy()
+    if spec.mask_rule == "none":
+        del policy["background"]
+    images, labels, masks = _References(files, tuple(image_shape), spec.mask_rule).load(spec)
+    threshold = mask_threshold(spec.mask_rule)
     if threshold is not None:
         masks = images.mean(axis=1) > threshold
     elif masks is None:
         masks = np.ones((len(images), *images.shape[2:]), dtype=bool)
-    test_images, test_labels = spec.test(raw, tuple(image_shape), len(class_names))
-    return CustomTask(name=name, path=path, class_names=class_names,
-                      prototypes=prototypes, references=images, reference_labels=labels, masks=masks,
-                      policy=policy, test_images=test_images, test_labels=test_labels, delta=delta,
-                      seed=seed, synthesis=spec.synthesis(raw), mask_rule=mask_rule)
+    test_images, test_labels = _test_split(files, spec.test, tuple(image_shape), len(spec.classes))
+    return CustomTask(name=spec.name, path=path, class_names=[c.name for c in spec.classes],
+                      prototypes=[c.prototype for c in spec.classes], references=images, reference_labels=labels,
+                      masks=masks, policy=policy, test_images=test_images, test_labels=test_labels,
+                      delta=spec.delta, seed=spec.seed, synthesis=spec.synthesis.model_dump(exclude_unset=True),
+                      mask_rule=spec.mask_rule)
 
 
-class _Spec:
-    """Typed reads of the TOML tables, each error naming the task file and the field."""
+class _Files:
+    """The task's files, relative to its folder; a missing one is a DataError naming the field."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -140,136 +278,39 @@ class _Spec:
     def fail(self, message: str) -> ConfigError:
         return ConfigError(f"{self.path}: {message}")
 
-    def no_unknown(self, table: dict, known: tuple[str, ...], where: str) -> None:
-        unknown = sorted(set(table) - set(known))
-        if unknown:
-            raise self.fail(f"unknown key {unknown[0]!r} in {where} (known: {', '.join(known)})")
-
-    def table(self, raw: dict, key: str) -> dict:
-        value = raw.get(key, {})
-        if not isinstance(value, dict):
-            raise self.fail(f"{key} must be a table, got {value!r}")
-        return value
-
-    def string(self, raw: dict, key: str, default: str | None, where: str = "") -> str:
-        if key not in raw:
-            if default is None:
-                raise self.fail(f"{where}{key} is required")
-            return default
-        value = raw[key]
-        if not isinstance(value, str) or not value:
-            raise self.fail(f"{where}{key} must be a non-empty string, got {value!r}")
-        return value
-
-    def integer(self, raw: dict, key: str, default: int, where: str = "") -> int:
-        value = raw.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.fail(f"{where}{key} must be an integer, got {value!r}")
-        return value
-
-    def number(self, raw: dict, key: str, default: float, where: str = "") -> float:
-        value = raw.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise self.fail(f"{where}{key} must be a number, got {value!r}")
-        return float(value)
-
-    def file(self, relative: Any, field: str) -> Path:
-        if not isinstance(relative, str) or not relative:
-            raise self.fail(f"{field} must be a file path, got {relative!r}")
+    def file(self, relative: str, field: str) -> Path:
         file = self.folder / relative
         if not file.is_file():
             raise DataError(f"{file}: file not found ({field} in {self.path})")
         return file
 
-    def mask_threshold(self, mask_rule: str) -> float | None:
-        if mask_rule in ("file", "none"):
-            return None
-        kind, _, text = mask_rule.partition(":")
-        try:
-            threshold = float(text) if kind == "threshold" else math.nan
-        except ValueError:
-            threshold = math.nan
-        if not 0 < threshold < 1:
-            raise self.fail(f"mask_rule must be one of {', '.join(MASK_RULES)} with T in (0, 1), got {mask_rule!r}")
-        return threshold
 
-    def policy(self, raw: dict, mask_rule: str) -> dict[str, ObjectPolicy]:
-        if "levels" not in raw:
-            raise self.fail("[levels] is required, with foreground and background")
-        levels = self.table(raw, "levels")
-        epsilons = self.table(raw, "embedding_epsilon")
-        self.no_unknown(levels, OBJECTS, "levels")
-        self.no_unknown(epsilons, OBJECTS, "embedding_epsilon")
-        policy = {}
-        for o in OBJECTS:
-            level = self.string(levels, o, None, "levels.")
-            if level not in LEVELS:
-                raise self.fail(f"levels.{o} must be one of {', '.join(LEVELS)}, got {level!r}")
-            epsilon = self.number(epsilons, o, 0.0, "embedding_epsilon.")
-            if not (epsilon >= 0 and math.isfinite(epsilon)):
-                raise self.fail(f"embedding_epsilon.{o} must be a finite number >= 0, got {epsilon}")
-            policy[o] = ObjectPolicy(level, epsilon)
-        if mask_rule == "none":
-            if policy["foreground"] != policy["background"]:
-                raise self.fail("the foreground and background policies differ, so the task needs masks: set "
-                                "mask_rule = 'file' or 'threshold:T'")
-            del policy["background"]
-        return policy
-
-    def classes(self, raw: dict) -> tuple[list[str], list[int], list[dict]]:
-        tables = raw.get("classes")
-        if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
-            raise self.fail("[[classes]] is required: one table per class")
-        known = ARCHIVE_CLASS_KEYS if "references" in raw else CLASS_KEYS
-        names, prototypes = [], []
-        for i, table in enumerate(tables):
-            where = f"classes[{i}]."
-            self.no_unknown(table, known, f"classes[{i}]")
-            name = self.string(table, "name", None, where)
-            if name in names:
-                raise self.fail(f"duplicate class name {name!r} in {where[:-1]}")
-            prototype = self.integer(table, "prototype", -1, where)
-            if prototype < -1:
-                raise self.fail(f"{where}prototype must be >= 0 (or -1 for none), got {prototype}")
-            names.append(name)
-            prototypes.append(prototype)
-        return names, prototypes, tables
-
-    def test(self, raw: dict, image_shape: tuple[int, int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        if "test" not in raw:
-            return np.zeros((0, *image_shape), dtype=np.float32), np.zeros(0, dtype=np.int64)
-        table = self.table(raw, "test")
-        self.no_unknown(table, TEST_KEYS, "test")
-        file = self.file(table.get("images"), "test.images")
-        arrays = _read_npz(file, ("images", "labels"))
-        images = _check_shape(_to_float_images(arrays["images"], file, batched=True), image_shape, file)
-        labels = _labels(arrays["labels"], len(images), num_classes, file)
-        return images, labels
-
-    def synthesis(self, raw: dict) -> dict[str, Any]:
-        knobs = self.table(raw, "synthesis")
-        for key, value in knobs.items():
-            if not isinstance(value, (bool, int, float, str)):
-                raise self.fail(f"synthesis.{key} must be a number, string or boolean, got {value!r}")
-        return dict(knobs)
+def _test_split(files: _Files, test: TaskTest | None, image_shape: tuple[int, int, int],
+                num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    if test is None:
+        return np.zeros((0, *image_shape), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    file = files.file(test.images, "test.images")
+    arrays = _read_npz(file, ("images", "labels"))
+    images = _check_shape(_to_float_images(arrays["images"], file, batched=True), image_shape, file)
+    return images, _labels(arrays["labels"], len(images), num_classes, file)
 
 
 class _References:
     """The reference images with labels and, under mask_rule = "file", their masks."""
 
-    def __init__(self, spec: _Spec, image_shape: tuple[int, int, int], mask_rule: str):
-        self.spec, self.image_shape, self.mask_rule = spec, image_shape, mask_rule
+    def __init__(self, files: _Files, image_shape: tuple[int, int, int], mask_rule: str):
+        self.spec, self.image_shape, self.mask_rule = files, image_shape, mask_rule
 
-    def load(self, raw: dict, classes: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        if "references" in raw:
-            return self.from_archive(self.spec.file(raw["references"], "references"), [c["name"] for c in classes])
+    def load(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if task.references:
+            return self.from_archive(self.spec.file(task.references, "references"), [c.name for c in task.classes])
         images, labels, masks = [], [], []
-        for c, table in enumerate(classes):
+        for c, table in enumerate(task.classes):
             where = f"classes[{c}]"
-            files = self.file_list(table, "references", where)
+            files = [self.spec.file(e, f"{where}.references[{i}]") for i, e in enumerate(table.references)]
             if not files:
-                raise self.spec.fail(f"{where} ({table['name']!r}) has no references")
-            mask_files = self.file_list(table, "masks", where)
+                raise self.spec.fail(f"{where} ({table.name!r}) has no references")
+            mask_files = [self.spec.file(e, f"{where}.masks[{i}]") for i, e in enumerate(table.masks)]
             if self.mask_rule == "file" and len(mask_files) != len(files):
                 raise self.spec.fail(f"mask_rule = 'file' needs one mask per reference: {where} has {len(files)} "
                                      f"references and {len(mask_files)} masks")
@@ -283,12 +324,6 @@ class _References:
                 masks.append(_check_mask(_read_mask(file), image.shape[1:], file))
         return (np.stack(images), np.asarray(labels, dtype=np.int64),
                 np.stack(masks) if self.mask_rule == "file" else None)
-
-    def file_list(self, table: dict, key: str, where: str) -> list[Path]:
-        entries = table.get(key, [])
-        if not isinstance(entries, list):
-            raise self.spec.fail(f"{where}.{key} must be a list of file paths, got {entries!r}")
-        return [self.spec.file(e, f"{where}.{key}[{i}]") for i, e in enumerate(entries)]
 
     def from_archive(self, file: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         arrays = _read_npz(file, ("images", "labels"), optional=("masks",))

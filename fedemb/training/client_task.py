@@ -22,21 +22,21 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import lru_cache
 
 import torch
 
-from fedemb.config import ClientConfig, DataConfig, ModelConfig
+from fedemb.config import FaultConfig, ModelConfig
 from fedemb.data.population import Population
 from fedemb.data.store import load_splits
 from fedemb.errors import DataError
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
-from fedemb.privacy.keyed_random import (STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_TRAINING, keyed_seed,
-                                         keyed_uniform)
+from fedemb.privacy.keyed_random import keyed_seed, keyed_uniform
+from fedemb.privacy.streams import STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_TRAINING
 from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE,
-                             NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment)
+                             NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, TrainTask)
 from fedemb.training.local import LocalResult, LocalTrainingConfig, class_anchors
 from fedemb.training.vectorized import train_virtual_clients
 
@@ -48,24 +48,23 @@ class InjectedFault(RuntimeError):
     """Raised on purpose by simulation fault injection (simulation.faults.raise_rate)."""
 
 
-def make_task(cfg, num_classes: int, image_shape, training_key: int) -> dict:
-    """The static part of every train message: enough for any node to rebuild data, model and training.
-    On devices ("devices": true) each node trains on its own data, so the server's data config stays home."""
-    model = asdict(cfg.model) | {"init_checkpoint": "", "pretrained_file": ""}  # weights come in the message
+def make_task(cfg, num_classes: int, image_shape, training_key: int) -> TrainTask:
+    """The static part of every train message. On devices each node trains on its own data, so the
+    server's data config stays home; weight files stay home too (the weights come in the message)."""
     on_devices = cfg.deployment.devices > 0
-    return {
-        "devices": on_devices,
-        "data": {} if on_devices else asdict(cfg.data),
-        "model": model,
-        "client": asdict(cfg.client),
-        "num_classes": int(num_classes),
-        "image_shape": [int(s) for s in image_shape],
-        "dp": bool(cfg.privacy.enabled),
-        "training_key": int(training_key),
-        "faults": asdict(cfg.simulation.faults),
-        "loss_bound": float(cfg.privacy.metrics.loss_bound),
-        "threads": max(1, int(cfg.simulation.cpus_per_client)),
-    }
+    return TrainTask(
+        devices=on_devices,
+        data=None if on_devices else cfg.data,
+        model=cfg.model.model_copy(update={"init_checkpoint": "", "pretrained_file": ""}),
+        client=cfg.client,
+        num_classes=int(num_classes),
+        image_shape=tuple(int(s) for s in image_shape),
+        dp=bool(cfg.privacy.enabled),
+        training_key=int(training_key),
+        faults=cfg.simulation.faults,
+        loss_bound=float(cfg.privacy.metrics.loss_bound),
+        threads=max(1, int(cfg.simulation.cpus_per_client)),
+    )
 
 
 @lru_cache(maxsize=2)
@@ -83,17 +82,20 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     privacy audit's canary users); it is clipped and summed like any other. `device`: the one user's
     data this node holds (a deployment), trained as the one virtual client the server assigned."""
     task = assignment.task
-    torch.set_num_threads(task["threads"])
+    torch.set_num_threads(task.threads)
     if device is not None:
         assignment = own_virtual_client(assignment, device)
         pop = device
     else:
-        pop = load_splits(DataConfig(**task["data"])).train
-    shared_classes = task["num_classes"] if task["client"]["head"] == "shared" else 0
-    net = _model_for(json.dumps(task["model"], sort_keys=True), tuple(task["image_shape"]), task["dp"], shared_classes)
-    local_cfg = LocalTrainingConfig(**ClientConfig(**task["client"]).__dict__, num_classes=task["num_classes"])
-    faults = task["faults"]
-    key = task["training_key"]
+        if task.data is None:
+            raise DataError("this train message is for a device (its data stays on the device), but no device data was given")
+        pop = load_splits(task.data).train
+    shared_classes = task.num_classes if task.client.head == "shared" else 0
+    model_key = json.dumps(task.model.model_dump(), sort_keys=True)
+    net = _model_for(model_key, task.image_shape, task.dp, shared_classes)
+    local_cfg = LocalTrainingConfig(**task.client.model_dump(), num_classes=task.num_classes)
+    faults = task.faults
+    key = task.training_key
     anchors = (class_anchors(local_cfg.num_classes, net.embedding.out_features, keyed_seed(key, STREAM_HEAD_ANCHORS))
                if local_cfg.head_init == "anchors" else None)
     plan = []
@@ -106,12 +108,11 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     to_train = [(users, keyed_seed(key, assignment.server_round, vc, STREAM_TRAINING))
                 for vc, users, fault, override in plan if override is None and fault != "raise"]
     net.load_state_dict(state, strict=False)
-    model_key = json.dumps(task["model"], sort_keys=True)
     trained = iter(train_virtual_clients(net, pop, [u for u, _ in to_train], local_cfg, [s for _, s in to_train],
                                          anchors, local_cfg.vectorize, model_key))
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
     norms, examples, loss_sum, nonfinite, clipped, failed = [], 0, 0.0, 0, 0, 0
-    loss_bound, bounded_loss_sum = float(task.get("loss_bound", 0.0)), 0.0
+    loss_bound, bounded_loss_sum = task.loss_bound, 0.0
     late = False
     for vc_index, user_ids, fault, override in plan:
         late |= fault == "timeout"
@@ -162,14 +163,14 @@ def own_virtual_client(assignment: TrainAssignment, device: Population) -> Train
     return replace(assignment, virtual_clients=[(vc_index, (own_user,))])
 
 
-def _fault(faults: dict, draw: float) -> str | None:
+def _fault(faults: FaultConfig, draw: float) -> str | None:
     edge = 0.0
     for name in ("raise", "nan", "timeout", "drop"):
-        edge += faults.get(f"{name}_rate", 0.0)
+        edge += getattr(faults, f"{name}_rate")
         if draw < edge:
             return name
     return None
 
 
-def _wait_past_deadline(task: dict) -> None:
-    time.sleep(float(task.get("round_timeout_s", 0.0)) + 1.0)
+def _wait_past_deadline(task: TrainTask) -> None:
+    time.sleep(task.round_timeout_s + 1.0)

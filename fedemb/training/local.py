@@ -18,23 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from pydantic import Field
+
+from fedemb.config import ClientConfig
 from fedemb.data.population import Population
 from fedemb.models.embedding_net import EmbeddingNet, shared_state
 
 
-@dataclass
-class LocalTrainingConfig:
-    epochs: int
-    batch_size: int
-    max_examples: int
-    lr: float
-    momentum: float
-    head_lr_scale: float
-    head_warmup_steps: int
-    head: str  # "local" | "global"
-    num_classes: int
-    head_init: str = "random"  # "random" | "anchors"
-    vectorize: int = 0  # group size for fedemb.training.vectorized (0, 1: sequential)
+class LocalTrainingConfig(ClientConfig):
+    """The run's [client] settings and the number of classes a head covers."""
+
+    num_classes: int = Field(ge=1)
 
 
 @dataclass
