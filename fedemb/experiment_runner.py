@@ -1,7 +1,9 @@
 """Run an experiment's cells (fedemb.experiments) one after another, each as `python -m fedemb ...`.
 
-A cell whose results.json exists is skipped, and so is a `before`/`after` step whose --out exists: a
-killed sweep continues where it stopped. Each run directory gets experiment.json (experiment, group,
+A cell whose results.json exists is skipped, and so is a `before`/`after` step whose --out is finished
+(a file, or a folder holding its *results.json): a killed sweep continues where it stopped. A step killed
+part-way runs again; its unfinished folder is kept aside (OUT.unfinished-N), and the ledger keeps the
+release it had recorded. Each run directory gets experiment.json (experiment, group,
 grid point, seed, overrides): what `fedemb report` groups by. Its wall time is server-private.
 """
 
@@ -53,7 +55,7 @@ def run_cell(cell: Cell, log: TextIO, cwd: Path) -> float:
     """Run what of the cell is not done yet, commands in `cwd` with their output in `log`; its seconds."""
     started = time.monotonic()
     for command, target in step_commands(cell.before, cell.run_dir):
-        if target is None or not target.exists():
+        if not step_done(target, log):
             _call(command, log, cwd)
     if not (cell.run_dir / "results.json").is_file():
         if cell.run_dir.exists():  # a cell killed part-way: seeded, so starting it again gives the same run
@@ -63,14 +65,26 @@ def run_cell(cell: Cell, log: TextIO, cwd: Path) -> float:
         write_json(cell.run_dir / "experiment.json", cell.facts)
         _call(train_command(cell), log, cwd)
     for command, target in step_commands(cell.after, cell.run_dir):
-        if target is not None and target.exists():
-            continue
-        _call(command, log, cwd)
+        if not step_done(target, log):
+            _call(command, log, cwd)
     seconds = time.monotonic() - started
     timing = cell.run_dir / PRIVATE_DIR / "experiment-timing.json"  # run times are server-private
     before = json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else 0.0
     write_private_json(cell.run_dir, timing.name, {"wall_seconds": before + seconds})
     return seconds
+
+
+def step_done(target: Path | None, log: TextIO) -> bool:
+    """Whether a step's output is finished. An unfinished folder is moved aside so that the step can run again."""
+    if target is None or not target.exists():
+        return False
+    if target.is_file() or any(target.glob("*results.json")):
+        return True
+    aside = next(target.with_name(f"{target.name}.unfinished-{i}") for i in range(1, 10_000)
+                 if not target.with_name(f"{target.name}.unfinished-{i}").exists())
+    target.rename(aside)
+    log.write(f"{target} was left unfinished: moved to {aside}, running the step again\n")
+    return False
 
 
 def _call(command: list[str], log: TextIO, cwd: Path) -> None:

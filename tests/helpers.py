@@ -82,3 +82,20 @@ def assert_nothing_left(before, timeout: float = 45.0) -> None:
     actors exit after the driver, slower on a loaded machine)."""
     left = leftovers(ray_or_flower, ignore=before, timeout=timeout)
     assert not left, f"processes left running: {described(left)}"
+
+
+def die_at_server_step(monkeypatch, n: int):
+    """The server process dies (SystemExit) at its n-th model update, as a killed run would; returns the
+    honest step, to put back with monkeypatch.setattr(ServerOptimizer, "step", ...)."""
+    from strategies.server_optimizer import ServerOptimizer
+
+    honest, steps = ServerOptimizer.step, []
+
+    def dying(self, mean_delta):
+        steps.append(1)
+        if len(steps) == n:
+            raise SystemExit("killed")
+        return honest(self, mean_delta)
+
+    monkeypatch.setattr(ServerOptimizer, "step", dying)
+    return honest

@@ -16,6 +16,7 @@ import torch
 
 from fedemb.cli import api
 from fedemb.errors import FedembError
+from tests.helpers import die_at_server_step
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ['model.name="fedemb_lenet_small"', "model.embedding_dim=8", "data.num_users=100", "sampling.rate=0.3",
@@ -98,15 +99,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_model_and_l
     from strategies.server_optimizer import ServerOptimizer
 
     uninterrupted = finished[0]
-    honest_step, steps = ServerOptimizer.step, []
-
-    def dies_in_round_2(self, mean_delta):
-        steps.append(1)
-        if len(steps) == 2:
-            raise SystemExit("killed")
-        return honest_step(self, mean_delta)
-
-    monkeypatch.setattr(ServerOptimizer, "step", dies_in_round_2)
+    honest_step = die_at_server_step(monkeypatch, 2)
     with pytest.raises(SystemExit):
         api.simulate(api.load_config(None, SMALL), tmp_path / "killed", show_progress=False)
     assert (tmp_path / "killed" / "checkpoints" / "state.pt").is_file()

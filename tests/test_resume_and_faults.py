@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fedemb.os_processes import tree, wait_gone
-from tests.helpers import SMALL_RUN, assert_nothing_left, described, ray_like_processes
+from tests.helpers import SMALL_RUN, assert_nothing_left, described, die_at_server_step, ray_like_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "simulations/configs/quickstart.toml"
@@ -213,15 +213,7 @@ def test_a_run_that_crashes_before_its_first_checkpoint_resumes_to_the_same_mode
 
     small = ["run.rounds=3", "run.checkpoint_every=3", "run.eval_every=0"]
     run_in_process(tmp_path / "uninterrupted", *small)
-    honest_step, steps = ServerOptimizer.step, []
-
-    def dies_in_round_2(self, mean_delta):
-        steps.append(1)
-        if len(steps) == 2:
-            raise SystemExit("killed")
-        return honest_step(self, mean_delta)
-
-    monkeypatch.setattr(ServerOptimizer, "step", dies_in_round_2)
+    honest_step = die_at_server_step(monkeypatch, 2)
     with pytest.raises(SystemExit):
         run_in_process(tmp_path / "crashed", *small)
     assert not (tmp_path / "crashed" / "checkpoints" / "state.pt").exists() and ledger_entries(tmp_path / "crashed") == 2

@@ -165,7 +165,7 @@ def test_the_dpsgd_probe_is_recorded_as_opacus_accounts_it():
 # ---------------------------------------------------------------- noise of sweep points
 
 def sweep_points(epsilons):
-    """Points of one sweep, through the function `synth gmm` and scripts/synth_sweep.py release them with:
+    """Points of one sweep (`synth gmm --epsilons`), through the function `synth gmm` releases them with:
     the first in the main stage, the others in their own; same seed, same data."""
     rng = np.random.default_rng(2)
     private = users_embeddings(rng, users=400, per_user=2, classes=40, dim=4)

@@ -68,8 +68,9 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run directories, or 
            out: Annotated[Path, typer.Option(help="Where report.md, the PNG figures and points.json go.")] = Path("docs/results")):
     """Tables and figures from finished runs.
 
-    Utility against ε per method, ablations, synthetic-data accuracy against the end-to-end ledger ε,
-    and the privacy ledger per stage. Runs of one grid point (experiment.json from
+    Utility against ε per method, ablations, DP against noise off (groups with a grid point of ε = ∞),
+    synthetic-data accuracy per released condition (repeated releases averaged) with the run's ledger ε
+    after all of them, and the privacy ledger per stage. Runs of one grid point (experiment.json from
     `fedemb experiments run`) are averaged over their seeds."""
     from fedemb.cli import api
 

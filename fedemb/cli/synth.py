@@ -6,7 +6,7 @@ import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -135,6 +135,35 @@ def invert(run: RunArg = None, config: ConfigOpt = None, set_: SetOpt = None, ch
     rows["private model (DP prototypes)"] = f"{refs['private_model_prototype_accuracy']:.3f}"
     print_report(rows, "accuracy on real held-out images", False)
     print_outputs(out, results)
+
+
+Level = Literal["L0", "L1", "L2"]
+
+
+@synth_app.command("task")
+@friendly_errors
+def task(dataset: Annotated[Literal["mnist", "digits"], typer.Argument(help="mnist: a NIST writer of MNIST t10k (QMNIST labels, disjoint from the training writers); digits: a random sample of scikit-learn's digits standing in for a user.")],
+         out: Annotated[Path, typer.Option(help="The task's folder: task.toml, refs.npz, test.npz.")],
+         user: Annotated[int, typer.Option(min=0, help="mnist: the writer with the USER-th most t10k images (0: the most); digits: the sample.")] = 0,
+         references: Annotated[int, typer.Option(min=1, help="Reference images per class; the user's other images are the held-out test set.")] = 1,
+         foreground: Annotated[Level, typer.Option(help="What leaves the device of the foreground: L0 nothing, L1 outline and edges, L2 the segment.")] = "L1",
+         background: Annotated[Level, typer.Option(help="The same for the background.")] = "L0",
+         foreground_epsilon: Annotated[float, typer.Option(min=0, help="Share a DP embedding of each foreground at this ε (0: none).")] = 0.0,
+         threshold: Annotated[float, typer.Option(help="Foreground = pixels above this intensity, in (0, 1).")] = 0.3,
+         seed: Annotated[int, typer.Option(min=-1, help="-1: OS randomness; >= 0 makes the DP embeddings' noise reproducible, and so predictable.")] = -1,
+         model: Annotated[Literal["head", "scratch"], typer.Option(help="The user's specialised model: a linear head on the frozen encoder, or the encoder's architecture from scratch.")] = "head",
+         mnist: Annotated[Path, typer.Option(help="MNIST's IDX files (mnist).")] = Path("data/mnist"),
+         test_writers: Annotated[Optional[Path], typer.Option(help="QMNIST's qmnist-test-labels-idx2-int.gz (mnist).")] = None):
+    """Write one real user's customized-synthesis task, for `fedemb synth custom --task OUT/task.toml`.
+
+    The first --references images of each class are the references (foreground: pixels above
+    --threshold); the rest of the user's images are the held-out test set, which stays on the device."""
+    from fedemb.synth.task_writer import write_user_task
+
+    path = write_user_task(out, dataset, user, references, {"foreground": foreground, "background": background},
+                           {"foreground": foreground_epsilon}, threshold, seed,
+                           {"model": model} if model != "head" else {}, mnist, test_writers)
+    console.print(f"task: {path}", highlight=False)
 
 
 @synth_app.command("custom")

@@ -158,7 +158,7 @@ def _custom(data: dict) -> Synthesis:
     acc = {"customized": float(data["customized"]["accuracy"])}
     if "l0_baseline" in data:
         acc["L0-only baseline"] = float(data["l0_baseline"]["accuracy"])
-    objects = data["privacy"]["objects"]
+    objects = dict(sorted(data["privacy"]["objects"].items(), key=lambda item: item[0] != "foreground"))
     shared = ", ".join(f"{obj} {o['level']}" + (f" + DP embedding ε = {o['embedding_epsilon']:g}"
                                                  if o.get("embedding_epsilon") else "") for obj, o in objects.items())
     artifacts = "with the run's released artifacts" if data.get("statistics_from") else "payload alone"

@@ -41,10 +41,7 @@ def epsilon_curves(points: list[Point], title: str, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def ablation_bars(points: list[Point], title: str, path: Path) -> Path | None:
@@ -62,36 +59,37 @@ def ablation_bars(points: list[Point], title: str, path: Path) -> Path | None:
         ax.set_ylabel(EVAL_LABELS[metric])
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def synthesis_curves(points: list[Point], title: str, path: Path) -> Path | None:
-    """Synthetic-data accuracy against the end-to-end ledger ε (training + synthesis)."""
-    lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    for p in points:
-        for (kind, _, label), (acc, eps, unit) in p.synthesis.items():
-            if unit == "user" and math.isfinite(eps.mean):  # DP, on the run's ledger
-                lines.setdefault((kind, label), []).append((eps.mean, acc.mean, acc.std))
-    if not lines:
+    """Synthetic-data accuracy, one panel per kind of DP synthesis on the run's ledger: against the
+    release's own ε where a grid point released several (a sweep on one trained run), else against the
+    end-to-end ledger ε after it (training + synthesis)."""
+    panels: dict[tuple[str, bool], dict[str, list[tuple[float, float, float]]]] = {}
+    for kind in dict.fromkeys(k for p in points for k, _, _ in p.synthesis):
+        swept = any(len({c for k, c, _ in p.synthesis if k == kind}) > 1 for p in points)
+        for p in points:
+            for (k, _, label), s in p.synthesis.items():
+                x = s.epsilon.mean if swept else s.epsilon_total.mean
+                if k == kind and s.unit == "user" and math.isfinite(x):  # DP, on the run's ledger
+                    line = f"{label} ({p.group}, {p.label})" if swept and len(points) > 1 else label
+                    panels.setdefault((kind, swept), {}).setdefault(line, []).append((x, s.accuracy.mean, s.accuracy.std))
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (kind, label), values in sorted(lines.items()):
-        values.sort()
-        ax.errorbar([v[0] for v in values], [v[1] for v in values], yerr=[v[2] for v in values], marker="o",
-                    capsize=3, label=f"{kind}: {label}")
-    _epsilon_ticks(ax, [v[0] for values in lines.values() for v in values])
-    ax.set_xlabel("ledger ε (training + synthesis)")
-    ax.set_ylabel("accuracy on real held-out data")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, ((kind, swept), lines) in zip(axes[0], panels.items()):
+        for label, values in sorted(lines.items()):
+            values.sort()
+            ax.errorbar([v[0] for v in values], [v[1] for v in values], yerr=[v[2] for v in values], marker="o",
+                        capsize=3, label=label)
+        _epsilon_ticks(ax, [v[0] for values in lines.values() for v in values])
+        ax.set_xlabel("ε of the release" if swept else "ledger ε (training + synthesis)")
+        ax.set_ylabel("accuracy on real held-out data")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{title}: {kind}")
+    return _save(fig, path)
 
 
 def ledger_bars(points: list[Point], title: str, path: Path) -> Path | None:
@@ -110,6 +108,10 @@ def ledger_bars(points: list[Point], title: str, path: Path) -> Path | None:
     ax.invert_yaxis()
     ax.set_xlabel("ε of the stage")
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

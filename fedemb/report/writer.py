@@ -10,7 +10,7 @@ from fedemb.experiments import slug
 from fedemb.report.aggregate import aggregate
 from fedemb.report.collect import find_runs, load_run
 from fedemb.report.plots import ablation_bars, epsilon_curves, ledger_bars, synthesis_curves
-from fedemb.report.tables import ledger_table, synthesis_table, utility_table
+from fedemb.report.tables import ledger_table, noise_tables, synthesis_tables, utility_table
 from fedemb.run_dir import write_json
 
 
@@ -28,10 +28,17 @@ def write_report(paths: list[Path], out: Path) -> Path:
         lines += [f"## {experiment}", "", f"{sum(p.seeds for p in pts)} runs.", "", utility_table(pts), ""]
         figures = [epsilon_curves(pts, f"{experiment}: utility against ε", out / f"{name}-epsilon.png"),
                    ablation_bars(pts, f"{experiment}: ablations", out / f"{name}-ablations.png")]
-        synth = synthesis_table(pts)
+        noise = noise_tables(pts)
+        if noise:
+            lines += ["### With and without noise", "", noise, ""]
+        synth = synthesis_tables(pts)
         if synth:
-            lines += ["### Synthetic data", "", synth, ""]
-            figures.append(synthesis_curves(pts, f"{experiment}: synthetic-data accuracy", out / f"{name}-synthesis.png"))
+            lines += ["### Synthetic data", "", "Accuracy on real held-out data, mean ± sample standard deviation "
+                      "over the releases of each condition. Every DP release is recorded in the run's ledger before "
+                      "its noise is drawn; the run's ledger ε after every release is what publishing them all costs.", ""]
+            for title, table in synth:
+                lines += [f"#### {title[0].upper()}{title[1:]}", "", table, ""]
+            figures.append(synthesis_curves(pts, experiment, out / f"{name}-synthesis.png"))
         ledger = ledger_table(pts)
         if ledger:
             lines += ["### Privacy ledger per stage", "", ledger, ""]
@@ -57,6 +64,10 @@ def _point_json(p) -> dict:
     return {"experiment": p.experiment, "group": p.group, "method": p.method, "params": p.params, "seeds": p.seeds,
             "epsilon": p.epsilon.mean, "projected_epsilon": p.projected_epsilon.mean if p.projected_epsilon else None,
             **{m: {"mean": s.mean, "std": s.std} for m, s in p.metrics.items()},
-            "synthesis": [{"kind": k, "folder": folder, "classifier": label, "accuracy": a.mean, "accuracy_std": a.std,
-                           "epsilon": e.mean, "epsilon_unit": unit} for (k, folder, label), (a, e, unit) in p.synthesis.items()],
+            "ledger_epsilon": p.ledger_epsilon.mean,
+            "synthesis": [{"kind": k, "condition": condition, "classifier": label, "releases": s.accuracy.n,
+                           "accuracy": s.accuracy.mean, "accuracy_std": s.accuracy.std, "epsilon": s.epsilon.mean,
+                           "ledger_epsilon_after": s.epsilon_total.mean, "epsilon_unit": s.unit,
+                           "measures": {m: v.mean for m, v in s.measures.items()}}
+                          for (k, condition, label), s in p.synthesis.items()],
             "runs": [str(r.path) for r in p.runs]}

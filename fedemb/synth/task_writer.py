@@ -1,7 +1,8 @@
 """Write a customized-synthesis task (task.toml, refs.npz, test.npz) from one user's images.
 
 The users: a NIST writer of MNIST t10k (QMNIST extended labels; disjoint from the training writers), or
-a random set of scikit-learn digits standing in for one. fedemb.synth.task_spec reads what this writes.
+a random set of scikit-learn digits standing in for one. fedemb.synth.task_spec reads what this writes;
+`fedemb synth task` is its command.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 
 from fedemb.data.idx import find_idx, read_idx, read_qmnist_writers
 from fedemb.errors import DataError
+from fedemb.synth.task_spec import TaskSpec
+from fedemb.typed_config import parse
 
 
 def writer_images(mnist: Path, test_writers: Path, rank: int, min_per_class: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -41,20 +45,37 @@ def digits_images(seed: int, per_class: int) -> tuple[np.ndarray, np.ndarray, in
 
 def write_task(out: Path, images: np.ndarray, labels: np.ndarray, references: int, levels: dict[str, str],
                epsilons: dict[str, float], threshold: float, seed: int, name: str, synthesis: dict) -> Path:
-    """First `references` images of each class are references, the rest the test set."""
+    """First `references` images of each class are references, the rest the test set. The task is checked
+    (fedemb.synth.task_spec) before anything is written."""
+    classes = [int(c) for c in np.unique(labels)]
+    task = {"name": name, "references": "refs.npz", "mask_rule": f"threshold:{threshold}", "seed": seed,
+            "levels": levels, "embedding_epsilon": {o: float(e) for o, e in epsilons.items() if e},
+            "classes": [{"name": str(c), "prototype": c} for c in classes], "test": {"images": "test.npz"},
+            "synthesis": synthesis}
+    parse(TaskSpec, task, f"task {name!r}")
     out.mkdir(parents=True, exist_ok=True)
-    ref_rows = np.concatenate([np.flatnonzero(labels == c)[:references] for c in range(10)])
+    ref_rows = np.concatenate([np.flatnonzero(labels == c)[:references] for c in classes])
     test_rows = np.setdiff1d(np.arange(len(labels)), ref_rows)
     np.savez(out / "refs.npz", images=images[ref_rows], labels=labels[ref_rows])
     np.savez(out / "test.npz", images=images[test_rows], labels=labels[test_rows])
-    lines = [f'name = "{name}"', 'references = "refs.npz"', f'mask_rule = "threshold:{threshold}"', f"seed = {seed}",
-             "", "[levels]", *(f'{o} = "{lv}"' for o, lv in levels.items())]
-    if any(epsilons.values()):
-        lines += ["", "[embedding_epsilon]", *(f"{o} = {e}" for o, e in epsilons.items() if e)]
-    for c in range(10):
-        lines += ["", "[[classes]]", f'name = "{c}"', f"prototype = {c}"]
-    lines += ["", "[test]", 'images = "test.npz"']
-    if synthesis:
-        lines += ["", "[synthesis]", *(f"{k} = {v}" for k, v in synthesis.items())]
-    (out / "task.toml").write_text("\n".join(lines) + "\n")
+    (out / "task.toml").write_text(tomli_w.dumps({k: v for k, v in task.items() if v != {}}))
     return out / "task.toml"
+
+
+def write_user_task(out: Path, dataset: str, user: int, references: int, levels: dict[str, str],
+                    epsilons: dict[str, float], threshold: float = 0.3, seed: int = -1, synthesis: dict | None = None,
+                    mnist: Path = Path("data/mnist"), test_writers: Path | None = None) -> Path:
+    """The task of one user: for "mnist" the NIST writer of t10k with the `user`-th most images (0: the
+    most) among those holding `references` + 1 of every digit; for "digits" the `user`-th random sample of
+    `references` + 8 images per class standing in for one."""
+    if dataset == "mnist":
+        if test_writers is None:
+            raise DataError("MNIST writers need QMNIST's qmnist-test-labels-idx2-int.gz (--test-writers)")
+        images, labels, writer = writer_images(mnist, test_writers, user, references + 1)
+        name = f"writer-{writer}"
+    elif dataset == "digits":
+        images, labels, _ = digits_images(user, references + 8)
+        name = f"digits-sample-{user}"
+    else:
+        raise DataError(f"dataset must be mnist or digits, got {dataset!r}")
+    return write_task(out, images, labels, references, levels, epsilons, threshold, seed, name, synthesis or {})
