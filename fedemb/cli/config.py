@@ -32,7 +32,7 @@ def check(file: Annotated[Path, typer.Argument(help="A run config, task spec or 
     if kind not in models:
         raise ConfigError(f"--kind must be one of auto, {', '.join(models)}; got {kind!r}")
     parse(models[kind], raw, str(file))
-    console.print(f"ok: {file} is a valid {kind} {'config' if kind == 'run' else 'spec'}", highlight=False)
+    console.print(f"ok: {file} is a valid {kind} {'config' if kind == 'run' else 'spec'}", highlight=False, soft_wrap=True)
 
 
 @config_app.command("docs")
@@ -47,4 +47,4 @@ def docs(out: Annotated[Optional[Path], typer.Option(help="Write here (docs/conf
         print(text, end="")
     else:
         out.write_text(text)
-        console.print(f"wrote {out}", highlight=False)
+        console.print(f"wrote {out}", highlight=False, soft_wrap=True)
