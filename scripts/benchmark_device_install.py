@@ -212,6 +212,8 @@ def main(workdir: Annotated[Optional[Path], typer.Option(help="Where the venvs g
          keep: Annotated[bool, typer.Option(help="Keep the venvs (about 6 GB each).")] = False,
          repeats: Annotated[int, typer.Option(min=1, help="Install each target this many times, alternating; "
                                                      "the time reported is the median.")] = 1):
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fedemb-install-", dir=workdir))
     try:
         source = snapshot_checkout(work / "fedemb")
