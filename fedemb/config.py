@@ -299,21 +299,35 @@ class PrivacyConfig(Settings):
 
 
 class FaultConfig(Settings):
-    """Fault injection, to see how a run copes (simulation only)."""
+    """Fault injection, to see how a run copes (simulation only). The first four are drawn per virtual
+    client and cost that virtual client only (its node replies for the others and counts it); the
+    node_ rates are drawn per node and round and cost the node's whole reply. A simulated deadline costs
+    no real waiting: a faulty node replies at once with a marker, and the server takes that reply as
+    arrived after the deadline (docs/privacy.md, Faults)."""
 
     raise_rate: float = Field(0.0, ge=0, le=1)
     """a virtual client's training raises (it adds nothing; the node's other virtual clients are kept)"""
     nan_rate: float = Field(0.0, ge=0, le=1)
-    """the node replies NaN"""
+    """a virtual client's update is NaN, which makes its node's whole reply NaN (the server rejects it)"""
     timeout_rate: float = Field(0.0, ge=0, le=1)
-    """the node trains but replies after the round's deadline"""
+    """a virtual client's reply would come after the round's deadline: it adds nothing and is counted as
+    timed out; the node's other virtual clients are kept"""
     drop_rate: float = Field(0.0, ge=0, le=1)
-    """the node goes silent for the round: no reply before the deadline"""
+    """a virtual client goes silent for the round: it adds nothing and is counted as dropped; the node's
+    other virtual clients are kept"""
+    node_timeout_rate: float = Field(0.0, ge=0, le=1)
+    """a node's whole reply comes after the round's deadline (simulated: no real waiting); all its
+    virtual clients count as missing"""
+    node_drop_rate: float = Field(0.0, ge=0, le=1)
+    """a node goes silent for the round (simulated: no real waiting); all its virtual clients count as
+    missing"""
 
     @model_validator(mode="after")
     def _rates_add_up(self) -> FaultConfig:
         _require(self.raise_rate + self.nan_rate + self.timeout_rate + self.drop_rate <= 1,
-                 "simulation.faults rates must add up to at most 1")
+                 "simulation.faults rates of virtual clients (raise, nan, timeout, drop) must add up to at most 1")
+        _require(self.node_timeout_rate + self.node_drop_rate <= 1,
+                 "simulation.faults.node_timeout_rate + node_drop_rate must be at most 1")
         return self
 
 
@@ -337,7 +351,7 @@ class SimulationConfig(Settings):
     gpus_per_client: float = Field(0.0, ge=0)
     """Ray GPUs per ClientApp"""
     round_timeout_s: float = Field(600.0, gt=0)
-    """replies later than this count as missing"""
+    """replies later than this count as missing (simulated faults, simulation.faults, cost no waiting)"""
     faults: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")

@@ -8,6 +8,9 @@ Reply (node -> server):
   "update"  ArrayRecord   the SUM of the clipped updates of the virtual clients it trained
   "metrics" MetricRecord  how many virtual clients that sum covers, and training statistics
 Nothing else leaves a client: the classification head, the data and the per-client deltas stay there.
+A simulated node fault (simulation.faults.node_*) replies at once with only:
+  "simulated-fault" ConfigRecord  {"kind": "node-timeout" | "node-drop"}: the server takes this reply as
+                                  arrived after the round's deadline (discarded, its node missing)
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from fedemb.config import ClientConfig, DataConfig, FaultConfig, ModelConfig
 from fedemb.errors import FedembError
 from fedemb.typed_config import Settings, parse_json
 
-WIRE_VERSION = 1  # raise it whenever TrainTask or the records change meaning; a node refuses any other
+WIRE_VERSION = 2  # raise it whenever TrainTask or the records change meaning; a node refuses any other
 
 ARRAYS = "arrays"
 CONFIG = "config"
 UPDATE = "update"
 METRICS = "metrics"
+SIMULATED_FAULT = "simulated-fault"
 
 NUM_VIRTUAL_CLIENTS = "num-virtual-clients"
 NUM_USERS = "num-users"
@@ -36,6 +40,9 @@ NUM_EXAMPLES = "num-examples"
 NUM_NONFINITE = "num-nonfinite"
 NUM_CLIPPED = "num-clipped"
 NUM_FAILED = "num-failed"  # virtual clients whose training raised: they add nothing
+NUM_TIMED_OUT = "num-timed-out"  # virtual clients that replied after the deadline (simulated): they add nothing
+NUM_DROPPED = "num-dropped"  # virtual clients that went silent (simulated): they add nothing
+LOST_COUNTS = (NUM_FAILED, NUM_TIMED_OUT, NUM_DROPPED)  # counted in a reply, left out of its sum
 LOSS_SUM = "train-loss-sum"
 BOUNDED_LOSS_SUM = "bounded-loss-sum"  # Σ over the virtual clients of min(max(mean loss, 0), B); non-finite: B
 UPDATE_NORMS = "update-norms"
@@ -59,7 +66,6 @@ class TrainTask(Settings):
     faults: FaultConfig
     loss_bound: float = Field(ge=0)  # B of the DP training loss (privacy.metrics)
     threads: int = Field(ge=1)
-    round_timeout_s: float = Field(0.0, ge=0)  # injected timeouts wait past it
 
 
 @dataclass
@@ -107,3 +113,16 @@ def read_train_message(msg: Message) -> tuple[dict[str, torch.Tensor], TrainAssi
 def train_reply(msg: Message, update_sum: dict[str, torch.Tensor], metrics: dict) -> Message:
     content = RecordDict({UPDATE: ArrayRecord(update_sum), METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def simulated_fault_reply(msg: Message, kind: str) -> Message:
+    """The immediate stand-in for a reply that a simulated node fault makes late or lost."""
+    return Message(content=RecordDict({SIMULATED_FAULT: ConfigRecord({"kind": kind})}), reply_to=msg)
+
+
+def simulated_fault(reply: Message) -> str | None:
+    """The kind of simulated node fault a reply stands for, or None for any other reply."""
+    if reply.has_error() or set(reply.content.keys()) != {SIMULATED_FAULT}:
+        return None
+    record = reply.content[SIMULATED_FAULT]
+    return str(record.get("kind", "")) if isinstance(record, ConfigRecord) else None

@@ -19,6 +19,13 @@ round: process start, imports, Ray, actors), end to end, and the peak memory of 
 tree (Ray's included) as the sum of PSS (shared pages counted once) and, for reference, of RSS, each
 with its ratio to (a). An arm that runs past --arm-timeout is killed and reported so. Then (c)'s peak
 memory with populations of 1,000 and 100,000 users.
+
+Sampling a round against population size (in this process, a few seconds; `--sampling-only` runs just
+this and replaces its section of docs/performance.md): the time to sample and group one round
+(Poisson, k = 8, q = 1000 / N, so that about 1,000 users are sampled) and the memory it allocates, for
+N = 10^3 ... 10^7, side by side for the library's sampler (a Binomial count, then a uniform subset of
+the population's positions: O(cohort)) and the method it replaced, kept here only as the baseline (a
+keyed uniform for every user, compared with q: O(N)).
 """
 
 from __future__ import annotations
@@ -209,6 +216,78 @@ def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: in
     return [r["finished-at"] - created for r in rounds]
 
 
+# ----------------------------------------------------------------------------- sampling a round
+SAMPLING_COHORT, SAMPLING_K = 1000, 8
+SAMPLING_HEADING = "## Sampling a round against population size"
+
+
+def sample_and_group_every_user(sampler, round_number: int, user_ids: np.ndarray):
+    """The baseline, the sampler before issue 22: a keyed uniform for every one of the N users."""
+    from fedemb.privacy.keyed_random import keyed_uniform
+    from fedemb.privacy.streams import STREAM_SAMPLING
+
+    draws = keyed_uniform(sampler.seed, round_number, user_ids, STREAM_SAMPLING)
+    return sampler.group(round_number, np.sort(user_ids[draws < sampler.rate]))
+
+
+def measure_sampling(populations: list[int], repeats: int = 7) -> list[dict]:
+    """Median wall time of sample + group over `repeats` rounds, and the peak memory one round allocates
+    (tracemalloc, which numpy reports to), for the baseline and the library's sampler."""
+    import tracemalloc
+
+    from fedemb.privacy.sampling import UserSampler, virtual_client_slots
+
+    rows = []
+    for n in populations:
+        users = np.arange(n, dtype=np.int64)
+        q = min(1.0, SAMPLING_COHORT / n)
+        sampler = UserSampler(b"benchmark secret", q, SAMPLING_K, virtual_client_slots(n, q, SAMPLING_K))
+        row = {"users": n, "rate": q}
+        for name, plan in (("old", lambda r: sample_and_group_every_user(sampler, r, users)),
+                           ("new", lambda r: sampler.group(r, sampler.sample(r, users)))):
+            plan(1)  # warm: imports, caches
+            times = []
+            for r in range(2, 2 + repeats):
+                start = time.perf_counter()
+                vcs = plan(r)
+                times.append(time.perf_counter() - start)
+            tracemalloc.start()
+            plan(2 + repeats)
+            row[f"{name}_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
+            row[f"{name}_ms"] = 1000 * statistics.median(times)
+            row["cohort"] = sum(len(vc.user_ids) for vc in vcs)
+        rows.append(row)
+        print(f"sampling, {n:,} users: {row['old_ms']:.2f} ms -> {row['new_ms']:.2f} ms "
+              f"({row['old_ms'] / row['new_ms']:.0f}x)", flush=True)
+    return rows
+
+
+def sampling_section(rows: list[dict], command: str) -> str:
+    lines = [SAMPLING_HEADING, "",
+             f"`{command}` on {time.strftime('%Y-%m-%d')}, in one process on {os.cpu_count()} CPUs (load average "
+             f"{os.getloadavg()[0]:.1f} when written): sample and group "
+             f"one round (Poisson, k = {SAMPLING_K}, q = {SAMPLING_COHORT} / N), median of the rounds measured; "
+             "peak memory the round allocates (tracemalloc). Old: a keyed uniform for every user (the sampler "
+             "before issue 22, kept in the benchmark only). New: the library's sampler, a Binomial(N, q) count "
+             "and a uniform subset of the population's positions.", "",
+             "| users N | q | users sampled (last round) | old: sample + group (ms) | new (ms) | old / new | old: peak alloc (MB) "
+             "| new: peak alloc (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['users']:,} | {r['rate']:g} | {r['cohort']:,} | {r['old_ms']:.2f} | {r['new_ms']:.2f} "
+                     f"| {r['old_ms'] / r['new_ms']:.1f} | {r['old_peak_mb']:.2f} | {r['new_peak_mb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """`text` with the section under `heading` (up to the next level-2 heading) replaced, or appended."""
+    start = text.find(heading)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    end = text.find("\n## ", start + len(heading))
+    return text[:start] + section + (text[end:] if end >= 0 else "")
+
+
 # ----------------------------------------------------------------------------- measuring
 def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vectorize: int,
             timeout_s: float | None = None) -> dict:
@@ -324,6 +403,10 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--vectorize", type=int, default=50)
     parser.add_argument("--memory-users", type=int, nargs="*", default=[1000, 100_000])
+    parser.add_argument("--sampling-users", type=int, nargs="*", default=[10**3, 10**4, 10**5, 10**6, 10**7],
+                        help="Populations at which to time sampling a round of about 1,000 users.")
+    parser.add_argument("--sampling-only", action="store_true",
+                        help="Only time sampling a round, and replace that section of --out.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedemb-benchmark"))
     parser.add_argument("--arm-timeout", type=float, default=1800.0,
                         help="Kill an arm after this many seconds and report it as killed.")
@@ -336,6 +419,13 @@ def main() -> None:
         child(args)
         return
     args.command = "python scripts/benchmark_scale.py " + " ".join(sys.argv[1:])
+    if args.sampling_only:
+        section = sampling_section(measure_sampling(args.sampling_users), args.command)
+        old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
+        args.out.write_text(replace_section(old, SAMPLING_HEADING, section))
+        print(section)
+        print(f"written to {args.out}")
+        return
     os.environ.setdefault("FEDEMB_CACHE_DIR", str(args.work / "store"))
     from fedemb.config import load_config
     from fedemb.data.store import materialize
@@ -362,7 +452,10 @@ def main() -> None:
     for users in args.memory_users:
         memory[users] = run_arm("c", "A", data[users], users, args.rounds, 0)
         print(f"memory, {users} users: peak PSS {memory[users]['peak_pss_mb']:.0f} MB", flush=True)
+    sampling = measure_sampling(args.sampling_users) if args.sampling_users else []
     text = report(args, results, memory, time.monotonic() - started)
+    if sampling:
+        text += "\n" + sampling_section(sampling, args.command)
     args.out.write_text(text)
     print(text)
     print(f"written to {args.out}")

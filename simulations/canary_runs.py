@@ -133,7 +133,7 @@ def run_audit(cfg: Config, trials: int | str = 200, rounds: int = 1, confidence:
                 key = keyed_seed(seed, STREAM_AUDIT, SAMPLING_KEYS, t, 1, attempt)
                 attempts += 1
                 sampler = make_sampler(key, cfg.sampling, slots)
-                if not plan.conditioned or includes_canary(sampler, canary, users, rounds, poisson=True):
+                if not plan.conditioned or includes_canary(sampler, canary, users, rounds):
                     break
             scores[True].append(one_run(with_canary, key, (t, 1)))
             if progress:

@@ -20,8 +20,9 @@ from fedemb.config import Config, to_dict, to_toml
 from fedemb.errors import ConfigError
 from fedemb.models.embedding_net import shared_state
 from fedemb.monitoring.callback import RoundCallback
+from fedemb.monitoring.cohort import CohortWatch, fault_injection_notice, lossy_rounds
 from fedemb.monitoring.divergence import DivergenceWatch
-from fedemb.monitoring.metric_names import ROUND_TOTALS
+from fedemb.monitoring.metric_names import ROUND_TOTALS, TAG_FAULT_INJECTION
 from fedemb.monitoring.private_log import PrivateLog
 from fedemb.monitoring.progress import ProgressReporter
 from fedemb.monitoring.telemetry import TELEMETRY_FILE, PrivateTelemetry, read_telemetry
@@ -120,13 +121,16 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     telemetry = PrivateTelemetry(run_dir, cfg.monitoring.private_tensorboard, purge_step=done_round + 1 if state else None)
     checkpointer = Checkpointer(run_dir, cfg.run.checkpoint_every, history, run_facts, cfg.run.keep_private_state)
     divergence = DivergenceWatch(global_norm(initial_state), tensorboard.writer, run_facts)
-    callbacks: list[RoundCallback] = [tensorboard, telemetry, history, divergence, checkpointer]
+    faults = fault_injection_notice(cfg.simulation.faults, _virtual_clients_per_node(cfg, setup, grid))
+    if faults:
+        log(WARNING, faults["notice"])
+    callbacks: list[RoundCallback] = [tensorboard, telemetry, history, divergence, CohortWatch(), checkpointer]
     if show_progress:
         callbacks.append(ProgressReporter())
     strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, mechanism=mechanism,
                         server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
                         ledger=ledger, target_epsilon=privacy.target_epsilon, attempt=attempt,
-                        eval_every=cfg.run.eval_every, round_timeout_s=cfg.simulation.round_timeout_s,
+                        eval_every=cfg.run.eval_every,
                         callbacks=callbacks, placement=_placement(cfg), user_examples=setup.splits.train.examples_per_user(),
                         min_devices=cfg.deployment.min_devices or cfg.deployment.devices, wait_s=cfg.deployment.wait_s,
                         progress_every_s=cfg.monitoring.wait_progress_s, verify_replays=seeded)
@@ -141,6 +145,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
                                   evaluator.inputs())
         telemetry.log_training_inputs(setup.splits.train)
         tensorboard.log_eval(0, initial_eval)
+        if faults:
+            tensorboard.writer.add_text(TAG_FAULT_INJECTION, faults["notice"], 0)
     with PrivateLog(run_dir, cfg.monitoring.private_console):
         result = strategy.start(grid, start_arrays, num_rounds=cfg.run.rounds,
                                 timeout=cfg.simulation.round_timeout_s, evaluate_fn=evaluator)
@@ -156,12 +162,14 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     nodes = len(list(grid.get_node_ids()))
     write_private_json(run_dir, "summary.json", {
         "totals": totals, "wall_seconds": time.monotonic() - started, "nodes": nodes,
+        "rounds_losing_most_of_their_cohort": lossy_rounds(telemetry_rounds),
         "telemetry": f"{PRIVATE_DIR}/{TELEMETRY_FILE}", "events": f"{PRIVATE_DIR}/events.log"})
     results = {
         "rounds_planned": cfg.run.rounds,
         "rounds_completed": final,
         "stop_reason": strategy.stop_reason or "completed",
         "diverged": divergence.report,  # None, or the round it started, why and what to change
+        "fault_injection": faults,  # None, or the injected rates and what to expect of them (data-independent)
         "initial": initial_eval,
         "final": final_eval,
         "privacy": {
@@ -219,6 +227,13 @@ def optional_output(what: str, write: Callable[[], None]) -> str:
         log(WARNING, warning)
         return warning
     return ""
+
+
+def _virtual_clients_per_node(cfg: Config, setup: RunSetup, grid: Grid) -> float:
+    """The mean number of virtual clients a node trains per round, from M and the nodes alone."""
+    if _placement(cfg) == "devices":
+        return 1.0
+    return setup.virtual_clients / max(1, len(list(grid.get_node_ids())))
 
 
 def _placement(cfg: Config) -> str:

@@ -1,8 +1,9 @@
 """On real devices the users are the SuperNodes: each holds one user's data and trains itself.
 
 Each round the server draws the round's devices among those online with the run's sampler, keyed by
-(server secret, round, node id) and never shown to anyone: with Poisson sampling every device takes
-part with probability q, independently of every other device and of all data. A device that is
+(server secret, round) and never shown to anyone: with Poisson sampling every device takes part with
+probability q, independently of every other device and of all data (a Binomial count, then a uniform
+subset of the online nodes: the same distribution; fedemb.privacy.sampling). A device that is
 offline, or drops out after being drawn, takes part with a lower probability, which never weakens the
 guarantee, so the accountant's q is what the deployment delivers. The denominator stays
 round(q x registered devices) whatever turns up. With node authentication a node id is a registered

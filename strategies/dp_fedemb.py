@@ -29,8 +29,9 @@ from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.ledger import LedgerEntry, PrivacyLedger, release_digest
 from fedemb.privacy.mechanisms import RoundCounts, RoundMechanism
 from fedemb.privacy.sampling import UserSampler
-from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE,
-                             NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, TrainTask, train_message)
+from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, LOST_COUNTS, NUM_CLIPPED, NUM_DROPPED, NUM_EXAMPLES,
+                             NUM_FAILED, NUM_NONFINITE, NUM_TIMED_OUT, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS,
+                             TrainAssignment, TrainTask, simulated_fault, train_message)
 from fedemb.errors import FedembError
 from strategies.device_sampling import assign_to_own_node, node_user_ids, wait_for_devices
 from strategies.reply_collection import send_and_collect
@@ -45,7 +46,7 @@ FLOAT32_ROUNDING = 1e-5
 class DPFedEmb(Strategy):
     def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: TrainTask, mechanism: RoundMechanism,
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
-                 attempt: int = 0, eval_every: int = 1, round_timeout_s: float = 600.0, callbacks: Iterable = (),
+                 attempt: int = 0, eval_every: int = 1, callbacks: Iterable = (),
                  placement: str = "balanced", user_examples: np.ndarray | None = None, min_devices: int = 0,
                  wait_s: float = 300.0, progress_every_s: float = 15.0, verify_replays: bool = False):
         self.sampler = sampler
@@ -74,7 +75,6 @@ class DPFedEmb(Strategy):
         self.verify_replays = verify_replays  # seeded runs: a replayed round is free only if its release is identical
         self.budget_spent = False  # stopped because the next round would pass the target ε
         self.eval_every = eval_every
-        self.round_timeout_s = round_timeout_s
         self.callbacks = list(callbacks)
         self.shapes = {k: tuple(v.shape) for k, v in server_optimizer.state().items()}
         self.assignments: dict[int, TrainAssignment] = {}
@@ -103,8 +103,7 @@ class DPFedEmb(Strategy):
             per_node = assign_by_slot(plan.virtual_clients, node_ids)
         else:
             per_node = assign_balanced(plan.virtual_clients, [self._cost(vc) for vc in plan.virtual_clients], node_ids)
-        task = self.task.model_copy(update={"round_timeout_s": self.round_timeout_s})
-        self.assignments = {node: TrainAssignment(server_round, self.clip_norm, task,
+        self.assignments = {node: TrainAssignment(server_round, self.clip_norm, self.task,
                                                   [(vc.index, vc.user_ids) for vc in vcs])
                             for node, vcs in per_node.items()}
         state = arrays.to_torch_state_dict()
@@ -123,8 +122,10 @@ class DPFedEmb(Strategy):
         total = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
         pending = dict(self.assignments)
         position = {node: i for i, node in enumerate(sorted(self.assignments))}
-        # summing in a fixed order keeps seeded runs bit-identical whatever order the replies arrive in
-        replies = sorted(replies, key=lambda m: position.get(m.metadata.src_node_id, len(position)))
+        # summing in a fixed order keeps seeded runs bit-identical whatever order the replies arrive in;
+        # a simulated node fault's marker stands for a reply after the deadline (send_and_collect drops it)
+        replies = sorted((m for m in replies if not simulated_fault(m)),
+                         key=lambda m: position.get(m.metadata.src_node_id, len(position)))
         stats = defaultdict(float)
         norms: list[float] = []
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent if m.metadata.message_id}
@@ -146,23 +147,25 @@ class DPFedEmb(Strategy):
                 continue
             if checked.projected:
                 stats["projected"] += 1
-                bound = len(assignment.virtual_clients) * self.clip_norm
                 # float32 sums of clipped updates overshoot by ~1e-7: routine; more is worth a warning
-                level = WARNING if checked.projected > bound * (1 + FLOAT32_ROUNDING) else INFO
-                private_log.log(level, "round %s: node %s: update norm %.9g above %s x clip norm %.6g: projected "
+                level = WARNING if checked.projected > checked.bound * (1 + FLOAT32_ROUNDING) else INFO
+                private_log.log(level, "round %s: node %s: update norm %.9g above %.0f x clip norm %.6g: projected "
                                 "onto the ball", server_round, node, checked.projected,
-                                len(assignment.virtual_clients), self.clip_norm)
+                                checked.bound / self.clip_norm, self.clip_norm)
             for k in total:
                 total[k] += checked.update[k]
             m = checked.metrics
-            stats["accepted"] += m[NUM_VIRTUAL_CLIENTS] - m.get(NUM_FAILED, 0)
+            trained = m[NUM_VIRTUAL_CLIENTS] - sum(m.get(count, 0) for count in LOST_COUNTS)
+            stats["accepted"] += trained
             stats["failed"] += m.get(NUM_FAILED, 0)
+            stats["timed_out"] += m.get(NUM_TIMED_OUT, 0)
+            stats["dropped"] += m.get(NUM_DROPPED, 0)
             stats["users"] += m[NUM_USERS]
             stats["examples"] += m[NUM_EXAMPLES]
             stats["nonfinite"] += m[NUM_NONFINITE]
             stats["clipped"] += m[NUM_CLIPPED]
             stats["loss_sum"] += m[LOSS_SUM]
-            trained = m[NUM_VIRTUAL_CLIENTS] - m.get(NUM_FAILED, 0)  # a device's claim is clamped to what it may add
+            # a device's claim is clamped to what it may add
             stats["bounded_loss_sum"] += min(max(float(m.get(BOUNDED_LOSS_SUM, 0.0)), 0.0), trained * self.loss_bound)
             norms.extend(float(n) for n in m[UPDATE_NORMS])
         stats["missing"] = sum(len(a.virtual_clients) for a in pending.values())
@@ -182,6 +185,8 @@ class DPFedEmb(Strategy):
             names.VIRTUAL_CLIENTS_PLANNED: planned,
             names.VIRTUAL_CLIENTS_ACCEPTED: int(accepted),
             names.VIRTUAL_CLIENTS_FAILED: int(stats["failed"]),
+            names.VIRTUAL_CLIENTS_TIMED_OUT: int(stats["timed_out"]),
+            names.VIRTUAL_CLIENTS_DROPPED: int(stats["dropped"]),
             names.VIRTUAL_CLIENTS_REJECTED: int(stats["rejected"]),
             names.VIRTUAL_CLIENTS_MISSING: int(stats["missing"]),
             names.VIRTUAL_CLIENTS_NONFINITE: int(stats["nonfinite"]),

@@ -4,6 +4,10 @@ saying while it waits which nodes it still waits for and until when.
 Which nodes were sent work is the round's secret sample, so the progress lines go to the server's
 private event log (monitoring.private_console echoes them, marked); `fedemb deploy run`
 shows them to the operator with the registered names.
+
+A reply that stands for a simulated node fault (fedemb.protocol.simulated_fault) is taken as arrived
+after the deadline: it is discarded when it comes, at once, so its node counts as missing exactly as a
+real late one would, without the wait, and nothing of it is left for a later round.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedemb.monitoring.private_log import private_log
+from fedemb.protocol import simulated_fault
 
 WAITING = "waiting for"  # the start of a progress line; `fedemb deploy run` recognises it
 
@@ -39,7 +44,12 @@ def send_and_collect(grid: Grid, messages: Sequence[Message], *, server_round: i
     replies: list[Message] = []
     while awaiting:
         for reply in grid.pull_messages(list(awaiting)):
-            awaiting.pop(reply.metadata.reply_to_message_id, None)
+            node = awaiting.pop(reply.metadata.reply_to_message_id, None)
+            fault = simulated_fault(reply)
+            if fault:  # stands for a reply after the deadline: discarded, so its node is missing, as a real one
+                private_log.info("round %d: node %s: simulated %s: its reply counts as arrived after the deadline",
+                                 server_round, node, fault)
+                continue
             replies.append(reply)
         now = time.monotonic()
         if not awaiting or now >= deadline:

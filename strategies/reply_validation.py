@@ -2,10 +2,11 @@
 (with its reason) and never raises: one bad client must not stop a round.
 
 The norm rule makes the sensitivity on the server exactly the C the accountant is told, whatever a
-node did: a reply of n virtual clients is at most n·C after the check. Above n·C by at most the
-relative tolerance NORM_TOLERANCE (the rounding of a node's float32 clipping and summation, far
-below 1e-3) it is projected onto the n·C ball (scaled by n·C / norm) and marked projected; further
-above, no rounding explains it (the node skipped or broke its clipping): it is rejected."""
+node did: a reply that sums n virtual clients (those assigned, less those it counts as failed, timed
+out or dropped) is at most n·C after the check. Above n·C by at most the relative tolerance
+NORM_TOLERANCE (the rounding of a node's float32 clipping and summation, far below 1e-3) it is
+projected onto the n·C ball (scaled by n·C / norm) and marked projected; further above, no rounding
+explains it (the node skipped or broke its clipping): it is rejected."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedemb.privacy.clipping import global_norm
-from fedemb.protocol import METRICS, NUM_CLIPPED, NUM_FAILED, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE, TrainAssignment
+from fedemb.protocol import LOST_COUNTS, METRICS, NUM_CLIPPED, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE, TrainAssignment
 
 NORM_TOLERANCE = 1e-3  # relative excess over n·C still taken for rounding (projected); beyond it: rejected
 NORM_SLACK = 0.0  # relative excess accepted as it is: none (tests set it huge to switch the norm check off)
@@ -29,6 +30,7 @@ class CheckedReply:
     metrics: dict
     rejected: str | None  # the reason, or None when accepted
     projected: float = 0.0  # when the update was projected onto the n·C ball: its norm before, else 0
+    bound: float = 0.0  # n·C for the n virtual clients the update sums
 
 
 def check_reply(reply: Message, shapes: dict[str, tuple[int, ...]], assignment: TrainAssignment,
@@ -61,19 +63,25 @@ def check_reply(reply: Message, shapes: dict[str, tuple[int, ...]], assignment: 
     clipped = metrics.get(NUM_CLIPPED)
     if not isinstance(clipped, int) or not 0 <= clipped <= expected_count:
         return CheckedReply(None, metrics, f"reply claims {clipped!r} clipped of {expected_count} virtual clients")
-    failed = metrics.get(NUM_FAILED, 0)
-    if not isinstance(failed, int) or not 0 <= failed <= expected_count:
-        return CheckedReply(None, metrics, f"reply claims {failed!r} failed of {expected_count} virtual clients")
+    lost = [metrics.get(count, 0) for count in LOST_COUNTS]
+    for count, claimed in zip(LOST_COUNTS, lost):
+        if not isinstance(claimed, int) or not 0 <= claimed <= expected_count:
+            return CheckedReply(None, metrics, f"reply claims {claimed!r} {count.removeprefix('num-')} of "
+                                               f"{expected_count} virtual clients")
+    summed = expected_count - sum(lost)  # the virtual clients the update is the sum of
+    if summed < 0:
+        return CheckedReply(None, metrics, f"reply claims {sum(lost)} lost (failed, timed out or dropped) of "
+                                           f"{expected_count} virtual clients")
     norm = global_norm(update)
     if not math.isfinite(norm):
         return CheckedReply(None, metrics, "update holds NaN or Inf")
-    bound = expected_count * clip_norm
+    bound = summed * clip_norm
     if clip_norm > 0 and norm > bound * (1 + NORM_SLACK):
         if norm > bound * (1 + NORM_TOLERANCE):
-            return CheckedReply(None, metrics, f"update norm {norm:.6g} exceeds {expected_count} x clip norm "
+            return CheckedReply(None, metrics, f"update norm {norm:.6g} exceeds {summed} x clip norm "
                                                f"{clip_norm:.4g} beyond rounding")
-        return CheckedReply(project(update, bound, norm), metrics, None, projected=norm)
-    return CheckedReply(update, metrics, None)
+        return CheckedReply(project(update, bound, norm), metrics, None, projected=norm, bound=bound)
+    return CheckedReply(update, metrics, None, bound=bound)
 
 
 def project(update: dict[str, torch.Tensor], bound: float, norm: float) -> dict[str, torch.Tensor]:

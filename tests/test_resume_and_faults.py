@@ -107,11 +107,13 @@ def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp
 
     before = ray_like_processes()
     # the deadline leaves room for the ClientApp actors' start-up (torch imports) in round 1, also while
-    # another test worker keeps the CPUs busy; seed 15's fault draws hit one node in round 1 and leave the
-    # other one clean (each hit costs the deadline)
+    # another test worker keeps the CPUs busy; seed 15's node-fault draws lose some nodes' replies and
+    # keep others (a simulated late or lost node costs no waiting), and its virtual-client draws time out
+    # and drop some virtual clients of the nodes that reply
     overrides = ["run.rounds=2", "run.eval_every=0", "run.seed=15", "data.num_users=100", "sampling.rate=0.08",
                  "simulation.num_supernodes=2", "simulation.round_timeout_s=25",
-                 "simulation.faults.timeout_rate=0.15", "simulation.faults.drop_rate=0.1"]
+                 "simulation.faults.timeout_rate=0.15", "simulation.faults.drop_rate=0.1",
+                 "simulation.faults.node_timeout_rate=0.2", "simulation.faults.node_drop_rate=0.2"]
     run_dir = tmp_path / "run"
     done = subprocess.run(simulate_cmd(run_dir, overrides), capture_output=True, text=True, cwd=tmp_path, env=env(),
                           timeout=300)
@@ -120,6 +122,7 @@ def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp
     assert results["rounds_completed"] == 2
     totals = json.loads((run_dir / "private" / "summary.json").read_text())["totals"]  # server-private counts
     assert totals["virtual-clients-missing"] > 0 and totals["virtual-clients-accepted"] > 0
+    assert totals["virtual-clients-timed-out"] + totals["virtual-clients-dropped"] > 0
     assert all(r["denominator"] == results["privacy"]["virtual_clients_per_round"] for r in results["history"])
     plan = prepare_run(load_config(QUICKSTART, overrides)).privacy
     ledger = json.loads((run_dir / "privacy.json").read_text())

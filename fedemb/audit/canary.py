@@ -24,8 +24,8 @@ def canary_direction(shapes: dict[str, torch.Size], seed: int) -> dict[str, torc
     return {k: v / norm for k, v in raw.items()}
 
 
-def includes_canary(sampler, canary: np.ndarray, users: np.ndarray, rounds: int, *, poisson: bool) -> bool:
-    """Whether the sampler picks the canary in some round. Poisson draws are per user, so the canary
-    alone is asked; other samplers see the whole population, round after round."""
-    population = canary if poisson else np.append(users, canary)
+def includes_canary(sampler, canary: np.ndarray, users: np.ndarray, rounds: int) -> bool:
+    """Whether the sampler picks the canary in some round, asked of the whole population with the canary:
+    the cohort is drawn among the population's positions, so the canary alone would be another draw."""
+    population = np.append(users, canary)
     return any(canary[0] in sampler.sample(r, population) for r in range(1, rounds + 1))

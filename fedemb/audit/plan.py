@@ -3,9 +3,9 @@ and the largest ε lower bound a number of trials could reach (fedemb.audit.boun
 
 Where the canary is measured. With Poisson sampling (rate q) the canary takes part in a run of R
 rounds with probability p = 1 − (1 − q)^R only, and a run it skips is distributed exactly like a run
-without it (every draw is keyed by the user's own id). So the runs with the canary are drawn among
-those in which it takes part (rejection sampling of the sampling key, the mechanism untouched), and
-the bound weighs their TPR by p. That is still a bound on the ε of the whole mechanism, amplification
+without it (each user is in independently of the others, and grouping is keyed per user). So the
+runs with the canary are drawn among those in which it takes part (rejection sampling of the sampling
+key, the mechanism untouched), and the bound weighs their TPR by p. That is still a bound on the ε of the whole mechanism, amplification
 by sampling included, against the accountant's claim for it. Other sampling methods change who else
 takes part when the canary does, so there the runs with the canary are not conditioned and the
 inclusion probability (measured on the sampler alone) caps what they can show.
@@ -114,7 +114,7 @@ def plan_audit(cfg: Config, trials: int | str = 200, rounds: int = 1, confidence
         users = setup.splits.train.user_ids
         canary = canary_user(users)
         hits = sum(includes_canary(make_sampler(keyed_seed(seed, STREAM_AUDIT, INCLUSION_KEYS, i), cfg.sampling,
-                                                setup.virtual_clients), canary, users, rounds, poisson=False)
+                                                setup.virtual_clients), canary, users, rounds)
                    for i in range(INCLUSION_DRAWS))
         inclusion = hits / INCLUSION_DRAWS
     plan = AuditPlan(claim, setup.privacy.delta, rounds, name, confidence, inclusion, poisson, 0, 0, max_trials)

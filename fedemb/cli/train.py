@@ -59,6 +59,8 @@ def print_run_summary(results: dict, out: Path) -> None:
         pr = priv["projection"]
         console.print(f"projected: ε = {pr['epsilon']:.3f} at δ = {pr['delta']:.3g}, valid only for {pr['valid_for']}",
                       highlight=False)
+    if results.get("fault_injection"):
+        console.print(f"fault injection: {results['fault_injection']['notice']}", highlight=False)
     console.print(f"results: {out / 'results.json'}", highlight=False)
     console.print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}", highlight=False)
     console.print(f"server-private (exact telemetry, events; never publish): {out / 'private'}", highlight=False)

@@ -30,7 +30,9 @@ MODEL_NORM = "model-norm"
 # exact statistics of the private data (server-private telemetry only)
 VIRTUAL_CLIENTS_PLANNED = "virtual-clients-planned"
 VIRTUAL_CLIENTS_ACCEPTED = "virtual-clients-accepted"
-VIRTUAL_CLIENTS_FAILED = "virtual-clients-failed"
+VIRTUAL_CLIENTS_FAILED = "virtual-clients-failed"  # their training raised
+VIRTUAL_CLIENTS_TIMED_OUT = "virtual-clients-timed-out"  # their node counted them late (simulation.faults)
+VIRTUAL_CLIENTS_DROPPED = "virtual-clients-dropped"  # their node counted them silent (simulation.faults)
 VIRTUAL_CLIENTS_REJECTED = "virtual-clients-rejected"
 VIRTUAL_CLIENTS_MISSING = "virtual-clients-missing"
 VIRTUAL_CLIENTS_NONFINITE = "virtual-clients-nonfinite"
@@ -46,8 +48,12 @@ ROUND_SECONDS = "round-seconds"
 FINISHED_AT = "finished-at"
 VIRTUAL_CLIENTS_PER_SECOND = "virtual-clients-per-second"
 # the counts a run's private summary.json totals over its rounds
-ROUND_TOTALS = (VIRTUAL_CLIENTS_PLANNED, VIRTUAL_CLIENTS_ACCEPTED, VIRTUAL_CLIENTS_FAILED, VIRTUAL_CLIENTS_REJECTED,
-                VIRTUAL_CLIENTS_MISSING, VIRTUAL_CLIENTS_NONFINITE, REPLIES_PROJECTED, USERS, EXAMPLES)
+ROUND_TOTALS = (VIRTUAL_CLIENTS_PLANNED, VIRTUAL_CLIENTS_ACCEPTED, VIRTUAL_CLIENTS_FAILED, VIRTUAL_CLIENTS_TIMED_OUT,
+                VIRTUAL_CLIENTS_DROPPED, VIRTUAL_CLIENTS_REJECTED, VIRTUAL_CLIENTS_MISSING, VIRTUAL_CLIENTS_NONFINITE,
+                REPLIES_PROJECTED, USERS, EXAMPLES)
+# the ways a planned virtual client can end up outside the round's sum
+VIRTUAL_CLIENTS_LOST = (VIRTUAL_CLIENTS_FAILED, VIRTUAL_CLIENTS_TIMED_OUT, VIRTUAL_CLIENTS_DROPPED,
+                        VIRTUAL_CLIENTS_REJECTED, VIRTUAL_CLIENTS_MISSING)
 
 # ---------------------------------------------------------------- TensorBoard
 # groups, so that the ones people watch come first (TensorBoard orders them by name)
@@ -76,3 +82,4 @@ TAG_UNCLIPPED_FRACTION_ESTIMATE = f"{PRIVACY}/unclipped_fraction_estimate"
 TAG_HELD_OUT_INPUTS = eval_tag("held_out_inputs_one_class_per_row")
 TAG_TRAINING_INPUTS = private_tag("training_inputs_one_class_per_row")
 TAG_CONFIG, TAG_PRIVACY, TAG_SUMMARY, TAG_DIVERGED = f"{RUN}/config", f"{RUN}/privacy", f"{RUN}/summary", f"{RUN}/diverged"
+TAG_FAULT_INJECTION = f"{RUN}/fault_injection"

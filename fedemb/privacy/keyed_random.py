@@ -1,8 +1,9 @@
 """Counter-based keyed randomness: every draw is a pseudorandom function (PRF) of (secret, counters).
 
-A user's sampling and grouping draws are keyed by (secret, round, user id, stream), so no user's draws
-depend on which other users exist. That is what keeps the sensitivity argument of the grouping: adding
-or removing one user cannot move anybody else.
+A user's grouping draw is keyed by (secret, round, user id, stream), so no user's slot depends on
+which other users exist. That is what keeps the sensitivity argument of the grouping: adding or
+removing one user cannot move anybody else. The cohort itself is drawn by counters (round, draw) over
+the positions of the user-id array (fedemb.privacy.sampling), so a round costs what its cohort costs.
 
 The PRF must also resist inversion: nodes receive values derived from the server's secret (the
 training key), and anyone who could recover the secret from them could compute who was sampled in
@@ -17,10 +18,10 @@ cryptographic:
   indistinguishable from independent uniform draws, and no output tells anything about the secret
   or about any other output.
 
-Why AES and not keyed BLAKE2b per element: the sampler evaluates every user every round, and AES-ECB
-through OpenSSL (the `cryptography` package) processes all of them in one vectorized call per block
-(10^6 user ids in tens of milliseconds), where hashlib's BLAKE2b costs a Python call per element
-(about 1.5 s for 10^6 on one core).
+Why AES and not keyed BLAKE2b per element: draws come in arrays (a cohort's draws, or every user for
+limited participation), and AES-ECB through OpenSSL (the `cryptography` package) processes all of them
+in one vectorized call per block (10^6 counters in tens of milliseconds), where hashlib's BLAKE2b costs
+a Python call per element (about 1.5 s for 10^6 on one core).
 """
 
 from __future__ import annotations

@@ -11,11 +11,14 @@ Changing an id changes every seeded output that draws from it: keep them.
 from __future__ import annotations
 
 # federated training: keyed by the run's server secret (fedemb.privacy.keyed_random.run_secret)
-STREAM_SAMPLING = 1  # secret, (round, user): who is sampled (Poisson draw, or order for fixed-size/limited)
+STREAM_SAMPLING = 1  # secret, (round, user): limited participation's order among the eligible users
+STREAM_COHORT_SIZE = 12  # secret, (round): the Poisson cohort size, Binomial(N, q) by inverse CDF
+STREAM_COHORT = 13  # secret, (round, draw): the uniform index draws that pick the cohort (Poisson and fixed-size)
 STREAM_GROUPING = 2  # secret, (round, user): which virtual-client slot a sampled user joins
 STREAM_TRAINING_KEY = 21  # secret: the training key the nodes' draws below are keyed by (a PRF output)
 # on the nodes: keyed by the training key (the task's "training_key")
 STREAM_FAULTS = 3  # training key, (round, slot): whether an injected fault hits the virtual client
+STREAM_NODE_FAULTS = 6  # training key, (round, the node's first slot): whether an injected fault hits the node
 STREAM_TRAINING = 4  # training key, (round, slot): the virtual client's local-training seed
 STREAM_HEAD_ANCHORS = 5  # training key: the fixed class anchors of the local head
 # keyed by run.seed (seeded runs only)

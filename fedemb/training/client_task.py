@@ -9,10 +9,11 @@ The node's own draws (training seeds, head anchors, injected faults) are keyed b
 key, a PRF output of the server's secret under its own label, and by the virtual client's index: its
 slot, or on a device its own id, so nothing a device draws or receives depends on other devices.
 
-Fault injection (simulation.faults, drawn per virtual client from the training key): the virtual
-client's training raises, the node replies NaN, replies after the round's deadline (timeout), or goes
-silent for the round (drop: it waits past the deadline without training and its late error reply is
-discarded).
+Fault injection (simulation.faults, fedemb.training.faults): a virtual client's training raises, its
+update is NaN (which poisons the node's sum), its reply would come after the deadline (timeout) or it
+goes silent (drop). Raised, timed-out and dropped virtual clients are left out of the sum and counted
+in the reply, each kind on its own; none of them trains or waits. Node faults are the ClientApp's
+(simulated_node_fault): the node replies at once with a marker instead of training.
 """
 
 from __future__ import annotations
@@ -20,23 +21,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 
 import torch
 
-from fedemb.config import FaultConfig, ModelConfig
+from fedemb.config import ModelConfig
 from fedemb.data.population import Population
 from fedemb.data.store import load_splits
 from fedemb.errors import DataError
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
-from fedemb.privacy.keyed_random import keyed_seed, keyed_uniform
-from fedemb.privacy.streams import STREAM_FAULTS, STREAM_HEAD_ANCHORS, STREAM_TRAINING
-from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_EXAMPLES, NUM_FAILED, NUM_NONFINITE,
-                             NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS, TrainAssignment, TrainTask)
+from fedemb.privacy.keyed_random import keyed_seed
+from fedemb.privacy.streams import STREAM_HEAD_ANCHORS, STREAM_TRAINING
+from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, NUM_CLIPPED, NUM_DROPPED, NUM_EXAMPLES, NUM_FAILED,
+                             NUM_NONFINITE, NUM_TIMED_OUT, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS,
+                             TrainAssignment, TrainTask)
+from fedemb.training.faults import node_fault, virtual_client_fault
 from fedemb.training.local import LocalResult, LocalTrainingConfig, class_anchors
 from fedemb.training.vectorized import train_virtual_clients
 
@@ -44,8 +46,8 @@ from fedemb.training.vectorized import train_virtual_clients
 log = logging.getLogger("fedemb")
 
 
-class InjectedFault(RuntimeError):
-    """Raised on purpose by simulation fault injection (simulation.faults.raise_rate)."""
+# injected faults that leave a virtual client out of its node's sum -> the reply's count of them
+_LOST = {"raise": NUM_FAILED, "timeout": NUM_TIMED_OUT, "drop": NUM_DROPPED}
 
 
 def make_task(cfg, num_classes: int, image_shape, training_key: int) -> TrainTask:
@@ -100,29 +102,28 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
                if local_cfg.head_init == "anchors" else None)
     plan = []
     for vc_index, user_ids in assignment.virtual_clients:
-        fault = _fault(faults, float(keyed_uniform(key, assignment.server_round, vc_index, STREAM_FAULTS)))
-        if fault == "drop":
-            _wait_past_deadline(task)
-            raise InjectedFault(f"injected drop of virtual client {vc_index} in round {assignment.server_round}")
-        plan.append((vc_index, user_ids, fault, crafted(user_ids) if crafted else None))
+        fault = virtual_client_fault(faults, key, assignment.server_round, vc_index)
+        override = crafted(user_ids) if crafted else None
+        if fault == "raise" and override is not None:  # a crafted update (the audit's canary) is not trained
+            fault = None
+        plan.append((vc_index, user_ids, fault, override))
     to_train = [(users, keyed_seed(key, assignment.server_round, vc, STREAM_TRAINING))
-                for vc, users, fault, override in plan if override is None and fault != "raise"]
+                for vc, users, fault, override in plan if override is None and fault not in _LOST]
     net.load_state_dict(state, strict=False)
     trained = iter(train_virtual_clients(net, pop, [u for u, _ in to_train], local_cfg, [s for _, s in to_train],
                                          anchors, local_cfg.vectorize, model_key))
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
-    norms, examples, loss_sum, nonfinite, clipped, failed = [], 0, 0.0, 0, 0, 0
+    norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
+    lost = {count: 0 for count in _LOST.values()}
     loss_bound, bounded_loss_sum = task.loss_bound, 0.0
-    late = False
     for vc_index, user_ids, fault, override in plan:
-        late |= fault == "timeout"
-        if fault == "raise" and override is None:
-            log.warning("round %s: injected failure of virtual client %s", assignment.server_round, vc_index)
-            failed += 1
+        if fault in _LOST:
+            log.debug("round %s: injected %s of virtual client %s", assignment.server_round, fault, vc_index)
+            lost[_LOST[fault]] += 1
             continue
         result = LocalResult(override, 0, 0.0) if override is not None else next(trained)
         if result is None:  # its training raised (logged where it happened)
-            failed += 1
+            lost[NUM_FAILED] += 1
             continue
         delta = result.delta
         diverged = not (is_finite(delta) and math.isfinite(result.mean_loss))
@@ -144,11 +145,18 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
             loss_sum += result.mean_loss
         bounded_loss_sum += loss_bound if diverged else min(max(result.mean_loss, 0.0), loss_bound)
     metrics = {NUM_VIRTUAL_CLIENTS: len(assignment.virtual_clients), NUM_USERS: assignment.num_users,
-               NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped), NUM_FAILED: failed,
+               NUM_EXAMPLES: examples, NUM_NONFINITE: nonfinite, NUM_CLIPPED: int(clipped), **lost,
                LOSS_SUM: loss_sum, BOUNDED_LOSS_SUM: bounded_loss_sum, UPDATE_NORMS: [float(n) for n in norms]}
-    if late:
-        _wait_past_deadline(task)
     return total, metrics
+
+
+def simulated_node_fault(assignment: TrainAssignment) -> str | None:
+    """node-timeout, node-drop (simulation.faults.node_*_rate) or None: whether this node's reply this
+    round is to be late or lost. The ClientApp then replies at once with protocol.simulated_fault_reply
+    instead of training; the server takes that as a reply after the deadline."""
+    task = assignment.task
+    return node_fault(task.faults, task.training_key, assignment.server_round,
+                      [vc for vc, _ in assignment.virtual_clients])
 
 
 def own_virtual_client(assignment: TrainAssignment, device: Population) -> TrainAssignment:
@@ -162,15 +170,3 @@ def own_virtual_client(assignment: TrainAssignment, device: Population) -> Train
     own_user = int(device.user_ids[0])
     return replace(assignment, virtual_clients=[(vc_index, (own_user,))])
 
-
-def _fault(faults: FaultConfig, draw: float) -> str | None:
-    edge = 0.0
-    for name in ("raise", "nan", "timeout", "drop"):
-        edge += getattr(faults, f"{name}_rate")
-        if draw < edge:
-            return name
-    return None
-
-
-def _wait_past_deadline(task: TrainTask) -> None:
-    time.sleep(task.round_timeout_s + 1.0)
