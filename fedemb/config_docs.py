@@ -4,6 +4,7 @@ its default, allowed values and meaning. `fedemb config docs` writes it; a test 
 from __future__ import annotations
 
 import json
+import types
 import typing
 from typing import Any, Literal
 
@@ -83,7 +84,7 @@ def _sub_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     if many:
         annotation = typing.get_args(annotation)[0]
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         annotation = args[0]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, many
