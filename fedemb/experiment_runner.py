@@ -5,6 +5,10 @@ A cell whose results.json exists is skipped, and so is a `before`/`after` step w
 part-way runs again; its unfinished folder is kept aside (OUT.unfinished-N), and the ledger keeps the
 release it had recorded. Each run directory gets experiment.json (experiment, group,
 grid point, seed, overrides): what `fedemb report` groups by. Its wall time is server-private.
+
+Ray kept warm (SweepRay): the training runs that would each start and stop a local Ray join one that
+the sweep starts when the first of them needs it (fedemb.flower_env.WarmRay) and stops at its end. Each run
+is still a process of its own, started the same way, and trains the same model.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TextIO
 
 from fedemb.errors import FedembError
 from fedemb.experiments import Cell
+from fedemb.flower_env import WarmRay
 from fedemb.run_dir import PRIVATE_DIR, write_json, write_private_json
 
 LOG_FILE = "experiments.log"
@@ -29,9 +34,59 @@ def fedemb_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "fedemb", *args]
 
 
-def train_command(cell: Cell) -> list[str]:
+def train_command(cell: Cell, ray_address: str = "") -> list[str]:
     sets = [arg for o in cell.overrides for arg in ("--set", o)]
-    return fedemb_command([cell.command, "--config", str(cell.config), *sets, "--run-dir", str(cell.run_dir)])
+    joins = ["--ray-address", ray_address] if ray_address else []
+    return fedemb_command([cell.command, "--config", str(cell.config), *sets, "--run-dir", str(cell.run_dir), *joins])
+
+
+def starts_own_ray(cell: Cell) -> bool:
+    """Whether the cell's training run would start (and stop) a local Ray of its own."""
+    from fedemb.config import load_config
+
+    if cell.command != "simulate":
+        return False
+    try:
+        sim = load_config(cell.config, cell.overrides).simulation
+    except FedembError:  # the run fails on its own, with its own message
+        return False
+    return sim.engine == "ray" and not sim.ray_address
+
+
+class SweepRay:
+    """The sweep's warm Ray: started for the first training run that would start its own, joined by it and
+    the others like it (`fedemb simulate --ray-address`), stopped by close(). Disabled: every run starts
+    its own, as a run started alone does."""
+
+    def __init__(self, cwd: Path, enabled: bool = True):
+        self.cwd, self.enabled = cwd, enabled
+        self.warm: WarmRay | None = None
+
+    def address_for(self, cell: Cell) -> str:
+        if not self.enabled or not starts_own_ray(cell):
+            return ""
+        if self.warm is not None and not self.warm.alive():
+            print("warning: the sweep's Ray has stopped; starting it again", file=sys.stderr, flush=True)
+            self.close()
+        if self.warm is None:
+            try:
+                self.warm = WarmRay(self.cwd)
+            except RuntimeError as exc:  # the runs start their own, as they would alone
+                print(f"warning: {exc}; each run starts its own Ray", file=sys.stderr, flush=True)
+                self.enabled = False
+                return ""
+        return self.warm.address
+
+    def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
+            self.warm = None
+
+    def __enter__(self) -> SweepRay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def step_commands(steps: list[list[str]], run_dir: Path) -> list[tuple[list[str], Path | None]]:
@@ -51,8 +106,9 @@ def cell_commands(cell: Cell) -> list[str]:
             + [f"  {shlex.join(command)}" for command, _ in step_commands(cell.after, cell.run_dir)])
 
 
-def run_cell(cell: Cell, log: TextIO, cwd: Path) -> float:
-    """Run what of the cell is not done yet, commands in `cwd` with their output in `log`; its seconds."""
+def run_cell(cell: Cell, log: TextIO, cwd: Path, ray: SweepRay | None = None) -> float:
+    """Run what of the cell is not done yet, commands in `cwd` with their output in `log`, its training
+    run on the sweep's warm Ray when `ray` has one for it; its seconds."""
     started = time.monotonic()
     for command, target in step_commands(cell.before, cell.run_dir):
         if not step_done(target, log):
@@ -63,7 +119,7 @@ def run_cell(cell: Cell, log: TextIO, cwd: Path) -> float:
             shutil.rmtree(cell.run_dir)
         cell.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(cell.run_dir / "experiment.json", cell.facts)
-        _call(train_command(cell), log, cwd)
+        _call(train_command(cell, ray.address_for(cell) if ray else ""), log, cwd)
     for command, target in step_commands(cell.after, cell.run_dir):
         if not step_done(target, log):
             _call(command, log, cwd)

@@ -1,11 +1,22 @@
 """The environment fedemb runs Flower and Ray in: offline, on no cluster unless asked, without notices
-a user cannot act on. For this process, or for a Flower process about to be started."""
+a user cannot act on. For this process, or for a Flower process about to be started.
+
+How fedemb starts a local Ray (`local_ray_init_args`, `worker_pythonpath`): a run's own (simulations.engine)
+and a sweep's warm one (`WarmRay`: one Ray that the runs of `fedemb experiments run` join instead of
+each starting and stopping its own), so that a run finds the same Ray either way."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import subprocess
+import sys
+import threading
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def offline_flower_environment(env: MutableMapping[str, str] = os.environ) -> None:
@@ -29,3 +40,104 @@ THIRD_PARTY_NOTICES = [
 def silence_third_party_notices() -> None:
     for category, message, module in THIRD_PARTY_NOTICES:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+# ----------------------------------------------------------------------------- a local Ray
+def local_ray_init_args(verbose: bool = False) -> dict:
+    """ray.init's arguments for a local Ray of this machine's CPUs, quiet, without the dashboard and
+    without a runtime environment (the workers Ray starts with the first driver are then the ones
+    Flower's actors run in; a runtime environment would start new ones through Ray's setup_worker.py)."""
+    return {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+            "logging_level": logging.ERROR, "log_to_driver": verbose}
+
+
+@contextmanager
+def worker_pythonpath() -> Iterator[None]:
+    """PYTHONPATH as Flower gives its Ray workers (this process's sys.path first), while a local Ray
+    starts: its processes inherit it; this process's own environment is restored afterwards."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*sys.path, *([previous] if previous else [])])
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+class WarmRay:
+    """A local Ray kept running for several runs (a sweep), in a keeper process started in `cwd`: each
+    run joins it at `address` (`fedemb simulate --ray-address`) instead of starting and stopping its own.
+
+    The keeper holds Ray until close(), or until the process that started it ends (its stdin closes):
+    it then shuts Ray down, and Ray's own reaper stops Ray's processes if the keeper itself is killed."""
+
+    def __init__(self, cwd: Path, timeout_s: float = 120.0):
+        offline_flower_environment()
+        self._keeper = subprocess.Popen(
+            [sys.executable, "-c", "from fedemb.flower_env import keep_local_ray; keep_local_ray()"],
+            cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.address = _announced_address(self._keeper, timeout_s)
+        if not self.address:
+            self.close()
+            raise RuntimeError("the sweep's Ray did not start (see its error above)")
+
+    def alive(self) -> bool:
+        """The keeper runs and its Ray answers at `address` (a Ray stopped from outside, e.g. by
+        `ray stop`, would leave a run that joins it waiting for it forever)."""
+        if self._keeper.poll() is not None:
+            return False
+        host, _, port = self.address.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=5.0):
+                return True
+        except OSError:
+            return False
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        if self._keeper.poll() is None:
+            self._keeper.stdin.close()
+            try:
+                self._keeper.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._keeper.kill()
+                self._keeper.wait()
+
+    def __enter__(self) -> WarmRay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _announced_address(keeper: subprocess.Popen, timeout_s: float) -> str:
+    """The address the keeper announces ("address HOST:PORT"), or "" when it ends or is silent for `timeout_s`."""
+    box: list[str] = []
+
+    def read() -> None:
+        for line in keeper.stdout:
+            if line.startswith("address "):
+                box.append(line.split(" ", 1)[1].strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return box[0] if box else ""
+
+
+def keep_local_ray() -> None:
+    """The keeper (WarmRay): start a local Ray, say its address, hold it until stdin closes."""
+    import ray
+
+    offline_flower_environment()
+    silence_third_party_notices()
+    with worker_pythonpath():
+        ray.init(**local_ray_init_args())
+    try:
+        print("address", ray.get_runtime_context().gcs_address, flush=True)
+        os.dup2(2, 1)  # whatever else is printed goes to stderr, not to a pipe nobody reads
+        sys.stdin.read()
+    finally:
+        ray.shutdown()

@@ -22,14 +22,18 @@ def run(specs: Annotated[list[Path], typer.Argument(help="Experiment specs (TOML
         runs: Annotated[Path, typer.Option(help="Where the run directories go.")] = Path("runs/experiments"),
         seeds: Annotated[str, typer.Option(help="Comma-separated seeds to run (default: each spec's own).")] = "",
         only: Annotated[list[str], typer.Option(help="Run only these group labels.")] = [],
-        dry_run: Annotated[bool, typer.Option(help="Print the commands, run nothing.")] = False):
+        dry_run: Annotated[bool, typer.Option(help="Print the commands, run nothing.")] = False,
+        warm_ray: Annotated[bool, typer.Option(help="Keep one local Ray running for the sweep's training runs "
+                                               "(each joins it with --ray-address) instead of each starting "
+                                               "and stopping its own.")] = True):
     """Run the cells of experiment specs one after another, resumably.
 
     A cell whose results.json exists is skipped, and so is an `after` step whose output folder exists: a
     killed sweep continues where it stopped. Each run directory gets experiment.json (experiment, group,
     grid point, seed, overrides): what `fedemb report` groups by. Commands' output goes to
-    RUNS/experiments.log. Exit 1 when a cell fails."""
-    from fedemb.experiment_runner import LOG_FILE, cell_commands, run_cell
+    RUNS/experiments.log. Exit 1 when a cell fails. The training runs that would each start a local Ray
+    share one instead (--no-warm-ray: each starts its own); their results are the same either way."""
+    from fedemb.experiment_runner import LOG_FILE, SweepRay, cell_commands, run_cell
     from fedemb.experiments import load_spec
 
     if any("=" not in v for v in var):
@@ -51,12 +55,12 @@ def run(specs: Annotated[list[Path], typer.Argument(help="Experiment specs (TOML
                 print(line)
         return
     runs.mkdir(parents=True, exist_ok=True)
-    with open(runs / LOG_FILE, "a") as log:
+    with open(runs / LOG_FILE, "a") as log, SweepRay(root, warm_ray) as ray:
         for i, cell in enumerate(cells, 1):
             label = f"[{i}/{len(cells)}] {cell.experiment} / {cell.group} / {cell.run_dir.parent.name} / seed {cell.seed}"
             print(label + " ...", flush=True)
             try:
-                seconds = run_cell(cell, log, root)
+                seconds = run_cell(cell, log, root, ray)
             except FedembError as exc:
                 err_console.print(f"[bold red]error:[/] {escape(f'{label}: {exc}')}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
