@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from fedemb.errors import ConfigError, DataError
 from fedemb.typed_config import Settings, parse
 
-DataName = Literal["digits", "idx", "npz", "npy", "folder"]
+DataName = Literal["digits", "idx", "npz", "npy", "folder", "procedural"]
 NormKind = Literal["group", "keep", "affine"]
 
 
@@ -41,16 +41,65 @@ class RunConfig(Settings):
     can be extended (raise `run.rounds` in its config.toml and `--resume`)"""
 
 
+class ProceduralConfig(Settings):
+    """data.name = "procedural": a synthetic population of `users` users whose data each node generates
+    when it trains them, deterministically from (`seed`, user id), from a real base dataset: each user
+    is one real writer of the base's training writers, a label mix and its own transformation
+    ([procedural.md](procedural.md)). Evaluation uses the base's held-out writers (`data.eval_users`),
+    real and never derived from. The privacy unit is the derived user; derived users share writers, so
+    utility is optimistic: for scale, systems and algorithm studies, not claims about real people."""
+
+    users: int = Field(1_000_000, ge=1, le=1 << 40)
+    """N, the population size: user ids are 0..N-1, and nothing anywhere holds one value per user"""
+    base: Literal["digits", "mnist"] = "digits"
+    """the real dataset: digits (scikit-learn's, its writers the users of `data.partition` /
+    `data.num_users`) or mnist (an IDX directory in `data.path` and its QMNIST writer file in
+    `data.writers`)"""
+    examples_min: int = Field(10, ge=1, le=4096)
+    """fewest examples a user has (each user's count is uniform in `examples_min`..`examples_max`)"""
+    examples_max: int = Field(40, ge=1, le=4096)
+    """most examples a user has"""
+    label_concentration: float = Field(1.0, gt=0)
+    """Dirichlet concentration of a user's label mix over its writer's classes (smaller: fewer classes
+    per user)"""
+    rotation_deg: float = Field(10.0, ge=0, le=90)
+    """largest rotation of a user's transformation, in degrees (uniform in ±)"""
+    scale: float = Field(0.1, ge=0, lt=0.5)
+    """largest relative change of size (uniform in ±)"""
+    shear_deg: float = Field(10.0, ge=0, le=45)
+    """largest shear, in degrees (uniform in ±)"""
+    translate: float = Field(0.06, ge=0, le=0.3)
+    """largest shift along each axis, as a fraction of the image side (uniform in ±)"""
+    elastic: float = Field(0.04, ge=0, le=0.2)
+    """elastic distortion: a smooth random displacement field (4×4 knots, bilinear), each knot's shift up
+    to this fraction of the image side"""
+    stroke: float = Field(0.6, ge=0, le=1)
+    """stroke width: a user's strokes move this far (at most) towards their 3×3 grey dilation (thicker)
+    or erosion (thinner)"""
+    seed: int = Field(0, ge=0)
+    """the population's seed: with a user id it keys everything the user's data is made of (a
+    data-generation key, public, not a DP draw)"""
+
+    @model_validator(mode="after")
+    def _range(self) -> ProceduralConfig:
+        _require(self.examples_min <= self.examples_max,
+                 f"data.procedural.examples_min ({self.examples_min}) must be <= data.procedural.examples_max "
+                 f"({self.examples_max})")
+        return self
+
+
 class DataConfig(Settings):
     """Where the images come from, who their users are, and which users are held out
     ([data.md](data.md) describes each source)."""
 
     name: DataName = "digits"
-    """the source: digits (scikit-learn's bundled digits), idx, npz, npy, or folder"""
+    """the source: digits (scikit-learn's bundled digits), idx, npz, npy, folder, or procedural (users
+    generated from a real base dataset, `data.procedural`)"""
     path: str = ""
     """idx: directory of IDX files; npz: the file; npy: a directory with x.npy, y.npy and optionally
     user.npy, memory-mapped (for populations larger than memory); folder: the root of the image tree
-    (root/<class>/<file>). Arrays may be (n, H, W), (n, H, W, C) or (n, C, H, W), uint8 or float in [0, 1]
+    (root/<class>/<file>); procedural on mnist: the MNIST IDX directory. Arrays may be (n, H, W),
+    (n, H, W, C) or (n, C, H, W), uint8 or float in [0, 1]
     ([data.md](data.md#image-arrays-npz-and-npy))"""
     manifest: str = ""
     """folder: a CSV, relative to `path` unless absolute, with a header and columns `path` (relative to the
@@ -69,7 +118,7 @@ class DataConfig(Settings):
     """any source: 1 (grayscale) or 3 (RGB) the model takes; 0: as stored (arrays: 1, 3 or 4; a folder: 3
     if any image is in colour, else 1)"""
     writers: str = ""
-    """idx: a QMNIST extended-label file giving the train images' real writer ids"""
+    """idx (and procedural on mnist): a QMNIST extended-label file giving the train images' real writer ids"""
     test_writers: str = ""
     """idx: a QMNIST extended-label file for the t10k images"""
     use_test_split: bool = False
@@ -95,6 +144,8 @@ class DataConfig(Settings):
     cache_dir: str = ""
     """where each machine keeps the splits as memory-mapped files (built once per data config);
     "": `$FEDEMB_CACHE_DIR` or `~/.cache/fedemb`"""
+    procedural: ProceduralConfig = Field(default_factory=ProceduralConfig)
+    """data.name = "procedural": the generated population"""
 
     @field_validator("image_size")
     @classmethod
@@ -119,7 +170,23 @@ class DataConfig(Settings):
                  "data.resize = 'crop' needs data.image_size (the size to crop to)")
         _require(self.eval_users + self.public_users < 1,
                  "data.eval_users + data.public_users must leave users to train on")
+        if self.name != "procedural":
+            _require(self.procedural == ProceduralConfig(),
+                     f"data.procedural applies to data.name = 'procedural' only, not {self.name!r}")
+        elif self.procedural.base == "mnist":
+            _require(bool(self.path and self.writers), "data.procedural.base = 'mnist' needs data.path (the MNIST "
+                     "IDX directory) and data.writers (its QMNIST writer file): the writers are the users' sources")
+        else:
+            _require(not (self.path or self.writers or self.test_writers or self.use_test_split),
+                     "data.path, data.writers, data.test_writers and data.use_test_split apply to "
+                     "data.procedural.base = 'mnist', not 'digits'")
         return self
+
+    def procedural_base(self) -> DataConfig:
+        """The config of the real dataset a procedural population derives from: its writers split into
+        the training pool and the held-out evaluation writers as that source alone would be."""
+        fields = {k: v for k, v in self.model_dump().items() if k != "procedural"}
+        return DataConfig(**{**fields, "name": "idx" if self.procedural.base == "mnist" else "digits"})
 
 
 class ModelConfig(Settings):
@@ -188,6 +255,10 @@ class ClientConfig(Settings):
     vectorize: int = Field(0, ge=0)
     """>= 2: a node trains up to this many virtual clients at once with `torch.func.vmap` (same results;
     see [performance.md](performance.md) for when it pays); 0 or 1: one at a time"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where a node trains: auto: its CUDA device when it has one it may use (in Ray simulation, only with
+    simulation.gpus_per_client > 0), else its CPUs; cuda: refuse to train without one. Updates leave the
+    device before they are clipped, so clipping and the reply are the same code either way"""
 
     @model_validator(mode="after")
     def _head_init_fits_head(self) -> ClientConfig:
@@ -337,10 +408,13 @@ class SimulationConfig(Settings):
     mode: Literal["workers", "devices"] = "workers"
     """workers: a few nodes each train many virtual clients per round, balanced by examples; devices: one
     node per virtual-client slot"""
-    engine: Literal["ray", "inprocess"] = "ray"
+    engine: Literal["auto", "ray", "inprocess"] = "auto"
     """ray: Flower's simulation engine (ClientApps in Ray actors, in parallel); inprocess: the same
-    strategy, messages and ClientApp called one after another in this process, with no Ray start-up (for
-    debugging and small runs). A seeded run gives the same model and ledger on both"""
+    strategy, messages and ClientApp called one after another in this process, with no Ray start-up;
+    auto: inprocess on a machine of at most 2 CPUs with no Ray address and no GPU shares (the first round
+    starts in under 10 s instead of about 17: [performance.md](performance.md), "Start-up"), ray
+    otherwise. A seeded run gives the same model and ledger, bit for bit, on both. On 2 CPUs a long run's
+    steady rounds are faster on ray (two nodes at once)"""
     num_supernodes: int = Field(0, ge=0)
     """simulated nodes; 0: workers: one per ClientApp the CPUs (and GPU shares) can run at once; devices: M"""
     ray_address: str = ""

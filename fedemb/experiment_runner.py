@@ -46,11 +46,13 @@ def starts_own_ray(cell: Cell) -> bool:
 
     if cell.command != "simulate":
         return False
+    from fedemb.flower_env import resolved_engine
+
     try:
-        sim = load_config(cell.config, cell.overrides).simulation
+        cfg = load_config(cell.config, cell.overrides)
     except FedembError:  # the run fails on its own, with its own message
         return False
-    return sim.engine == "ray" and not sim.ray_address
+    return resolved_engine(cfg) == "ray" and not cfg.simulation.ray_address
 
 
 class SweepRay:

@@ -141,3 +141,16 @@ def keep_local_ray() -> None:
         sys.stdin.read()
     finally:
         ray.shutdown()
+
+
+AUTO_INPROCESS_MAX_CPUS = 2
+
+
+def resolved_engine(cfg, ray_address: str = "", cpus: int | None = None) -> str:
+    """simulation.engine with "auto" decided for this machine: "ray" or "inprocess". `cfg`: a Config."""
+    sim = cfg.simulation
+    if sim.engine != "auto":
+        return sim.engine
+    if ray_address or sim.ray_address or sim.gpus_per_client > 0:
+        return "ray"
+    return "inprocess" if (cpus or os.cpu_count() or 1) <= AUTO_INPROCESS_MAX_CPUS else "ray"

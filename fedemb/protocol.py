@@ -26,7 +26,7 @@ from fedemb.config import ClientConfig, DataConfig, FaultConfig, ModelConfig
 from fedemb.errors import FedembError
 from fedemb.typed_config import Settings, parse_json
 
-WIRE_VERSION = 2  # raise it whenever TrainTask or the records change meaning; a node refuses any other
+WIRE_VERSION = 3  # raise it whenever TrainTask or the records change meaning; a node refuses any other
 
 ARRAYS = "arrays"
 CONFIG = "config"

@@ -49,6 +49,9 @@ class RunSetup:
 
 def prepare_run(cfg: Config) -> RunSetup:
     """Everything that can fail on bad input, checked before any process is started."""
+    if cfg.data.name == "procedural" and cfg.sampling.method == "limited":
+        raise ConfigError("sampling.method = 'limited' keeps state for every user (O(N) per round); with "
+                          "data.name = 'procedural' use 'poisson' or 'fixed'")
     splits = load_splits(cfg.data)
     n_users = cfg.deployment.devices or splits.train.num_users
     k = cfg.sampling.users_per_client

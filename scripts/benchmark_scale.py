@@ -55,7 +55,8 @@ ARMS = {"a": "plain PyTorch loop", "b": "Flower per-client (FedAvg)", "c": "fede
 
 # ----------------------------------------------------------------------------- data
 def make_population(directory: Path, users: int) -> Path:
-    """users x 50 random 28x28 images as memory-mappable .npy files (written in chunks)."""
+    """users x EXAMPLES random 28x28 images as memory-mappable .npy files (written in chunks)."""
+    directory = directory.with_name(f"{directory.name}-x{EXAMPLES}") if EXAMPLES != 50 else directory
     if (directory / "user.npy").is_file():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,8 +73,12 @@ def make_population(directory: Path, users: int) -> Path:
     return directory
 
 
-def fedemb_overrides(data: Path, users: int, workload: str, rounds: int, vectorize: int) -> list[str]:
-    return ['data.name="npy"', f'data.path="{data}"', "data.eval_users=0.05", "data.max_eval_examples=200",
+def fedemb_overrides(data: Path, users: int, workload: str, rounds: int, vectorize: int,
+                     device: str = "cpu", gpu_workers: int = 0) -> list[str]:
+    on_gpu = ([f'client.device="{device}"', f"simulation.gpus_per_client={1 / gpu_workers}",
+               f"simulation.cpus_per_client={max(1, (os.cpu_count() or 1) // gpu_workers)}"]
+              if device == "cuda" else [])
+    return on_gpu + ['data.name="npy"', f'data.path="{data}"', "data.eval_users=0.05", "data.max_eval_examples=200",
             f'model.name="{MODELS[workload]}"', "model.embedding_dim=128", "privacy.enabled=false",
             'sampling.method="fixed"', f"sampling.rate={CLIENTS / (users * 0.95)}", "sampling.users_per_client=1",
             f"sampling.virtual_clients={CLIENTS}", "client.epochs=1", f"client.batch_size={BATCH}",
@@ -90,17 +95,18 @@ def since_start() -> float:
     return time.time() - started_at()
 
 
-def train_one_user(net, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> None:
+def train_one_user(net, x: np.ndarray, y: np.ndarray, rows: np.ndarray, device: str = "cpu") -> None:
     """The local training every arm does: one epoch over the user's rows with a fresh local head."""
     import torch
 
     classes, targets = np.unique(np.asarray(y[rows]), return_inverse=True)
-    head = torch.nn.Linear(128, len(classes), bias=False)
+    targets = torch.from_numpy(targets).to(device)
+    head = torch.nn.Linear(128, len(classes), bias=False).to(device)
     body_opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     head_opt = torch.optim.SGD(head.parameters(), lr=LR * HEAD_SCALE, momentum=MOMENTUM)
     for b in range(0, EXAMPLES, BATCH):
-        xb = torch.from_numpy(np.asarray(x[rows[b:b + BATCH]], dtype=np.float32)[:, None] / 127.5 - 1)
-        loss = torch.nn.functional.cross_entropy(head(net(xb)), torch.from_numpy(targets[b:b + BATCH]))
+        xb = torch.from_numpy(np.asarray(x[rows[b:b + BATCH]], dtype=np.float32)[:, None] / 127.5 - 1).to(device)
+        loss = torch.nn.functional.cross_entropy(head(net(xb)), targets[b:b + BATCH])
         body_opt.zero_grad()
         head_opt.zero_grad()
         loss.backward()
@@ -108,7 +114,7 @@ def train_one_user(net, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> None:
         head_opt.step()
 
 
-def arm_plain(data: Path, users: int, workload: str, rounds: int) -> list[float]:
+def arm_plain(data: Path, users: int, workload: str, rounds: int, device: str = "cpu") -> list[float]:
     import torch
 
     from fedemb.config import load_config
@@ -118,7 +124,7 @@ def arm_plain(data: Path, users: int, workload: str, rounds: int) -> list[float]
     cfg = load_config(None, fedemb_overrides(data, users, workload, rounds, 0))
     x = np.load(data / "x.npy", mmap_mode="r")
     y = np.load(data / "y.npy")
-    net = build_embedding_net(cfg.model, (1, 28, 28), dp_enabled=False)
+    net = build_embedding_net(cfg.model, (1, 28, 28), dp_enabled=False).to(device)
     rng = np.random.default_rng(0)
     ends = []
     MARKS["first_round_started"] = since_start()
@@ -127,11 +133,13 @@ def arm_plain(data: Path, users: int, workload: str, rounds: int) -> list[float]
         total = {k: torch.zeros_like(v) for k, v in start.items() if v.is_floating_point()}
         for u in rng.choice(users, CLIENTS, replace=False):
             net.load_state_dict(start)
-            train_one_user(net, x, y, np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[rng.permutation(EXAMPLES)])
+            train_one_user(net, x, y, np.arange(u * EXAMPLES, (u + 1) * EXAMPLES)[rng.permutation(EXAMPLES)], device)
             for k, v in net.state_dict().items():
                 if k in total:
                     total[k] += start[k] - v
         net.load_state_dict({k: start[k] - total[k] / CLIENTS if k in total else start[k] for k in start})
+        if device == "cuda":
+            torch.cuda.synchronize()
         ends.append(since_start())
     return ends
 
@@ -196,14 +204,20 @@ def arm_flower(data: Path, users: int, workload: str, rounds: int) -> list[float
     return ends
 
 
-def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: int) -> list[float]:
+def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: int, device: str = "cpu",
+               gpu_workers: int = 0) -> list[float]:
+    from fedemb.config import load_config
+
+    return arm_fedemb_with(load_config(None, fedemb_overrides(data, users, workload, rounds, vectorize, device,
+                                                              gpu_workers)))
+
+
+def arm_fedemb_with(cfg) -> list[float]:
     import tempfile
 
-    from fedemb.config import load_config
     from fedemb.run_setup import prepare_run
     from simulations.engine import run_simulation
 
-    cfg = load_config(None, fedemb_overrides(data, users, workload, rounds, vectorize))
     setup = prepare_run(cfg)
     from fedemb.monitoring.telemetry import read_telemetry
 
@@ -214,6 +228,26 @@ def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: in
     first = rounds[0]
     MARKS["first_round_started"] = first["finished-at"] - first["round-seconds"] - created
     return [r["finished-at"] - created for r in rounds]
+
+
+def procedural_overrides(users: int, rounds: int, engine: str) -> list[str]:
+    """The quickstart (LeNet on digits writers) on a procedural population of `users`, a fixed cohort of
+    CLIENTS virtual clients of one user, one local epoch, no DP (the noise costs the same at any N)."""
+    return ['data.name="procedural"', f"data.procedural.users={users}", "data.num_users=100",
+            f'simulation.engine="{engine}"', 'sampling.method="fixed"', f"sampling.rate={CLIENTS / users}",
+            "sampling.users_per_client=1", f"sampling.virtual_clients={CLIENTS}", "client.epochs=1",
+            "privacy.enabled=false", f"run.rounds={rounds}", "run.eval_every=0", "run.checkpoint_every=0",
+            "run.seed=0"]
+
+
+def arm_procedural(users: int, rounds: int, engine: str) -> list[float]:
+    return arm_fedemb_with(load_quickstart(procedural_overrides(users, rounds, engine)))
+
+
+def load_quickstart(overrides: list[str]):
+    from fedemb.config import load_config
+
+    return load_config(ROOT / "simulations" / "configs" / "quickstart.toml", overrides)
 
 
 # ----------------------------------------------------------------------------- sampling a round
@@ -289,22 +323,43 @@ def replace_section(text: str, heading: str, section: str) -> str:
 
 
 # ----------------------------------------------------------------------------- measuring
+def gpu_memory_used_mb() -> float:
+    """Memory in use on the first GPU, all processes together (nvidia-smi); 0 where there is none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0.0
+
+
+def use_cohort(clients: int, examples: int) -> None:
+    """Virtual clients per round and examples per user, for this process and the arms it starts."""
+    global CLIENTS, EXAMPLES
+    CLIENTS, EXAMPLES = clients, examples
+
+
 def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vectorize: int,
-            timeout_s: float | None = None) -> dict:
+            timeout_s: float | None = None, device: str = "cpu", gpu_workers: int = 0, extra: tuple = ()) -> dict:
     """One arm in a fresh process. Peak memory is sampled over the whole process tree as the sum of RSS
     (counts shared pages once per process) and of PSS (shares them out, so the sum is what the tree
     really holds). An arm past `timeout_s` is killed and reported as such."""
     cmd = [sys.executable, __file__, "--child", arm, "--workloads", workload, "--rounds", str(rounds),
-           "--child-data", str(data), "--child-users", str(users), "--vectorize", str(vectorize)]
+           "--child-data", str(data), "--child-users", str(users), "--vectorize", str(vectorize),
+           "--device", device, "--gpu-workers", str(gpu_workers), "--clients", str(CLIENTS),
+           "--examples", str(EXAMPLES), *extra]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = {"rss": 0, "pss": 0}
+    peak = {"rss": 0, "pss": 0, "gpu": 0.0}
+    gpu_before = gpu_memory_used_mb() if device == "cuda" else 0.0
 
     def watch():
         while proc.poll() is None:
             rss, pss = tree_memory(proc.pid)
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            if device == "cuda":
+                peak["gpu"] = max(peak["gpu"], gpu_memory_used_mb() - gpu_before)
             time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -326,7 +381,7 @@ def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vector
     rounds_s = [b - a for a, b in zip(ends, ends[1:])]
     steady = statistics.median(rounds_s) if rounds_s else ends[0]
     return {"steady_round_s": steady, "startup_s": ends[0] - steady, "end_to_end_s": wall,
-            "peak_rss_mb": peak["rss"] / 2**20, "peak_pss_mb": peak["pss"] / 2**20, "round_ends_s": ends, "imports_s": timeline["imported"],
+            "peak_rss_mb": peak["rss"] / 2**20, "peak_pss_mb": peak["pss"] / 2**20, "peak_gpu_mb": peak["gpu"], "round_ends_s": ends, "imports_s": timeline["imported"],
             "setup_s": timeline["first_round_started"] - timeline["imported"],
             "first_round_extra_s": ends[0] - timeline["first_round_started"] - steady,
             "after_last_round_s": wall - ends[-1]}
@@ -338,13 +393,17 @@ def child(args) -> None:
     from fedemb.models.embedding_net import build_embedding_net  # noqa: F401
 
     MARKS["imported"] = since_start()
+    use_cohort(args.clients, args.examples)
     data, users, workload = Path(args.child_data), args.child_users, args.workloads[0]
-    if args.child == "a":
-        ends = arm_plain(data, users, workload, args.rounds)
+    if args.child == "p":
+        ends = arm_procedural(users, args.rounds, args.engine)
+    elif args.child == "a":
+        ends = arm_plain(data, users, workload, args.rounds, args.device)
     elif args.child == "b":
         ends = arm_flower(data, users, workload, args.rounds)
     else:
-        ends = arm_fedemb(data, users, workload, args.rounds, args.vectorize if args.child == "d" else 0)
+        ends = arm_fedemb(data, users, workload, args.rounds, args.vectorize if args.child == "d" else 0,
+                          args.device, args.gpu_workers)
     print(json.dumps({"ends": ends, **MARKS}))
 
 
@@ -395,6 +454,38 @@ def report(args, results: dict, memory: dict, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+GPU_HEADING = "## On a CUDA device"
+
+
+def gpu_section(args, results: dict, seconds: float) -> str:
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    lines = [GPU_HEADING, "",
+             f"`{args.command}` on {time.strftime('%Y-%m-%d')} ({seconds:.0f} s): {name}, {os.cpu_count()} CPUs, "
+             f"torch {torch.__version__}, Python {platform.python_version()}. The workloads of the tables above, "
+             "every arm training on the GPU: (a) the plain loop, one client after another; (c) fedemb workers, "
+             f"{args.gpu_workers} Ray workers sharing the GPU (simulation.gpus_per_client = 1/{args.gpu_workers}, "
+             "client.device = \"cuda\"); (d) the same with client.vectorize = "
+             f"{args.vectorize}. Ratios are to (a) on the GPU; GPU memory is the most nvidia-smi showed in use "
+             "during the arm, all processes together.", ""]
+    for workload, arms in results.items():
+        base = arms["a"]
+        lines += [f"### Workload {workload}: {MODELS[workload]}", "",
+                  "| arm | steady round (s) | × (a) | start-up (s) | end to end (s) | × (a) | peak GPU memory (MB) "
+                  "| peak PSS, all processes (MB) |", "|---|---|---|---|---|---|---|---|"]
+        for arm, r in arms.items():
+            if r.get("timed_out"):
+                lines.append(f"| ({arm}) {ARMS[arm]} | — | — | — | killed after {r['end_to_end_s']:.0f} | — "
+                             f"| {r['peak_gpu_mb']:.0f} | {r['peak_pss_mb']:.0f} |")
+                continue
+            lines.append(f"| ({arm}) {ARMS[arm]} | {r['steady_round_s']:.3f} | {r['steady_round_s'] / base['steady_round_s']:.2f} "
+                         f"| {r['startup_s']:.1f} | {r['end_to_end_s']:.1f} | {r['end_to_end_s'] / base['end_to_end_s']:.2f} "
+                         f"| {r['peak_gpu_mb']:.0f} | {r['peak_pss_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["A", "B"], choices=list(MODELS))
@@ -411,6 +502,27 @@ def main() -> None:
     parser.add_argument("--arm-timeout", type=float, default=1800.0,
                         help="Kill an arm after this many seconds and report it as killed.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: arms (a), (c) and (d) train on the GPU; only the section of --out about the "
+                             "GPU is replaced.")
+    parser.add_argument("--gpu-workers", type=int, default=4,
+                        help="With --device cuda: Ray workers sharing the GPU in arms (c) and (d).")
+    parser.add_argument("--cohorts", type=int, nargs="*", default=[],
+                        help="Only the cohort sweep: (a) and (c) at these virtual clients per round (workload A, "
+                             "--cohort-examples examples per user); replaces that section of --out.")
+    parser.add_argument("--versus-flower", type=int, default=0, metavar="COHORT",
+                        help="Only (a), (b) and (c) end to end at this cohort (workload A, --cohort-examples "
+                             "examples per user); replaces that section of --out.")
+    parser.add_argument("--cohort-examples", type=int, default=20)
+    parser.add_argument("--populations", type=int, nargs="*", default=[],
+                        help="Only the population sweep: fedemb on a procedural population (digits base) of each "
+                             "of these sizes at a fixed cohort of --population-cohort, on each of "
+                             "--population-engines; replaces that section of --out.")
+    parser.add_argument("--population-cohort", type=int, default=100)
+    parser.add_argument("--population-engines", nargs="+", default=["inprocess", "ray"], choices=["inprocess", "ray"])
+    parser.add_argument("--engine", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, default=CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--examples", type=int, default=EXAMPLES, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
     parser.add_argument("--child-users", type=int, help=argparse.SUPPRESS)
@@ -425,6 +537,15 @@ def main() -> None:
         args.out.write_text(replace_section(old, SAMPLING_HEADING, section))
         print(section)
         print(f"written to {args.out}")
+        return
+    if args.device == "cuda":
+        run_on_gpu(args)
+        return
+    if args.cohorts or args.versus_flower:
+        run_cohorts(args)
+        return
+    if args.populations:
+        run_populations(args)
         return
     os.environ.setdefault("FEDEMB_CACHE_DIR", str(args.work / "store"))
     from fedemb.config import load_config
@@ -458,6 +579,175 @@ def main() -> None:
         text += "\n" + sampling_section(sampling, args.command)
     args.out.write_text(text)
     print(text)
+    print(f"written to {args.out}")
+
+
+COHORT_HEADING = "## Round time against cohort size"
+FLOWER_HEADING = "## End to end against Flower's per-client simulation"
+
+
+def run_cohorts(args) -> None:
+    """The cohort sweep, or the comparison with Flower at one cohort: each arm a fresh process."""
+    os.environ.setdefault("FEDEMB_CACHE_DIR", str(args.work / "store"))
+    from fedemb.config import load_config
+    from fedemb.data.store import materialize
+
+    started = time.monotonic()
+    plans = ([(c, ["a", "c"]) for c in args.cohorts] if args.cohorts else [(args.versus_flower, ["a", "b", "c"])])
+    results = {}
+    for clients, arms in plans:
+        use_cohort(clients, args.cohort_examples)
+        users = max(args.users, int(clients / 0.9))
+        data = make_population(args.work / f"users-{users}", users)
+        materialize(load_config(None, fedemb_overrides(data, users, "A", 1, 0)).data)
+        results[clients] = {}
+        for arm in arms:
+            r = run_arm(arm, "A", data, users, args.rounds, 0, args.arm_timeout)
+            results[clients][arm] = r
+            print(f"cohort {clients:,} ({arm}) {ARMS[arm]}: " + (f"killed after {r['end_to_end_s']:.0f} s" if r.get("timed_out")
+                  else f"steady {r['steady_round_s']:.2f} s, start-up {r['startup_s']:.1f} s, end to end {r['end_to_end_s']:.1f} s"),
+                  flush=True)
+    seconds = time.monotonic() - started
+    heading, section = ((COHORT_HEADING, cohort_section(args, results, seconds)) if args.cohorts
+                        else (FLOWER_HEADING, flower_section(args, results[args.versus_flower], seconds)))
+    old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
+    args.out.write_text(replace_section(old, heading, section))
+    print(section)
+    print(f"written to {args.out}")
+
+
+def machine_line(args, seconds: float) -> str:
+    return (f"`{args.command}` on {time.strftime('%Y-%m-%d')} ({seconds:.0f} s): {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.1f} when written, Python {platform.python_version()}")
+
+
+def cohort_section(args, results: dict, seconds: float) -> str:
+    from fedemb.config import load_config
+    from fedemb.flower_env import resolved_engine
+
+    engine = resolved_engine(load_config(None, []))
+    cohorts = sorted(results)
+    first = results[cohorts[0]]
+    lines = [COHORT_HEADING, "",
+             f"{machine_line(args, seconds)}. Workload A (fedemb_lenet_small), one user of {args.cohort_examples} "
+             f"examples per virtual client, batch {BATCH}, one local epoch, {args.rounds} rounds, steady round = "
+             f"median of rounds 2..{args.rounds}. (a) the plain PyTorch loop; (c) fedemb with its default engine "
+             f"on this machine ({engine}), no DP, fixed-size cohorts. Growth is against the smallest cohort; "
+             "per virtual client is the steady round divided by the cohort.", "",
+             "| virtual clients per round | (a) steady round (s) | (c) steady round (s) | (c) ÷ (a) | (a) growth "
+             "| (c) growth | (a) ms per virtual client | (c) ms per virtual client |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cohorts:
+        a, f = results[c]["a"], results[c]["c"]
+        if a.get("timed_out") or f.get("timed_out"):
+            lines.append(f"| {c:,} | killed | | | | | | |")
+            continue
+        lines.append(f"| {c:,} | {a['steady_round_s']:.2f} | {f['steady_round_s']:.2f} | "
+                     f"{f['steady_round_s'] / a['steady_round_s']:.2f} | {a['steady_round_s'] / first['a']['steady_round_s']:.1f}× "
+                     f"| {f['steady_round_s'] / first['c']['steady_round_s']:.1f}× | {1000 * a['steady_round_s'] / c:.1f} "
+                     f"| {1000 * f['steady_round_s'] / c:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def flower_section(args, arms: dict, seconds: float) -> str:
+    a, b, c = arms["a"], arms["b"], arms["c"]
+    clients = args.versus_flower
+    lines = [FLOWER_HEADING, "",
+             f"{machine_line(args, seconds)}. Workload A, {clients:,} virtual clients per round (one user of "
+             f"{args.cohort_examples} examples each), {args.rounds} rounds. (b) Flower's per-client simulation "
+             f"({clients:,} SuperNodes, FedAvg, 1 CPU per ClientApp); (c) fedemb with its default engine on this "
+             "machine; (a) the plain loop, the floor both are measured against.", "",
+             "| arm | end to end (s) | (b) ÷ this | steady round (s) | start-up (s) | ms per virtual client, steady "
+             "| beyond (a) per virtual client (ms) |", "|---|---|---|---|---|---|---|"]
+    for arm, r in arms.items():
+        if r.get("timed_out"):
+            lines.append(f"| ({arm}) {ARMS[arm]} | killed after {r['end_to_end_s']:.0f} | | | | | |")
+            continue
+        lines.append(f"| ({arm}) {ARMS[arm]} | {r['end_to_end_s']:.1f} | {b['end_to_end_s'] / r['end_to_end_s']:.2f} "
+                     f"| {r['steady_round_s']:.2f} | {r['startup_s']:.1f} | {1000 * r['steady_round_s'] / clients:.1f} "
+                     f"| {1000 * (r['steady_round_s'] - a['steady_round_s']) / clients:.1f} |")
+    if not (b.get("timed_out") or c.get("timed_out")):
+        ratio = b["end_to_end_s"] / c["end_to_end_s"]
+        ceiling = b["end_to_end_s"] / a["end_to_end_s"]
+        lines += ["", f"fedemb is {ratio:.1f}× faster than Flower's per-client simulation end to end. Even the plain "
+                  f"loop, which has no framework at all, is only {ceiling:.1f}× faster than (b): the training itself "
+                  f"({1000 * a['steady_round_s'] / clients:.1f} ms per virtual client on these CPUs) is the floor of "
+                  "any arm, and (b)'s overhead beyond it is what a faster framework can remove."]
+    return "\n".join(lines) + "\n"
+
+
+POPULATION_HEADING = "## Round time and memory against population size"
+
+
+def run_populations(args) -> None:
+    """fedemb at each population size, a fresh process each, the sizes interleaved per engine."""
+    use_cohort(args.population_cohort, EXAMPLES)
+    started = time.monotonic()
+    results: dict = {}
+    for engine in args.population_engines:
+        results[engine] = {}
+        for users in args.populations:
+            cmd = ["--engine", engine]
+            r = run_arm("p", "A", args.work, users, args.rounds, 0, args.arm_timeout, extra=cmd)
+            results[engine][users] = r
+            print(f"population {users:,} ({engine}): " + (f"killed after {r['end_to_end_s']:.0f} s" if r.get("timed_out")
+                  else f"steady {r['steady_round_s']:.2f} s, peak PSS {r['peak_pss_mb']:.0f} MB"), flush=True)
+    section = population_section(args, results, time.monotonic() - started)
+    old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
+    args.out.write_text(replace_section(old, POPULATION_HEADING, section))
+    print(section)
+    print(f"written to {args.out}")
+
+
+def population_section(args, results: dict, seconds: float) -> str:
+    lines = [POPULATION_HEADING, "",
+             f"{machine_line(args, seconds)}. The quickstart's model and client settings (LeNet, digits) on a "
+             "procedural population ([procedural.md](procedural.md)) of N users, a fixed cohort of "
+             f"{args.population_cohort} virtual clients of one user (fixed-size sampling, q = "
+             f"{args.population_cohort} / N), one local epoch, no DP, {args.rounds} rounds; steady round = median "
+             f"of rounds 2..{args.rounds}; peak memory of the whole process tree (Ray's included). Each row a fresh "
+             "process; changes are against the smallest N on the same engine.", "",
+             "| engine | users N | steady round (s) | change | peak PSS, all processes (MB) | change | peak RSS sum (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for engine, rows in results.items():
+        first = rows[min(rows)]
+        for users, r in sorted(rows.items()):
+            if r.get("timed_out"):
+                lines.append(f"| {engine} | {users:,} | killed after {r['end_to_end_s']:.0f} s | | | | |")
+                continue
+            lines.append(f"| {engine} | {users:,} | {r['steady_round_s']:.2f} | "
+                         f"{r['steady_round_s'] / first['steady_round_s'] - 1:+.1%} | {r['peak_pss_mb']:.0f} | "
+                         f"{r['peak_pss_mb'] / first['peak_pss_mb'] - 1:+.1%} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_on_gpu(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device on this machine")
+    os.environ.setdefault("FEDEMB_CACHE_DIR", str(args.work / "store"))
+    from fedemb.config import load_config
+    from fedemb.data.store import materialize
+
+    started = time.monotonic()
+    data = make_population(args.work / f"users-{args.users}", args.users)
+    arms = [arm for arm in args.arms if arm != "b"] if "--arms" in sys.argv else ["a", "c", "d"]
+    results: dict = {}
+    for workload in args.workloads:
+        materialize(load_config(None, fedemb_overrides(data, args.users, workload, 1, 0)).data)
+        results[workload] = {}
+        for arm in arms:
+            r = run_arm(arm, workload, data, args.users, args.rounds, args.vectorize, args.arm_timeout, "cuda",
+                        args.gpu_workers)
+            results[workload][arm] = r
+            print(f"GPU {workload} ({arm}) {ARMS[arm]}: " + (f"killed after {r['end_to_end_s']:.0f} s" if r.get("timed_out")
+                  else f"steady {r['steady_round_s']:.3f} s, start-up {r['startup_s']:.1f} s, end to end "
+                       f"{r['end_to_end_s']:.1f} s, peak GPU {r['peak_gpu_mb']:.0f} MB"), flush=True)
+    section = gpu_section(args, results, time.monotonic() - started)
+    old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
+    args.out.write_text(replace_section(old, GPU_HEADING, section))
+    print(section)
     print(f"written to {args.out}")
 
 

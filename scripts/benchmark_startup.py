@@ -155,10 +155,12 @@ if os.environ.get("{TRACE_DIR}"):
 
 # ----------------------------------------------------------------------------- running the arms
 ARMS = {
-    "ray-baseline": {"label": "Ray engine, --baseline's code path", "sets": [], "overlay": True},
-    "ray": {"label": "Ray engine", "sets": [], "overlay": False},
-    "ray-cold": {"label": "Ray engine, empty data cache", "sets": [], "overlay": False, "cold": True},
-    "inprocess": {"label": "in-process engine (no Ray)", "sets": ["simulation.engine=inprocess"], "overlay": False},
+    "ray-baseline": {"label": "Ray engine, --baseline's code path", "sets": ["simulation.engine=ray"], "overlay": True},
+    "ray": {"label": "Ray engine", "sets": ["simulation.engine=ray"], "overlay": False},
+    "ray-cold": {"label": "Ray engine, empty data cache", "sets": ["simulation.engine=ray"], "overlay": False,
+                 "cold": True},
+    "inprocess": {"label": "in-process engine (no Ray; auto's choice on <= 2 CPUs)",
+                  "sets": ["simulation.engine=inprocess"], "overlay": False},
 }
 
 
@@ -436,15 +438,19 @@ def explanation(med: dict[str, dict[str, float]]) -> list[str]:
     if "inprocess" in med:
         lines[-1] += (" The in-process engine, which imports the same library once and starts no process, finishes "
                       f"round 1 {med['inprocess']['→ round 1 done (s after launch)']:.1f} s after launch and gives the "
-                      "same model and ledger, byte for byte (above).")
+                      "same model and ledger, byte for byte (above), so `simulation.engine = \"auto\"`, the default, "
+                      "runs in process on a machine of at most 2 CPUs (with no Ray address and no GPU shares). Its "
+                      "nodes train one after another, each with the one torch thread a Ray actor would have: more "
+                      "threads make this small model's steps several times slower as soon as anything else runs "
+                      "(4.4 ms a step with one thread, 23 to 35 ms with two, beside one busy process on these "
+                      "2 CPUs), and would change the bits.")
     lines += ["", "Left as they are, and why: timm imports torchvision, whose `ops` import `torch._dynamo` (the "
               "timm row): fedemb's own LeNets could be built without timm, but `torch.optim` imports "
               "`torch._dynamo` at its first use in every worker anyway, so most of that cost would move into "
-              "round 1's training rather than go. The strategy collects replies by polling every second "
-              "(strategies/reply_collection.py, `poll_s`), so a round on Ray lasts a whole number of seconds (the "
-              "steady-round row) and round 1 ends up to a second after its last reply. The round-0 evaluation runs "
-              "twice (the run driver's initial evaluation, then the strategy's `evaluate_fn(0)`): a fraction of a "
-              "second (the round-0 rows), while the workers import anyway."]
+              "round 1's training rather than go. The strategy polls for replies every 5 % of the time it has waited "
+              "(at least every second: strategies/reply_collection.py), so a round ends at most 5 % after its last "
+              "reply, where it used to last a whole number of seconds. The round-0 evaluation, "
+              "which the run driver and then the strategy's `evaluate_fn(0)` used to both compute, now runs once."]
     return lines
 
 

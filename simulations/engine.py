@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedemb.config import Config
-from fedemb.flower_env import (local_ray_init_args, offline_flower_environment, silence_third_party_notices,
-                               worker_pythonpath)
+from fedemb.flower_env import (local_ray_init_args, offline_flower_environment, resolved_engine,
+                               silence_third_party_notices, worker_pythonpath)
 
 if TYPE_CHECKING:  # run_setup imports torch: not needed to import this module
     from fedemb.run_setup import RunSetup
@@ -55,7 +55,7 @@ def run_simulation(setup: RunSetup, run_dir: Path, verbose: bool = False, show_p
     cfg = setup.cfg
     offline_flower_environment()
     silence_third_party_notices()
-    if cfg.simulation.engine == "inprocess":
+    if resolved_engine(cfg, ray_address) == "inprocess":
         with _flower_log_level(verbose):
             return _run_in_process(setup, run_dir, show_progress, resume, ray_address)
     address = ray_address or cfg.simulation.ray_address

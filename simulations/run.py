@@ -12,7 +12,7 @@ from collections.abc import Callable
 from logging import WARNING, getLogger
 from pathlib import Path
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -127,11 +127,12 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
     callbacks: list[RoundCallback] = [tensorboard, telemetry, history, divergence, CohortWatch(), checkpointer]
     if show_progress:
         callbacks.append(ProgressReporter())
-    strategy = DPFedEmb(sampler=sampler, user_ids=setup.splits.train.user_ids, task=task, mechanism=mechanism,
+    train = setup.splits.train  # a stored or a procedural population: the strategy only indexes its ids
+    strategy = DPFedEmb(sampler=sampler, user_ids=train.user_ids, task=task, mechanism=mechanism,
                         server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
                         ledger=ledger, target_epsilon=privacy.target_epsilon, attempt=attempt,
                         eval_every=cfg.run.eval_every,
-                        callbacks=callbacks, placement=_placement(cfg), user_examples=setup.splits.train.examples_per_user(),
+                        callbacks=callbacks, placement=_placement(cfg), user_examples=train.examples_count,
                         min_devices=cfg.deployment.min_devices or cfg.deployment.devices, wait_s=cfg.deployment.wait_s,
                         progress_every_s=cfg.monitoring.wait_progress_s, verify_replays=seeded)
     if state:
@@ -143,13 +144,17 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         constants = published_constants(cfg, setup, mechanism)
         tensorboard.log_run_start(to_toml(cfg), hparams_entry(to_dict(cfg), to_dict(Config()), constants), constants,
                                   evaluator.inputs())
-        telemetry.log_training_inputs(setup.splits.train)
+        telemetry.log_training_inputs(train.preview())
         tensorboard.log_eval(0, initial_eval)
         if faults:
             tensorboard.writer.add_text(TAG_FAULT_INJECTION, faults["notice"], 0)
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """The strategy's evaluation: round 0's was done above (the initial model), so it is not redone."""
+        return MetricRecord(initial_eval) if server_round == 0 else evaluator(server_round, arrays)
+
     with PrivateLog(run_dir, cfg.monitoring.private_console):
         result = strategy.start(grid, start_arrays, num_rounds=cfg.run.rounds,
-                                timeout=cfg.simulation.round_timeout_s, evaluate_fn=evaluator)
+                                timeout=cfg.simulation.round_timeout_s, evaluate_fn=evaluate)
     final_state = result.arrays.to_torch_state_dict()
     final = strategy.rounds_completed
     if final not in result.evaluate_metrics_serverapp:

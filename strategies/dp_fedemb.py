@@ -28,7 +28,7 @@ from fedemb.monitoring.private_log import private_log
 from fedemb.privacy.clipping import global_norm
 from fedemb.privacy.ledger import LedgerEntry, PrivacyLedger, release_digest
 from fedemb.privacy.mechanisms import RoundCounts, RoundMechanism
-from fedemb.privacy.sampling import UserSampler
+from fedemb.privacy.sampling import UserSampler, indexable_ids
 from fedemb.protocol import (BOUNDED_LOSS_SUM, LOSS_SUM, LOST_COUNTS, NUM_CLIPPED, NUM_DROPPED, NUM_EXAMPLES,
                              NUM_FAILED, NUM_NONFINITE, NUM_TIMED_OUT, NUM_USERS, NUM_VIRTUAL_CLIENTS, UPDATE_NORMS,
                              TrainAssignment, TrainTask, simulated_fault, train_message)
@@ -44,13 +44,13 @@ FLOAT32_ROUNDING = 1e-5
 
 
 class DPFedEmb(Strategy):
-    def __init__(self, *, sampler: UserSampler, user_ids: np.ndarray, task: TrainTask, mechanism: RoundMechanism,
+    def __init__(self, *, sampler: UserSampler, user_ids, task: TrainTask, mechanism: RoundMechanism,
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
                  attempt: int = 0, eval_every: int = 1, callbacks: Iterable = (),
-                 placement: str = "balanced", user_examples: np.ndarray | None = None, min_devices: int = 0,
+                 placement: str = "balanced", user_examples: np.ndarray | Callable | None = None, min_devices: int = 0,
                  wait_s: float = 300.0, progress_every_s: float = 15.0, verify_replays: bool = False):
         self.sampler = sampler
-        self.user_ids = np.asarray(user_ids, dtype=np.int64)
+        self.user_ids = indexable_ids(user_ids)  # an array, or a procedural population's lazy UserRange
         # balanced: worker mode; by_slot: one node per virtual-client slot; devices: the users are the
         # online nodes, each training on its own data (strategies.device_sampling)
         self.placement = placement
@@ -58,8 +58,10 @@ class DPFedEmb(Strategy):
         self.wait_s = wait_s
         self.progress_every_s = progress_every_s  # how often a wait says what it waits for (private log)
         self.sent: list[Message] = []
-        self.user_examples = (np.asarray(user_examples, dtype=np.int64) if user_examples is not None
-                              else np.ones(len(self.user_ids), dtype=np.int64))
+        # examples per user: an array aligned with user_ids, a function of user ids (population.examples_count:
+        # touches only the cohort), or None (one each)
+        self.user_examples = (np.asarray(user_examples, dtype=np.int64)
+                              if user_examples is not None and not callable(user_examples) else user_examples)
         self.task = task
         self.loss_bound = task.loss_bound  # B of the DP training loss (privacy.metrics)
         self.mechanism = mechanism  # owns the noise and what is released of the round's counts
@@ -113,8 +115,14 @@ class DPFedEmb(Strategy):
     def _cost(self, vc) -> float:
         """Examples a virtual client will process: what balancing the workers is about."""
         client = self.task.client
-        rows = np.searchsorted(self.user_ids, np.asarray(vc.user_ids, dtype=np.int64))
-        examples = int(self.user_examples[rows].sum()) * client.epochs
+        users = np.asarray(vc.user_ids, dtype=np.int64)
+        if self.user_examples is None:
+            per_user = np.ones(len(users), dtype=np.int64)
+        elif callable(self.user_examples):
+            per_user = self.user_examples(users)
+        else:
+            per_user = self.user_examples[np.searchsorted(self.user_ids, users)]
+        examples = int(per_user.sum()) * client.epochs
         return float(min(examples, client.max_examples))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

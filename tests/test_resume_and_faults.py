@@ -24,7 +24,7 @@ from tests.helpers import SMALL_RUN, assert_nothing_left, described, die_at_serv
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "simulations/configs/quickstart.toml"
 SMALL = ["run.rounds=6", "run.checkpoint_every=2", "run.eval_every=3", "run.seed=3", "data.num_users=300",
-         "sampling.rate=0.2", "simulation.num_supernodes=2"]
+         "sampling.rate=0.2", "simulation.num_supernodes=2", 'simulation.engine="ray"']
 EXE = str(Path(sys.executable).with_name("fedemb"))
 
 
@@ -110,7 +110,7 @@ def test_nodes_that_time_out_or_drop_out_are_counted_and_change_nothing_else(tmp
     # another test worker keeps the CPUs busy; seed 15's node-fault draws lose some nodes' replies and
     # keep others (a simulated late or lost node costs no waiting), and its virtual-client draws time out
     # and drop some virtual clients of the nodes that reply
-    overrides = ["run.rounds=2", "run.eval_every=0", "run.seed=15", "data.num_users=100", "sampling.rate=0.08",
+    overrides = ['simulation.engine="ray"', "run.rounds=2", "run.eval_every=0", "run.seed=15", "data.num_users=100", "sampling.rate=0.08",
                  "simulation.num_supernodes=2", "simulation.round_timeout_s=25",
                  "simulation.faults.timeout_rate=0.15", "simulation.faults.drop_rate=0.1",
                  "simulation.faults.node_timeout_rate=0.2", "simulation.faults.node_drop_rate=0.2"]

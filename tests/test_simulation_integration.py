@@ -22,7 +22,7 @@ def test_fedemb_simulate_on_ray_learns_survives_faults_and_cleans_up(tmp_path):
     run_dir = tmp_path / "run"
     exe = Path(sys.executable).with_name("fedemb")
     overrides = [
-        "run.rounds=6", "run.eval_every=3", "run.seed=0", "privacy.noise_multiplier=0", "privacy.metrics.enabled=true",
+        'simulation.engine="ray"', "run.rounds=6", "run.eval_every=3", "run.seed=0", "privacy.noise_multiplier=0", "privacy.metrics.enabled=true",
         "simulation.faults.raise_rate=0.05", "simulation.faults.nan_rate=0.05",
         # an injected fault takes its node's whole reply; with 8 nodes (about 14 virtual clients each)
         # some nodes survive every round

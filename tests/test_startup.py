@@ -19,7 +19,7 @@ from fedemb.flower_env import local_ray_init_args, worker_pythonpath
 from tests.helpers import assert_nothing_left, ray_like_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["run.rounds=1", "run.eval_every=0", "data.num_users=100", "client.epochs=1"]
+TINY = ["run.rounds=1", "run.eval_every=0", "data.num_users=100", "client.epochs=1", 'simulation.engine="ray"']
 
 
 def write_spec(tmp_path: Path, groups: str, seeds=(0,)) -> Path:
@@ -162,3 +162,18 @@ def test_a_sweep_killed_while_its_ray_is_warm_leaves_no_ray_behind(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert_nothing_left(before)
+
+
+def test_auto_engine_runs_in_process_only_on_a_small_machine_with_nothing_that_needs_ray():
+    from fedemb.config import load_config
+    from fedemb.flower_env import resolved_engine
+
+    auto = load_config(None, [])
+    assert auto.simulation.engine == "auto"
+    assert resolved_engine(auto, cpus=2) == "inprocess" and resolved_engine(auto, cpus=1) == "inprocess"
+    assert resolved_engine(auto, cpus=4) == "ray"
+    assert resolved_engine(auto, ray_address="10.0.0.5:6379", cpus=2) == "ray"
+    assert resolved_engine(load_config(None, ['simulation.ray_address="10.0.0.5:6379"']), cpus=2) == "ray"
+    assert resolved_engine(load_config(None, ["simulation.gpus_per_client=0.5"]), cpus=2) == "ray"
+    for chosen in ("ray", "inprocess"):
+        assert resolved_engine(load_config(None, [f'simulation.engine="{chosen}"']), cpus=2 if chosen == "ray" else 64) == chosen

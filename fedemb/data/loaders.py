@@ -138,12 +138,20 @@ def load_folder_dataset(cfg) -> RawDataset:
                       int(listing.labels.max()) + 1, listing.class_names)
 
 
+def load_procedural_base(cfg) -> RawDataset:
+    """procedural: the real dataset its users derive from (fedemb.data.procedural generates the users;
+    fedemb.data.store.load_splits builds them over this dataset's stored splits)."""
+    base = cfg.procedural_base()
+    return DATASETS[base.name](base)
+
+
 DATASETS: dict[str, Callable] = {
     "digits": load_digits_dataset,
     "idx": load_idx_dataset,
     "npz": load_npz_dataset,
     "npy": load_npy_dataset,
     "folder": load_folder_dataset,
+    "procedural": load_procedural_base,
 }
 # formats whose files are not just data.path (or the files directly in it): the store's key stats these
 SOURCE_FILES: dict[str, Callable] = {"folder": source_files}

@@ -1,4 +1,11 @@
-"""A population of users: images, labels and the user each example belongs to."""
+"""A population of users: images, labels and the user each example belongs to.
+
+A population answers for its users with `user_ids` (sorted), `num_users`, `examples_of(user)` (row
+indices) and `examples_count(users)`, and for its rows with `labels[rows]`, `images[rows]` and
+`tensor(rows)`. A stored population (this module's Population) holds arrays; a generated one
+(fedemb.data.procedural) answers the same questions without one value per user anywhere: its
+`user_ids` is a UserRange, so samplers and strategies index positions and never see an N-array.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,68 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+
+class UserRange:
+    """The user ids 0..n-1 of a population too large to list: len(), indexing by positions (an int, a
+    slice, an integer or boolean array) and `positions(ids)` cost what is asked, never O(n). Converting
+    it to an array (np.asarray) lists every id: only small populations should be asked that."""
+
+    dtype = np.dtype(np.int64)
+    ndim = 1
+
+    def __init__(self, n: int):
+        if n < 0:
+            raise ValueError(f"a population has n >= 0 users, not {n}")
+        self.n = int(n)
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.n,)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"UserRange({self.n})"
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.n if key < 0 else 0)
+            if not 0 <= i < self.n:
+                raise IndexError(f"position {int(key)} of {self.n} users")
+            return np.int64(i)
+        if isinstance(key, slice):
+            return np.arange(*key.indices(self.n), dtype=np.int64)
+        key = np.asarray(key)
+        if key.dtype == np.bool_:
+            if key.shape != (self.n,):
+                raise IndexError(f"a boolean mask over {self.n} users has shape {key.shape}")
+            return np.flatnonzero(key).astype(np.int64)
+        positions = key.astype(np.int64)
+        positions = np.where(positions < 0, positions + self.n, positions)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.n):
+            raise IndexError(f"positions outside 0..{self.n - 1}")
+        return positions
+
+    def positions(self, user_ids) -> np.ndarray:
+        """Where each id sits (what np.searchsorted gives for a sorted id array): the id itself."""
+        return self[np.asarray(user_ids, dtype=np.int64)]
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __contains__(self, user) -> bool:
+        return isinstance(user, (int, np.integer)) and 0 <= int(user) < self.n
+
+    def min(self) -> np.int64:
+        return self[0]
+
+    def max(self) -> np.int64:
+        return self[-1]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.arange(self.n, dtype=dtype or np.int64)
 
 
 @dataclass
@@ -62,6 +131,15 @@ class Population:
             return np.diff(np.append(np.asarray(self.sorted_index[1]), len(self))).astype(np.int64)
         index = self._user_index()
         return np.array([len(index[int(u)]) for u in self.user_ids], dtype=np.int64)
+
+    def examples_count(self, user_ids) -> np.ndarray:
+        """How many examples each of `user_ids` has (0 for an id not in the population): O(len(user_ids))."""
+        return np.array([len(self.examples_of(int(u))) for u in np.asarray(user_ids, dtype=np.int64).reshape(-1)],
+                        dtype=np.int64)
+
+    def preview(self) -> "Population":
+        """The examples a private log may show a grid of: all of them (read lazily from the store)."""
+        return self
 
     def _user_index(self) -> dict[int, np.ndarray]:
         if self._index is None:

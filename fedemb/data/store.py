@@ -44,7 +44,12 @@ def load_splits(data_cfg) -> DataSplits:
 
 @lru_cache(maxsize=4)
 def _load_splits_cached(key: str) -> DataSplits:
-    return open_store(materialize(DataConfig(**json.loads(key))))
+    cfg = DataConfig(**json.loads(key))
+    if cfg.name == "procedural":  # generated users over the base's stored splits, built once per process
+        from fedemb.data.procedural import procedural_splits
+
+        return procedural_splits(cfg, load_splits(cfg.procedural_base()))
+    return open_store(materialize(cfg))
 
 
 def _source_files(data_cfg) -> list[Path]:

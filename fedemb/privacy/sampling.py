@@ -62,10 +62,12 @@ class UserSampler:
         return int(round(self.rate * population))
 
     def sample(self, round_number: int, user_ids: np.ndarray) -> np.ndarray:
-        """The round's users, sorted: O(cohort) work, the user-id array is only indexed."""
-        user_ids = np.asarray(user_ids, dtype=np.int64)
+        """The round's users, sorted: O(cohort) work, the user ids are only indexed (an array, or a
+        population's lazy UserRange: fedemb.data.population)."""
+        user_ids = indexable_ids(user_ids)
         size = self.cohort_size(round_number, len(user_ids))
-        return np.sort(user_ids[uniform_subset(self.seed, round_number, len(user_ids), size)])
+        return np.sort(np.asarray(user_ids[uniform_subset(self.seed, round_number, len(user_ids), size)],
+                                  dtype=np.int64))
 
     def group(self, round_number: int, sampled: np.ndarray) -> list[VirtualClient]:
         sampled = np.sort(np.asarray(sampled, dtype=np.int64))
@@ -131,6 +133,13 @@ class LimitedParticipationSampler(UserSampler):
         users = [int(u) for u in state["users"]]
         self.last_round = dict(zip(users, (int(r) for r in state["last_round"])))
         self.participations = dict(zip(users, (int(c) for c in state["participations"])))
+
+
+def indexable_ids(user_ids):
+    """User ids as something indexed by positions: a lazy id range (anything with `positions`, such as
+    fedemb.data.population.UserRange) stays lazy, so a round never lists a population; the rest becomes
+    an int64 array."""
+    return user_ids if hasattr(user_ids, "positions") else np.asarray(user_ids, dtype=np.int64)
 
 
 def make_sampler(seed: Secret, sampling_cfg, virtual_clients: int) -> UserSampler:

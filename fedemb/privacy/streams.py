@@ -36,6 +36,15 @@ STREAM_INVERT_TRAIN = 34  # invert seed: the seed of the classifiers trained on 
 STREAM_INVERT_REAL = 35  # invert seed: which real private images the non-private reference trains on
 # the privacy audit: keyed by the audit's seed (and run.seed for its noise)
 STREAM_AUDIT = 31  # audit seed: the canary direction; sub-streams in fedemb.audit.canary (sampling, noise, inclusion)
+# procedural populations (fedemb.data.procedural): keyed by data.procedural.seed, a public data-generation key;
+# a user's draws are made together, (user, index, stream) for the five per-user streams
+STREAM_PROC_WRITER = 60  # population seed, (user, 0): the real writer the user derives from
+STREAM_PROC_EXAMPLES = 61  # population seed, (user, 0): how many examples the user has
+STREAM_PROC_MIX = 62  # population seed, (user, class): the Gamma draw of the user's label mix
+STREAM_PROC_TRANSFORM = 63  # population seed, (user, parameter): rotation, scale, shear, shift, stroke width
+STREAM_PROC_ELASTIC = 64  # population seed, (user, knot): the elastic displacement field's knots
+STREAM_PROC_LABEL = 65  # population seed, (user, example): the example's class
+STREAM_PROC_PICK = 66  # population seed, (user, example): which of the writer's images of that class
 
 STREAMS: dict[str, int] = {name: value for name, value in globals().items() if name.startswith("STREAM_")}
 

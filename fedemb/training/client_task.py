@@ -30,7 +30,7 @@ import torch
 from fedemb.config import ModelConfig
 from fedemb.data.population import Population
 from fedemb.data.store import load_splits
-from fedemb.errors import DataError
+from fedemb.errors import ConfigError, DataError
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net
 from fedemb.privacy.clipping import clip_to_norm, global_norm, is_finite
 from fedemb.privacy.keyed_random import keyed_seed
@@ -70,8 +70,22 @@ def make_task(cfg, num_classes: int, image_shape, training_key: int) -> TrainTas
 
 
 @lru_cache(maxsize=2)
-def _model_for(model_json: str, image_shape: tuple[int, ...], dp: bool, shared_classes: int) -> EmbeddingNet:
-    return build_embedding_net(ModelConfig(**json.loads(model_json)), image_shape, dp, shared_classes)
+def _model_for(model_json: str, image_shape: tuple[int, ...], dp: bool, shared_classes: int,
+               device: str = "cpu") -> EmbeddingNet:
+    net = build_embedding_net(ModelConfig(**json.loads(model_json)), image_shape, dp, shared_classes)
+    return net.to(device)
+
+
+def training_device(choice: str) -> str:
+    """client.device on this node: "cuda" or "cpu"."""
+    if choice == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if choice == "cuda":
+        raise ConfigError("client.device = 'cuda' but this node has no CUDA device it may use (in Ray simulation "
+                        "set simulation.gpus_per_client > 0)")
+    return "cpu"
 
 
 CraftedUpdate = Callable[[tuple[int, ...]], "dict[str, torch.Tensor] | None"]
@@ -94,7 +108,7 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
         pop = load_splits(task.data).train
     shared_classes = task.num_classes if task.client.head == "shared" else 0
     model_key = json.dumps(task.model.model_dump(), sort_keys=True)
-    net = _model_for(model_key, task.image_shape, task.dp, shared_classes)
+    net = _model_for(model_key, task.image_shape, task.dp, shared_classes, training_device(task.client.device))
     local_cfg = LocalTrainingConfig(**task.client.model_dump(), num_classes=task.num_classes)
     faults = task.faults
     key = task.training_key

@@ -71,25 +71,28 @@ def make_head(embedding_dim: int, labels: np.ndarray, cfg: LocalTrainingConfig,
 
 def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: LocalTrainingConfig,
                          seed: int, anchors: torch.Tensor | None = None) -> LocalResult:
+    """Trains on the device of `net`'s parameters; Δ comes back on the CPU."""
+    device = next(net.parameters()).device
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     schedule = example_schedule(pop, user_ids, cfg.epochs, cfg.max_examples, rng)
     initial = {k: v.detach().clone() for k, v in shared_state(net).items()}
     if len(schedule) == 0:
-        return LocalResult({k: torch.zeros_like(v) for k, v in initial.items()}, 0, 0.0)
+        return LocalResult({k: torch.zeros_like(v).cpu() for k, v in initial.items()}, 0, 0.0)
     if cfg.head == "shared":  # DP-FedAvg baseline: the server's classifier, trained and sent back
         head, targets = net.classifier, np.asarray(pop.labels[schedule], dtype=np.int64)
     else:
         head, targets = make_head(net.embedding.out_features, pop.labels[schedule], cfg, anchors)
-    targets = torch.from_numpy(targets)
+        head = head.to(device)
+    targets = torch.from_numpy(targets).to(device)
     body = [p for name, p in net.named_parameters() if not name.startswith("classifier.")]
     body_opt = torch.optim.SGD(body, lr=cfg.lr, momentum=cfg.momentum)
     head_opt = torch.optim.SGD(head.parameters(), lr=cfg.lr * cfg.head_lr_scale, momentum=cfg.momentum)
     loss_fn = nn.CrossEntropyLoss()
     net.train()
-    losses = []
+    loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
     for step, start in enumerate(range(0, len(schedule), cfg.batch_size)):
-        x = pop.tensor(schedule[start:start + cfg.batch_size])
+        x = pop.tensor(schedule[start:start + cfg.batch_size]).to(device)
         y = targets[start:start + cfg.batch_size]
         loss = loss_fn(head(net(x)), y)
         body_opt.zero_grad(set_to_none=True)
@@ -102,7 +105,8 @@ def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: Loca
             head_opt.step()
         else:  # after warm-up: the backbone and embedding only (as the reference does)
             body_opt.step()
-        losses.append(float(loss.detach()))
+        loss_sum += loss.detach()  # read once at the end: a read per step would wait for the GPU each step
+        steps += 1
     trained = shared_state(net)
-    delta = {k: initial[k] - trained[k].detach() for k in initial}
-    return LocalResult(delta, len(schedule), float(np.mean(losses)))
+    delta = {k: (initial[k] - trained[k].detach()).cpu() for k in initial}
+    return LocalResult(delta, len(schedule), float(loss_sum) / steps)
