@@ -242,7 +242,13 @@ def test_a_reply_over_count_times_c_by_rounding_is_projected_onto_the_ball_and_c
     state, assignment, reply, norm = device_reply(tiny_config("client.lr=0.5"), 1 + 1e-5)
     assert 0.01 < norm <= 0.01 * (1 + 2e-5)
     server = server_for(state, assignment, 3)
-    _, metrics = server.aggregate_train(1, [reply])
+    from fedemb.monitoring.private_log import private_log
+
+    private_log.addHandler(caplog.handler)  # the private log never propagates to the root logger caplog hooks
+    try:
+        _, metrics = server.aggregate_train(1, [reply])
+    finally:
+        private_log.removeHandler(caplog.handler)
     assert metrics["replies-projected"] == 1 and "node 3: update norm" in caplog.text
     assert metrics["virtual-clients-accepted"] == 1 and metrics["virtual-clients-rejected"] == 0
     summed = global_norm(server.last_clipped_sum)
