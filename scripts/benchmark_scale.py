@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from fedemb.os_processes import kill, started_at, tree, tree_memory
+from fedemb.report.doc_sections import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -313,15 +314,6 @@ def sampling_section(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(text: str, heading: str, section: str) -> str:
-    """`text` with the section under `heading` (up to the next level-2 heading) replaced, or appended."""
-    start = text.find(heading)
-    if start < 0:
-        return text.rstrip("\n") + "\n\n" + section
-    end = text.find("\n## ", start + len(heading))
-    return text[:start] + section + (text[end:] if end >= 0 else "")
-
-
 # ----------------------------------------------------------------------------- measuring
 def gpu_memory_used_mb() -> float:
     """Memory in use on the first GPU, all processes together (nvidia-smi); 0 where there is none."""
@@ -533,8 +525,7 @@ def main() -> None:
     args.command = "python scripts/benchmark_scale.py " + " ".join(sys.argv[1:])
     if args.sampling_only:
         section = sampling_section(measure_sampling(args.sampling_users), args.command)
-        old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
-        args.out.write_text(replace_section(old, SAMPLING_HEADING, section))
+        write_section(args.out, SAMPLING_HEADING, section)
         print(section)
         print(f"written to {args.out}")
         return
@@ -610,8 +601,7 @@ def run_cohorts(args) -> None:
     seconds = time.monotonic() - started
     heading, section = ((COHORT_HEADING, cohort_section(args, results, seconds)) if args.cohorts
                         else (FLOWER_HEADING, flower_section(args, results[args.versus_flower], seconds)))
-    old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
-    args.out.write_text(replace_section(old, heading, section))
+    write_section(args.out, heading, section)
     print(section)
     print(f"written to {args.out}")
 
@@ -693,8 +683,7 @@ def run_populations(args) -> None:
             print(f"population {users:,} ({engine}): " + (f"killed after {r['end_to_end_s']:.0f} s" if r.get("timed_out")
                   else f"steady {r['steady_round_s']:.2f} s, peak PSS {r['peak_pss_mb']:.0f} MB"), flush=True)
     section = population_section(args, results, time.monotonic() - started)
-    old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
-    args.out.write_text(replace_section(old, POPULATION_HEADING, section))
+    write_section(args.out, POPULATION_HEADING, section)
     print(section)
     print(f"written to {args.out}")
 
@@ -745,8 +734,7 @@ def run_on_gpu(args) -> None:
                   else f"steady {r['steady_round_s']:.3f} s, start-up {r['startup_s']:.1f} s, end to end "
                        f"{r['end_to_end_s']:.1f} s, peak GPU {r['peak_gpu_mb']:.0f} MB"), flush=True)
     section = gpu_section(args, results, time.monotonic() - started)
-    old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
-    args.out.write_text(replace_section(old, GPU_HEADING, section))
+    write_section(args.out, GPU_HEADING, section)
     print(section)
     print(f"written to {args.out}")
 

@@ -454,14 +454,6 @@ def explanation(med: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def replace_section(text: str, section_text: str) -> str:
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        return text.rstrip("\n") + "\n\n" + section_text
-    end = text.find("\n## ", start + len(SECTION))
-    return text[:start] + section_text + (text[end:] if end >= 0 else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -501,8 +493,9 @@ def main() -> None:
 
 
 def write_section(out: Path, text: str) -> None:
-    old = out.read_text() if out.is_file() else "# Simulation performance\n"
-    out.write_text(replace_section(old, text))
+    from fedemb.report.doc_sections import write_section as write
+
+    write(out, SECTION, text)
     print(text)
     print(f"written to {out}", flush=True)
 

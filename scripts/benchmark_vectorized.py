@@ -41,6 +41,7 @@ from fedemb.data.population import Population
 from fedemb.models.embedding_net import build_embedding_net
 from fedemb.training.local import LocalTrainingConfig, train_virtual_client
 from fedemb.training.vectorized import train_virtual_clients
+from fedemb.report.doc_sections import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Vectorized training on CPU"
@@ -194,14 +195,6 @@ def compile_check(net, pop, group: int) -> dict:
             step(f)
             times[name].append(time.perf_counter() - start)
     return {"compile_s": compile_s, **{k: statistics.median(v) for k, v in times.items()}}
-
-
-def replace_section(text: str, section_text: str) -> str:
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        return text.rstrip("\n") + "\n\n" + section_text
-    end = text.find("\n## ", start + len(SECTION))
-    return text[:start] + section_text + (text[end:] if end >= 0 else "")
 
 
 def cpu_name() -> str:
@@ -382,8 +375,7 @@ def main() -> None:
     profiles[threads] = {n: profile(fns[n]) for n in chosen}
     compiled = compile_check(net, pop, args.compile_group) if args.compile else None
     text = section(args, flops, runs, profiles, compiled, time.monotonic() - started, (load_start, os.getloadavg()[0]))
-    old = args.out.read_text() if args.out.is_file() else "# Simulation performance\n"
-    args.out.write_text(replace_section(old, text))
+    write_section(args.out, SECTION, text)
     print(text)
     print(f"written to {args.out}", flush=True)
 

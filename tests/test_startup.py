@@ -2,7 +2,6 @@
 without a runtime environment; a sweep keeps one Ray warm for its runs, trains what each run alone
 trains, and leaves no Ray behind, even when it is killed. scripts/benchmark_startup.py measures it."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -110,14 +109,21 @@ def test_a_ray_that_fails_to_start_fails_the_run_where_it_waits_for_it(monkeypat
     assert not start._thread.is_alive()
 
 
-def test_the_start_up_benchmark_writes_its_section_and_keeps_the_others():
-    spec = importlib.util.spec_from_file_location("benchmark_startup", ROOT / "scripts" / "benchmark_startup.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_a_benchmark_writes_its_section_and_keeps_the_others(tmp_path):
+    from fedemb.report.doc_sections import replace_section, write_section
+
     page = "# Simulation performance\n\n## Workload A\n\ntable A\n\n## Start-up\n\nold\n\n## Sampling a round\n\nsampling\n"
-    new = bench.replace_section(page, "## Start-up\n\nnew\n")
+    new = replace_section(page, "## Start-up", "## Start-up\n\nnew\n")
     assert new == page.replace("old\n", "new\n")
-    assert bench.replace_section("# Simulation performance\n", "## Start-up\n\nnew\n").endswith("\n\n## Start-up\n\nnew\n")
+    assert replace_section("# Simulation performance\n", "## Start-up", "## Start-up\n\nnew\n").endswith(
+        "\n\n## Start-up\n\nnew\n")
+    # a heading that only starts another one's name is not that section
+    assert replace_section("## Start-up times\n\nkeep\n", "## Start-up", "## Start-up\n\nnew\n").startswith(
+        "## Start-up times\n\nkeep\n")
+    written = tmp_path / "performance.md"
+    write_section(written, "## Start-up", "## Start-up\n\nfirst\n")
+    write_section(written, "## Start-up", "## Start-up\n\nsecond\n")
+    assert written.read_text() == "# Simulation performance\n\n## Start-up\n\nsecond\n"
 
 
 @pytest.mark.integration
