@@ -225,7 +225,6 @@ def section(args, flops: float, runs: dict[int, dict], profiles: dict, compiled:
              "| GFLOP/s | max \\|Δ − loop's Δ\\| |",
              "|---|---|---|---|---|---|---|"]
     for threads, results in runs.items():
-        loop = results["loop"]["median"]
         for name, r in results.items():
             lines.append(f"| {threads} | {name} | {r['median']:.3f} | {statistics.median(r['ratios']):.2f} | "
                          f"{min(r['ratios']):.2f}–{max(r['ratios']):.2f} | {flops / r['median'] / 1e9:.1f} | "

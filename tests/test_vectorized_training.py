@@ -5,7 +5,6 @@ and one vmap cannot batch either falls back to sequential training, each saying 
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
