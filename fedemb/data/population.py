@@ -16,10 +16,11 @@ import torch
 
 
 class UserRange:
-    """The user ids 0..n-1 of a population too large to list: len(), indexing by positions (an int, a
-    slice, an integer or boolean array) and `positions(ids)` cost what is asked, never O(n). Converting
-    it to an array (np.asarray) lists every id: only small populations should be asked that."""
+    """The user ids 0..n-1 of a population too large to list: len() and indexing by positions (an int, a
+    slice, an integer array) cost what is asked, never O(n). Converting it to an array (np.asarray)
+    lists every id: only small populations should be asked that."""
 
+    lazy_ids = True  # fedemb.privacy.sampling.indexable_ids keeps it as it is
     dtype = np.dtype(np.int64)
     ndim = 1
 
@@ -46,32 +47,14 @@ class UserRange:
             return np.int64(i)
         if isinstance(key, slice):
             return np.arange(*key.indices(self.n), dtype=np.int64)
-        key = np.asarray(key)
-        if key.dtype == np.bool_:
-            if key.shape != (self.n,):
-                raise IndexError(f"a boolean mask over {self.n} users has shape {key.shape}")
-            return np.flatnonzero(key).astype(np.int64)
-        positions = key.astype(np.int64)
+        positions = np.asarray(key).astype(np.int64)
         positions = np.where(positions < 0, positions + self.n, positions)
         if positions.size and (positions.min() < 0 or positions.max() >= self.n):
             raise IndexError(f"positions outside 0..{self.n - 1}")
         return positions
 
-    def positions(self, user_ids) -> np.ndarray:
-        """Where each id sits (what np.searchsorted gives for a sorted id array): the id itself."""
-        return self[np.asarray(user_ids, dtype=np.int64)]
-
     def __iter__(self):
         return iter(range(self.n))
-
-    def __contains__(self, user) -> bool:
-        return isinstance(user, (int, np.integer)) and 0 <= int(user) < self.n
-
-    def min(self) -> np.int64:
-        return self[0]
-
-    def max(self) -> np.int64:
-        return self[-1]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return np.arange(self.n, dtype=dtype or np.int64)

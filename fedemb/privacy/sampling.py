@@ -136,10 +136,9 @@ class LimitedParticipationSampler(UserSampler):
 
 
 def indexable_ids(user_ids):
-    """User ids as something indexed by positions: a lazy id range (anything with `positions`, such as
-    fedemb.data.population.UserRange) stays lazy, so a round never lists a population; the rest becomes
-    an int64 array."""
-    return user_ids if hasattr(user_ids, "positions") else np.asarray(user_ids, dtype=np.int64)
+    """User ids as something indexed by positions: a lazy id range (fedemb.data.population.UserRange)
+    stays lazy, so a round never lists a population; the rest becomes an int64 array."""
+    return user_ids if getattr(user_ids, "lazy_ids", False) else np.asarray(user_ids, dtype=np.int64)
 
 
 def make_sampler(seed: Secret, sampling_cfg, virtual_clients: int) -> UserSampler:
