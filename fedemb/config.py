@@ -253,8 +253,9 @@ class ClientConfig(Settings):
     run's fixed random class anchors (one unit vector per class, from the training key, no data), so all
     virtual clients pull a class the same way"""
     vectorize: int = Field(0, ge=0)
-    """>= 2: a node trains up to this many virtual clients at once with `torch.func.vmap` (same results;
-    see [performance.md](performance.md) for when it pays); 0 or 1: one at a time"""
+    """>= 2: a node trains up to this many virtual clients at once, over stacked per-client weights (vmap
+    for layers that cannot be stacked); the same results up to float rounding, 1.4-2x faster on CPU for
+    small models ([performance.md](performance.md)); 0 or 1: one at a time"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where a node trains: auto: its CUDA device when it has one it may use (in Ray simulation, only with
     simulation.gpus_per_client > 0), else its CPUs; cuda: refuse to train without one. Updates leave the
@@ -412,9 +413,10 @@ class SimulationConfig(Settings):
     """ray: Flower's simulation engine (ClientApps in Ray actors, in parallel); inprocess: the same
     strategy, messages and ClientApp called one after another in this process, with no Ray start-up;
     auto: inprocess on a machine of at most 2 CPUs with no Ray address and no GPU shares (the first round
-    starts in under 10 s instead of about 17: [performance.md](performance.md), "Start-up"), ray
-    otherwise. A seeded run gives the same model and ledger, bit for bit, on both. On 2 CPUs a long run's
-    steady rounds are faster on ray (two nodes at once)"""
+    starts in under 10 s instead of about 17: [performance.md](performance.md), "Start-up") for a run of
+    fewer than 10,000 virtual clients (rounds × M), ray otherwise: on 2 CPUs ray's steady rounds are about
+    1.5× faster (two nodes at once), which a long run's rounds repay. A seeded run gives the same model
+    and ledger, bit for bit, on both"""
     num_supernodes: int = Field(0, ge=0)
     """simulated nodes; 0: workers: one per ClientApp the CPUs (and GPU shares) can run at once; devices: M"""
     ray_address: str = ""

@@ -144,13 +144,21 @@ def keep_local_ray() -> None:
 
 
 AUTO_INPROCESS_MAX_CPUS = 2
+# On 2 idle CPUs Ray's start-up costs about 9 s more than the in-process engine's, and its two nodes then
+# train at once instead of one after another: 3.4 ms less per virtual client for the small LeNet
+# (docs/performance.md, "Round time against cohort size"). Past this many virtual clients trained in a
+# run, Ray has paid for its start-up about four times over.
+AUTO_RAY_MIN_PLANNED = 10_000
 
 
-def resolved_engine(cfg, ray_address: str = "", cpus: int | None = None) -> str:
-    """simulation.engine with "auto" decided for this machine: "ray" or "inprocess". `cfg`: a Config."""
+def resolved_engine(cfg, ray_address: str = "", cpus: int | None = None, planned_virtual_clients: int = 0) -> str:
+    """simulation.engine with "auto" decided for this machine and run: "ray" or "inprocess". `cfg`: a
+    Config; `planned_virtual_clients`: rounds × M, when known."""
     sim = cfg.simulation
     if sim.engine != "auto":
         return sim.engine
     if ray_address or sim.ray_address or sim.gpus_per_client > 0:
+        return "ray"
+    if planned_virtual_clients >= AUTO_RAY_MIN_PLANNED:
         return "ray"
     return "inprocess" if (cpus or os.cpu_count() or 1) <= AUTO_INPROCESS_MAX_CPUS else "ray"

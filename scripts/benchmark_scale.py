@@ -75,8 +75,9 @@ def make_population(directory: Path, users: int) -> Path:
 
 
 def fedemb_overrides(data: Path, users: int, workload: str, rounds: int, vectorize: int,
-                     device: str = "cpu", gpu_workers: int = 0) -> list[str]:
-    on_gpu = ([f'client.device="{device}"', f"simulation.gpus_per_client={1 / gpu_workers}",
+                     device: str = "cpu", gpu_workers: int = 0, engine: str = "auto") -> list[str]:
+    engine_set = [f'simulation.engine="{engine}"'] if engine != "auto" else []
+    on_gpu = engine_set + ([f'client.device="{device}"', f"simulation.gpus_per_client={1 / gpu_workers}",
                f"simulation.cpus_per_client={max(1, (os.cpu_count() or 1) // gpu_workers)}"]
               if device == "cuda" else [])
     return on_gpu + ['data.name="npy"', f'data.path="{data}"', "data.eval_users=0.05", "data.max_eval_examples=200",
@@ -206,11 +207,11 @@ def arm_flower(data: Path, users: int, workload: str, rounds: int) -> list[float
 
 
 def arm_fedemb(data: Path, users: int, workload: str, rounds: int, vectorize: int, device: str = "cpu",
-               gpu_workers: int = 0) -> list[float]:
+               gpu_workers: int = 0, engine: str = "auto") -> list[float]:
     from fedemb.config import load_config
 
     return arm_fedemb_with(load_config(None, fedemb_overrides(data, users, workload, rounds, vectorize, device,
-                                                              gpu_workers)))
+                                                              gpu_workers, engine)))
 
 
 def arm_fedemb_with(cfg) -> list[float]:
@@ -332,10 +333,13 @@ def use_cohort(clients: int, examples: int) -> None:
 
 
 def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vectorize: int,
-            timeout_s: float | None = None, device: str = "cpu", gpu_workers: int = 0, extra: tuple = ()) -> dict:
-    """One arm in a fresh process. Peak memory is sampled over the whole process tree as the sum of RSS
-    (counts shared pages once per process) and of PSS (shares them out, so the sum is what the tree
-    really holds). An arm past `timeout_s` is killed and reported as such."""
+            timeout_s: float | None = None, device: str = "cpu", gpu_workers: int = 0, extra: tuple = (),
+            memory_every_s: float | None = 0.2) -> dict:
+    """One arm in a fresh process. Peak memory is sampled every `memory_every_s` over the whole process
+    tree as the sum of RSS (counts shared pages once per process) and of PSS (shares them out, so the
+    sum is what the tree really holds); None: not sampled, for comparisons of time only (reading every
+    process's smaps takes a large share of a core, more for arms with more processes). An arm past
+    `timeout_s` is killed and reported as such."""
     cmd = [sys.executable, __file__, "--child", arm, "--workloads", workload, "--rounds", str(rounds),
            "--child-data", str(data), "--child-users", str(users), "--vectorize", str(vectorize),
            "--device", device, "--gpu-workers", str(gpu_workers), "--clients", str(CLIENTS),
@@ -352,9 +356,9 @@ def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vector
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
             if device == "cuda":
                 peak["gpu"] = max(peak["gpu"], gpu_memory_used_mb() - gpu_before)
-            time.sleep(0.2)
+            time.sleep(memory_every_s)
 
-    watcher = threading.Thread(target=watch, daemon=True)
+    watcher = threading.Thread(target=watch if memory_every_s else proc.wait, daemon=True)
     watcher.start()
     try:
         out, err = proc.communicate(timeout=timeout_s)
@@ -395,7 +399,7 @@ def child(args) -> None:
         ends = arm_flower(data, users, workload, args.rounds)
     else:
         ends = arm_fedemb(data, users, workload, args.rounds, args.vectorize if args.child == "d" else 0,
-                          args.device, args.gpu_workers)
+                          args.device, args.gpu_workers, args.engine)
     print(json.dumps({"ends": ends, **MARKS}))
 
 
@@ -500,12 +504,16 @@ def main() -> None:
     parser.add_argument("--gpu-workers", type=int, default=4,
                         help="With --device cuda: Ray workers sharing the GPU in arms (c) and (d).")
     parser.add_argument("--cohorts", type=int, nargs="*", default=[],
-                        help="Only the cohort sweep: (a) and (c) at these virtual clients per round (workload A, "
+                        help="Only the cohort sweep: (a) and --cohort-arms at these virtual clients per round (workload A, "
                              "--cohort-examples examples per user); replaces that section of --out.")
     parser.add_argument("--versus-flower", type=int, default=0, metavar="COHORT",
                         help="Only (a), (b) and (c) end to end at this cohort (workload A, --cohort-examples "
                              "examples per user); replaces that section of --out.")
     parser.add_argument("--cohort-examples", type=int, default=20)
+    parser.add_argument("--cohort-arms", nargs="+", default=["c:auto"],
+                        choices=[f"{arm}:{engine}" for arm in "cd" for engine in ("auto", "inprocess", "ray")],
+                        help="With --cohorts or --versus-flower: the fedemb arms, as ARM:ENGINE; d trains --vectorize "
+                             "virtual clients at once.")
     parser.add_argument("--populations", type=int, nargs="*", default=[],
                         help="Only the population sweep: fedemb on a procedural population (digits base) of each "
                              "of these sizes at a fixed cohort of --population-cohort, on each of "
@@ -584,7 +592,10 @@ def run_cohorts(args) -> None:
     from fedemb.data.store import materialize
 
     started = time.monotonic()
-    plans = ([(c, ["a", "c"]) for c in args.cohorts] if args.cohorts else [(args.versus_flower, ["a", "b", "c"])])
+    sweep_arms = [("a", "auto", 0)] + [(arm, engine, args.vectorize if arm == "d" else 0)
+                                       for arm, engine in (spec.split(":") for spec in args.cohort_arms)]
+    plans = ([(c, sweep_arms) for c in args.cohorts] if args.cohorts
+             else [(args.versus_flower, [("a", "auto", 0), ("b", "auto", 0)] + sweep_arms[1:])])
     results = {}
     for clients, arms in plans:
         use_cohort(clients, args.cohort_examples)
@@ -592,10 +603,12 @@ def run_cohorts(args) -> None:
         data = make_population(args.work / f"users-{users}", users)
         materialize(load_config(None, fedemb_overrides(data, users, "A", 1, 0)).data)
         results[clients] = {}
-        for arm in arms:
-            r = run_arm(arm, "A", data, users, args.rounds, 0, args.arm_timeout)
-            results[clients][arm] = r
-            print(f"cohort {clients:,} ({arm}) {ARMS[arm]}: " + (f"killed after {r['end_to_end_s']:.0f} s" if r.get("timed_out")
+        for arm, engine, vectorize in arms:
+            label = arm if arm in "ab" else f"{arm} {engine}"
+            r = run_arm(arm, "A", data, users, args.rounds, vectorize, args.arm_timeout, extra=("--engine", engine),
+                        memory_every_s=None)
+            results[clients][label] = r
+            print(f"cohort {clients:,} ({label}) {ARMS[arm]}: " + (f"killed after {r['end_to_end_s']:.0f} s" if r.get("timed_out")
                   else f"steady {r['steady_round_s']:.2f} s, start-up {r['startup_s']:.1f} s, end to end {r['end_to_end_s']:.1f} s"),
                   flush=True)
     seconds = time.monotonic() - started
@@ -611,56 +624,83 @@ def machine_line(args, seconds: float) -> str:
             f"{os.getloadavg()[0]:.1f} when written, Python {platform.python_version()}")
 
 
-def cohort_section(args, results: dict, seconds: float) -> str:
+def engine_name(engine: str) -> str:
     from fedemb.config import load_config
     from fedemb.flower_env import resolved_engine
 
-    engine = resolved_engine(load_config(None, []))
+    return f"{resolved_engine(load_config(None, []))} engine (auto, the default here)" if engine == "auto" else f"{engine} engine"
+
+
+def cohort_arm_name(label: str, vectorize: int) -> str:
+    if label == "a":
+        return "(a) plain PyTorch loop"
+    arm, engine = label.split()
+    suffix = f", vectorized ({vectorize} at once)" if arm == "d" else ""
+    return f"({arm}) fedemb, {engine_name(engine)}{suffix}"
+
+
+def cohort_section(args, results: dict, seconds: float) -> str:
     cohorts = sorted(results)
     first = results[cohorts[0]]
     lines = [COHORT_HEADING, "",
              f"{machine_line(args, seconds)}. Workload A (fedemb_lenet_small), one user of {args.cohort_examples} "
              f"examples per virtual client, batch {BATCH}, one local epoch, {args.rounds} rounds, steady round = "
-             f"median of rounds 2..{args.rounds}. (a) the plain PyTorch loop; (c) fedemb with its default engine "
-             f"on this machine ({engine}), no DP, fixed-size cohorts. Growth is against the smallest cohort; "
-             "per virtual client is the steady round divided by the cohort.", "",
-             "| virtual clients per round | (a) steady round (s) | (c) steady round (s) | (c) ÷ (a) | (a) growth "
-             "| (c) growth | (a) ms per virtual client | (c) ms per virtual client |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"median of rounds 2..{args.rounds}. (a) the plain PyTorch loop (all CPUs' threads, one process); "
+             "(c) fedemb on each engine, no DP, fixed-size cohorts; (d) the same, training several virtual "
+             "clients at once. Growth is against the same arm at the smallest cohort; per virtual client is "
+             "the steady round divided by the cohort.", "",
+             "| virtual clients per round | arm | steady round (s) | ÷ (a) | growth | ms per virtual client |",
+             "|---|---|---|---|---|---|"]
     for c in cohorts:
-        a, f = results[c]["a"], results[c]["c"]
-        if a.get("timed_out") or f.get("timed_out"):
-            lines.append(f"| {c:,} | killed | | | | | | |")
-            continue
-        lines.append(f"| {c:,} | {a['steady_round_s']:.2f} | {f['steady_round_s']:.2f} | "
-                     f"{f['steady_round_s'] / a['steady_round_s']:.2f} | {a['steady_round_s'] / first['a']['steady_round_s']:.1f}× "
-                     f"| {f['steady_round_s'] / first['c']['steady_round_s']:.1f}× | {1000 * a['steady_round_s'] / c:.1f} "
-                     f"| {1000 * f['steady_round_s'] / c:.1f} |")
+        base = results[c]["a"]
+        for label, r in results[c].items():
+            name = cohort_arm_name(label, args.vectorize)
+            if r.get("timed_out"):
+                lines.append(f"| {c:,} | {name} | killed after {r['end_to_end_s']:.0f} s | | | |")
+                continue
+            ratio = "" if base.get("timed_out") else f"{r['steady_round_s'] / base['steady_round_s']:.2f}"
+            growth = ("" if label not in first or first[label].get("timed_out")
+                      else f"{r['steady_round_s'] / first[label]['steady_round_s']:.1f}×")
+            lines.append(f"| {c:,} | {name} | {r['steady_round_s']:.2f} | {ratio} | {growth} "
+                         f"| {1000 * r['steady_round_s'] / c:.1f} |")
+    lines += ["", "Round time from one cohort to the next (linear growth is the cohort's own factor):", ""]
+    for small, large in zip(cohorts, cohorts[1:]):
+        steps = []
+        for label, r in results[large].items():
+            before = results[small].get(label)
+            if before and not (r.get("timed_out") or before.get("timed_out")):
+                steps.append(f"{cohort_arm_name(label, args.vectorize).split(')')[0]})"
+                             f"{'' if label == 'a' else ' ' + label.split()[1]} "
+                             f"{r['steady_round_s'] / before['steady_round_s']:.1f}×")
+        lines.append(f"- {small:,} → {large:,} ({large / small:g}×): " + ", ".join(steps))
     return "\n".join(lines) + "\n"
 
 
 def flower_section(args, arms: dict, seconds: float) -> str:
-    a, b, c = arms["a"], arms["b"], arms["c"]
+    a, b = arms["a"], arms["b"]
     clients = args.versus_flower
     lines = [FLOWER_HEADING, "",
              f"{machine_line(args, seconds)}. Workload A, {clients:,} virtual clients per round (one user of "
              f"{args.cohort_examples} examples each), {args.rounds} rounds. (b) Flower's per-client simulation "
-             f"({clients:,} SuperNodes, FedAvg, 1 CPU per ClientApp); (c) fedemb with its default engine on this "
-             "machine; (a) the plain loop, the floor both are measured against.", "",
+             f"({clients:,} SuperNodes, FedAvg, 1 CPU per ClientApp); (c) fedemb on each engine named (the "
+             "default, auto, picks inprocess for a run this short on this machine); (d) the same, training "
+             "several virtual clients at once; (a) the plain loop, the floor all are measured against.", "",
              "| arm | end to end (s) | (b) ÷ this | steady round (s) | start-up (s) | ms per virtual client, steady "
              "| beyond (a) per virtual client (ms) |", "|---|---|---|---|---|---|---|"]
-    for arm, r in arms.items():
+    for label, r in arms.items():
+        name = f"({label}) {ARMS[label]}" if label in "ab" else cohort_arm_name(label, args.vectorize)
         if r.get("timed_out"):
-            lines.append(f"| ({arm}) {ARMS[arm]} | killed after {r['end_to_end_s']:.0f} | | | | | |")
+            lines.append(f"| {name} | killed after {r['end_to_end_s']:.0f} | | | | | |")
             continue
-        lines.append(f"| ({arm}) {ARMS[arm]} | {r['end_to_end_s']:.1f} | {b['end_to_end_s'] / r['end_to_end_s']:.2f} "
+        lines.append(f"| {name} | {r['end_to_end_s']:.1f} | {b['end_to_end_s'] / r['end_to_end_s']:.2f} "
                      f"| {r['steady_round_s']:.2f} | {r['startup_s']:.1f} | {1000 * r['steady_round_s'] / clients:.1f} "
                      f"| {1000 * (r['steady_round_s'] - a['steady_round_s']) / clients:.1f} |")
-    if not (b.get("timed_out") or c.get("timed_out")):
-        ratio = b["end_to_end_s"] / c["end_to_end_s"]
+    fedemb = {label: r for label, r in arms.items() if label not in "ab" and not r.get("timed_out")}
+    if fedemb and not b.get("timed_out"):
+        ratios = ", ".join(f"{b['end_to_end_s'] / r['end_to_end_s']:.1f}× ({label})" for label, r in fedemb.items())
         ceiling = b["end_to_end_s"] / a["end_to_end_s"]
-        lines += ["", f"fedemb is {ratio:.1f}× faster than Flower's per-client simulation end to end. Even the plain "
-                  f"loop, which has no framework at all, is only {ceiling:.1f}× faster than (b): the training itself "
+        lines += ["", f"fedemb against Flower's per-client simulation, end to end: {ratios}. The plain loop, which "
+                  f"has no framework at all, is {ceiling:.1f}× faster than (b): the training itself "
                   f"({1000 * a['steady_round_s'] / clients:.1f} ms per virtual client on these CPUs) is the floor of "
                   "any arm, and (b)'s overhead beyond it is what a faster framework can remove."]
     return "\n".join(lines) + "\n"
@@ -678,7 +718,7 @@ def run_populations(args) -> None:
         results[engine] = {}
         for users in args.populations:
             cmd = ["--engine", engine]
-            r = run_arm("p", "A", args.work, users, args.rounds, 0, args.arm_timeout, extra=cmd)
+            r = run_arm("p", "A", args.work, users, args.rounds, 0, args.arm_timeout, extra=cmd, memory_every_s=1.0)
             results[engine][users] = r
             print(f"population {users:,} ({engine}): " + (f"killed after {r['end_to_end_s']:.0f} s" if r.get("timed_out")
                   else f"steady {r['steady_round_s']:.2f} s, peak PSS {r['peak_pss_mb']:.0f} MB"), flush=True)

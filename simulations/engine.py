@@ -55,7 +55,7 @@ def run_simulation(setup: RunSetup, run_dir: Path, verbose: bool = False, show_p
     cfg = setup.cfg
     offline_flower_environment()
     silence_third_party_notices()
-    if resolved_engine(cfg, ray_address) == "inprocess":
+    if resolved_engine(cfg, ray_address, planned_virtual_clients=cfg.run.rounds * setup.virtual_clients) == "inprocess":
         with _flower_log_level(verbose):
             return _run_in_process(setup, run_dir, show_progress, resume, ray_address)
     address = ray_address or cfg.simulation.ray_address

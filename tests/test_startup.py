@@ -172,12 +172,18 @@ def test_a_sweep_killed_while_its_ray_is_warm_leaves_no_ray_behind(tmp_path):
 
 def test_auto_engine_runs_in_process_only_on_a_small_machine_with_nothing_that_needs_ray():
     from fedemb.config import load_config
-    from fedemb.flower_env import resolved_engine
+    from fedemb.flower_env import AUTO_RAY_MIN_PLANNED, resolved_engine
 
     auto = load_config(None, [])
     assert auto.simulation.engine == "auto"
     assert resolved_engine(auto, cpus=2) == "inprocess" and resolved_engine(auto, cpus=1) == "inprocess"
     assert resolved_engine(auto, cpus=4) == "ray"
+    # a long run amortises Ray's start-up: 50 rounds of 1,000 virtual clients go to Ray; the quickstart
+    # (40 rounds of about 112) stays in process
+    assert resolved_engine(auto, cpus=2, planned_virtual_clients=50 * 1000) == "ray"
+    assert resolved_engine(auto, cpus=2, planned_virtual_clients=40 * 112) == "inprocess"
+    assert resolved_engine(auto, cpus=2, planned_virtual_clients=AUTO_RAY_MIN_PLANNED - 1) == "inprocess"
+    assert resolved_engine(auto, cpus=2, planned_virtual_clients=AUTO_RAY_MIN_PLANNED) == "ray"
     assert resolved_engine(auto, ray_address="10.0.0.5:6379", cpus=2) == "ray"
     assert resolved_engine(load_config(None, ['simulation.ray_address="10.0.0.5:6379"']), cpus=2) == "ray"
     assert resolved_engine(load_config(None, ["simulation.gpus_per_client=0.5"]), cpus=2) == "ray"
