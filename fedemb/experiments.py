@@ -141,8 +141,9 @@ class Spec:
     cells: list[Cell]
 
 
-def load_spec(path: Path, variables: dict[str, str], root: Path, runs: Path) -> Spec:
-    """Read and check a spec; every cell gets its run directory runs/<name>/<group>/<grid point>/seed-N."""
+def load_spec(path: Path, variables: dict[str, str], root: Path, runs: Path, seeds: list[int] | None = None) -> Spec:
+    """Read and check a spec; every cell gets its run directory runs/<name>/<group>/<grid point>/seed-N.
+    `seeds` replaces the spec's and the groups' own seeds (seeds can be added to a finished sweep)."""
     spec = parse(ExperimentSpec, read_toml(path, "experiment spec"), str(path))
     config = root / fill(spec.config, variables)
     if not config.is_file():
@@ -156,7 +157,7 @@ def load_spec(path: Path, variables: dict[str, str], root: Path, runs: Path) -> 
         before = [[fill(arg, experiment_dir) for arg in args] for args in group.before]
         for point in itertools.product(*group.grid.values()):
             params = {k: fill(v, experiment_dir) if isinstance(v, str) else v for k, v in zip(group.grid, point)}
-            for seed in group.seeds or spec.seeds:
+            for seed in seeds or group.seeds or spec.seeds:
                 overrides = common + own + [f"{k}={_toml(v)}" for k, v in params.items()] + [f"run.seed={seed}"]
                 run_dir = runs / spec.name / slug(group.label) / (point_name(params) or "default") / f"seed-{seed}"
                 cells.append(Cell(spec.name, group.label, params, seed, group.command, config, overrides, after,

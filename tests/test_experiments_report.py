@@ -207,6 +207,24 @@ after_grid = { epsilon = [1, 2] }  # two releases on the one trained run
     assert all(p["epsilon"] <= p["params"]["privacy.target_epsilon"] * 1.001 for p in dp)  # training stays within the target
 
 
+def test_seeds_given_to_the_runner_replace_the_specs_own_so_a_finished_sweep_can_gain_seeds(tmp_path):
+    spec = write_spec(tmp_path, '''
+name = "seeded"
+config = "simulations/configs/quickstart.toml"
+seeds = [0]
+[[group]]
+label = "a"
+[[group]]
+label = "b"
+seeds = [0, 1, 2]
+''')
+    own = load_spec(spec, {}, REPO, tmp_path).cells
+    assert sorted((c.group, c.seed) for c in own) == [("a", 0), ("b", 0), ("b", 1), ("b", 2)]
+    added = load_spec(spec, {}, REPO, tmp_path, seeds=[1, 3]).cells
+    assert sorted((c.group, c.seed) for c in added) == [("a", 1), ("a", 3), ("b", 1), ("b", 3)]
+    assert {c.run_dir.name for c in added} == {"seed-1", "seed-3"} and all("run.seed=1" in c.overrides or "run.seed=3" in c.overrides for c in added)
+
+
 @pytest.mark.parametrize("spec", sorted((REPO / "scripts" / "experiments").glob("*.toml")), ids=lambda p: p.stem)
 def test_every_shipped_spec_expands_into_valid_configs(spec, tmp_path):
     """A typo in a shipped spec (a key, a value out of range) fails here, not an hour into a sweep."""

@@ -20,7 +20,7 @@ experiments_app = typer.Typer(help="Run experiment specs (scripts/experiments/*.
 def run(specs: Annotated[list[Path], typer.Argument(help="Experiment specs (TOML).")],
         var: Annotated[list[str], typer.Option(help="NAME=VALUE for {NAME} in the specs (e.g. data=data).")] = [],
         runs: Annotated[Path, typer.Option(help="Where the run directories go.")] = Path("runs/experiments"),
-        seeds: Annotated[str, typer.Option(help="Comma-separated seeds to run (default: each spec's own).")] = "",
+        seeds: Annotated[str, typer.Option(help="Comma-separated seeds to run instead of each spec's own (e.g. to add seeds to a finished sweep).")] = "",
         only: Annotated[list[str], typer.Option(help="Run only these group labels.")] = [],
         dry_run: Annotated[bool, typer.Option(help="Print the commands, run nothing.")] = False,
         warm_ray: Annotated[bool, typer.Option(help="Keep one local Ray running for the sweep's training runs "
@@ -44,11 +44,12 @@ def run(specs: Annotated[list[Path], typer.Argument(help="Experiment specs (TOML
     except ValueError:
         raise FedembError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     root = app_root()
-    cells = [c for spec in specs for c in load_spec(spec, variables, root, runs.resolve()).cells]
+    chosen = sorted(keep) if keep else None
+    cells = [c for spec in specs for c in load_spec(spec, variables, root, runs.resolve(), chosen).cells]
     unknown = set(only) - {c.group for c in cells}
     if unknown:
         raise FedembError(f"no group named {sorted(unknown)[0]!r} in these specs")
-    cells = [c for c in cells if (keep is None or c.seed in keep) and (not only or c.group in only)]
+    cells = [c for c in cells if not only or c.group in only]
     if dry_run:
         for c in cells:
             for line in cell_commands(c):
