@@ -47,12 +47,14 @@ def starts_own_ray(cell: Cell) -> bool:
     if cell.command != "simulate":
         return False
     from fedemb.flower_env import resolved_engine
+    from fedemb.run_setup import planned_virtual_clients
 
     try:
         cfg = load_config(cell.config, cell.overrides)
+        planned = planned_virtual_clients(cfg) if cfg.simulation.engine == "auto" else 0
     except FedembError:  # the run fails on its own, with its own message
         return False
-    return resolved_engine(cfg) == "ray" and not cfg.simulation.ray_address
+    return resolved_engine(cfg, planned_virtual_clients=planned) == "ray" and not cfg.simulation.ray_address
 
 
 class SweepRay:

@@ -61,7 +61,7 @@ def prepare_run(cfg: Config) -> RunSetup:
     if cfg.sampling.users_per_client > 1 and expected < k:
         raise ConfigError(f"sampling.rate = {cfg.sampling.rate} samples {expected:.1f} of {n_users} users per round "
                           f"on average, fewer than sampling.users_per_client = {k}")
-    slots = cfg.sampling.virtual_clients or virtual_client_slots(n_users, cfg.sampling.rate, k)
+    slots = virtual_clients_per_round(cfg, n_users)
     if cfg.run.seed >= 0:
         torch.manual_seed(keyed_seed(cfg.run.seed, STREAM_MODEL_INIT))  # the initial model is data-independent
     net = build_embedding_net(cfg.model, splits.train.image_shape, cfg.privacy.enabled,
@@ -69,6 +69,19 @@ def prepare_run(cfg: Config) -> RunSetup:
     plan = make_privacy_plan(cfg, n_users, slots)
     make_mechanism(cfg, plan, GaussianNoise(0.0, 0), slots)  # refuses impossible mechanism settings now
     return RunSetup(cfg, splits, net, slots, plan)
+
+
+def virtual_clients_per_round(cfg: Config, n_users: int) -> int:
+    """M: the slots a round fills, the aggregate's denominator."""
+    s = cfg.sampling
+    return s.virtual_clients or virtual_client_slots(n_users, s.rate, s.users_per_client)
+
+
+def planned_virtual_clients(cfg: Config) -> int:
+    """rounds × M: how many virtual clients the run trains, read from its config and stored splits
+    (fedemb.flower_env.resolved_engine weighs it) without preparing the run."""
+    n_users = cfg.deployment.devices or load_splits(cfg.data).train.num_users
+    return cfg.run.rounds * virtual_clients_per_round(cfg, n_users)
 
 
 def privacy_unit(setup) -> str:

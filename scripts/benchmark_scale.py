@@ -358,7 +358,7 @@ def run_arm(arm: str, workload: str, data: Path, users: int, rounds: int, vector
                 peak["gpu"] = max(peak["gpu"], gpu_memory_used_mb() - gpu_before)
             time.sleep(memory_every_s)
 
-    watcher = threading.Thread(target=watch if memory_every_s else proc.wait, daemon=True)
+    watcher = threading.Thread(target=watch if memory_every_s else lambda: None, daemon=True)
     watcher.start()
     try:
         out, err = proc.communicate(timeout=timeout_s)
@@ -669,8 +669,8 @@ def cohort_section(args, results: dict, seconds: float) -> str:
         for label, r in results[large].items():
             before = results[small].get(label)
             if before and not (r.get("timed_out") or before.get("timed_out")):
-                steps.append(f"{cohort_arm_name(label, args.vectorize).split(')')[0]})"
-                             f"{'' if label == 'a' else ' ' + label.split()[1]} "
+                arm, *engine = label.split()  # "a", or "c ray": the table's "(c) ray"
+                steps.append(f"({arm}){''.join(' ' + e for e in engine)} "
                              f"{r['steady_round_s'] / before['steady_round_s']:.1f}×")
         lines.append(f"- {small:,} → {large:,} ({large / small:g}×): " + ", ".join(steps))
     return "\n".join(lines) + "\n"

@@ -47,7 +47,7 @@ class DPFedEmb(Strategy):
     def __init__(self, *, sampler: UserSampler, user_ids, task: TrainTask, mechanism: RoundMechanism,
                  server_optimizer: ServerOptimizer, ledger: PrivacyLedger, target_epsilon: float = 0.0,
                  attempt: int = 0, eval_every: int = 1, callbacks: Iterable = (),
-                 placement: str = "balanced", user_examples: np.ndarray | Callable | None = None, min_devices: int = 0,
+                 placement: str = "balanced", user_examples: Callable | None = None, min_devices: int = 0,
                  wait_s: float = 300.0, progress_every_s: float = 15.0, verify_replays: bool = False):
         self.sampler = sampler
         self.user_ids = indexable_ids(user_ids)  # an array, or a procedural population's lazy UserRange
@@ -58,10 +58,9 @@ class DPFedEmb(Strategy):
         self.wait_s = wait_s
         self.progress_every_s = progress_every_s  # how often a wait says what it waits for (private log)
         self.sent: list[Message] = []
-        # examples per user: an array aligned with user_ids, a function of user ids (population.examples_count:
-        # touches only the cohort), or None (one each)
-        self.user_examples = (np.asarray(user_examples, dtype=np.int64)
-                              if user_examples is not None and not callable(user_examples) else user_examples)
+        # examples per user, as a function of user ids (a population's examples_count: touches only the
+        # cohort); None: one each
+        self.user_examples = user_examples
         self.task = task
         self.loss_bound = task.loss_bound  # B of the DP training loss (privacy.metrics)
         self.mechanism = mechanism  # owns the noise and what is released of the round's counts
@@ -116,12 +115,7 @@ class DPFedEmb(Strategy):
         """Examples a virtual client will process: what balancing the workers is about."""
         client = self.task.client
         users = np.asarray(vc.user_ids, dtype=np.int64)
-        if self.user_examples is None:
-            per_user = np.ones(len(users), dtype=np.int64)
-        elif callable(self.user_examples):
-            per_user = self.user_examples(users)
-        else:
-            per_user = self.user_examples[np.searchsorted(self.user_ids, users)]
+        per_user = self.user_examples(users) if self.user_examples is not None else np.ones(len(users))
         examples = int(per_user.sum()) * client.epochs
         return float(min(examples, client.max_examples))
 

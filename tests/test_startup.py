@@ -28,13 +28,22 @@ def write_spec(tmp_path: Path, groups: str, seeds=(0,)) -> Path:
     return spec
 
 
-def test_only_runs_that_would_start_their_own_local_ray_join_the_sweeps_warm_one(tmp_path):
+def test_only_runs_that_would_start_their_own_local_ray_join_the_sweeps_warm_one(tmp_path, monkeypatch):
+    import fedemb.flower_env
+
+    monkeypatch.setattr(fedemb.flower_env.os, "cpu_count", lambda: 2)  # where auto weighs the run's length
     spec = write_spec(tmp_path, '''
         [[group]]
         label = "on ray"
         [[group]]
         label = "in process"
         set = ['simulation.engine="inprocess"']
+        [[group]]
+        label = "auto, short"
+        set = ['simulation.engine="auto"']
+        [[group]]
+        label = "auto, long"
+        set = ['simulation.engine="auto"', "run.rounds=2000"]
         [[group]]
         label = "on a cluster"
         set = ['simulation.ray_address="10.0.0.5:6379"']
@@ -44,7 +53,8 @@ def test_only_runs_that_would_start_their_own_local_ray_join_the_sweeps_warm_one
         ''')
     cells = {c.group: c for c in load_spec(spec, {}, ROOT, tmp_path / "runs").cells}
     assert {g: starts_own_ray(c) for g, c in cells.items()} == {
-        "on ray": True, "in process": False, "on a cluster": False, "centralized": False}
+        "on ray": True, "in process": False, "auto, short": False, "auto, long": True, "on a cluster": False,
+        "centralized": False}
     joined = train_command(cells["on ray"], "127.0.0.1:6380")
     assert joined[-2:] == ["--ray-address", "127.0.0.1:6380"] and "--ray-address" not in train_command(cells["on ray"])
 

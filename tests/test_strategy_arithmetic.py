@@ -145,7 +145,7 @@ def test_configure_train_sends_one_message_per_node_with_all_its_virtual_clients
             return [7, 9]
 
     s = make_strategy(slots=6)
-    s.user_ids, s.user_examples = np.arange(100), np.ones(100, dtype=np.int64)
+    s.user_ids, s.user_examples = np.arange(100), lambda users: np.ones(len(users), dtype=np.int64)
     s.sampler = UserSampler(1, 0.5, 4, 12)
     msgs = list(s.configure_train(1, ArrayRecord(STATE), None, TwoNodes()))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [7, 9]

@@ -46,7 +46,7 @@ def clipped_sums(cfg, placement, nodes, rounds=2):
                         mechanism=make_mechanism(cfg, setup.privacy, noise, setup.virtual_clients),
                         server_optimizer=ServerOptimizer(shared_state(setup.net), 1.0, 0.9),
                         ledger=PrivacyLedger(None, setup.privacy.delta), eval_every=0, callbacks=[Capture()],
-                        placement=placement, user_examples=setup.splits.train.examples_per_user())
+                        placement=placement, user_examples=setup.splits.train.examples_count)
     strategy.start(InProcessGrid(train, nodes), ArrayRecord(shared_state(setup.net)), num_rounds=rounds)
     return sums, strategy
 
