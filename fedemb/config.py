@@ -207,6 +207,10 @@ class ModelConfig(Settings):
     pretrained_file: str = ""
     """backbone weights through timm's `pretrained_cfg_overlay=dict(file=...)`; e.g. the EfficientNet-Lite0
     ImageNet weights from `fedemb data fetch imagenet-weights` with name `tf_efficientnet_lite0`"""
+    train_only: list[str] = Field(default_factory=list)
+    """module paths or parameter names trained federatedly (e.g. ["embedding", "backbone.conv_head"]);
+    everything else keeps its initial (pretrained) values and is never sent back, clipped or noised, so
+    the noise covers fewer parameters; []: the whole model"""
 
 
 class SamplingConfig(Settings):
@@ -252,6 +256,14 @@ class ClientConfig(Settings):
     """random: each virtual client draws its own head (the reference); anchors: every head starts from the
     run's fixed random class anchors (one unit vector per class, from the training key, no data), so all
     virtual clients pull a class the same way"""
+    head_logits: Literal["dot", "cosine"] = "cosine"
+    """cosine: logits = head_scale × the cosine of the embedding and the class row (a normalised softmax:
+    no client can sharpen its softmax by growing the model, and training matches evaluation's cosine
+    similarity); dot: logits = embedding · class row (the reference's linear head, whose logit scale
+    grows with the model: [divergence.md](divergence.md))"""
+    head_scale: float = Field(4.0, gt=0)
+    """head_logits = "cosine": the scale s of the cosine logits (the softmax's inverse temperature; 4 was
+    best of 2, 4, 8, 16, 32 on MNIST writers and digits)"""
     vectorize: int = Field(0, ge=0)
     """>= 2: a node trains up to this many virtual clients at once, over stacked per-client weights (vmap
     for layers that cannot be stacked); the same results up to float rounding, 1.4-2x faster on CPU for
@@ -275,6 +287,10 @@ class ServerConfig(Settings):
     """server SGD learning rate"""
     momentum: float = Field(0.9, ge=0, lt=1)
     """server SGD momentum"""
+    noise_step_limit: float = Field(0.0, ge=0)
+    """> 0: the step is lowered to min(lr, limit / r) for the whole run, where r is the expected norm of
+    the noise on the mean update in units of privacy.clip_norm (σ·√d / (M·C): a constant of the config, no
+    data), so the noise moves the model by at most about limit × C a round whatever ε is; 0: lr as set"""
 
 
 class AdaptiveClippingConfig(Settings):
@@ -286,6 +302,10 @@ class AdaptiveClippingConfig(Settings):
     """geometric step of C per round"""
     count_noise_std: float = Field(0.0, ge=0)
     """std of the noise on the clipped count; 0: M / 20"""
+    scale_server_step: bool = True
+    """multiply each server step by clip_norm / C (C: the clip norm of the round), so that C decides which
+    updates are clipped and server.lr how far the model moves, as with fixed clipping at clip_norm; false:
+    the server step grows with C (Andrew et al.'s rule as published)"""
 
 
 class TrainingMetricsConfig(Settings):

@@ -24,10 +24,13 @@ from fedemb.evaluation.embed import embed
 from fedemb.evaluation.metrics import embedding_metrics
 from fedemb.models.embedding_net import EmbeddingNet, build_embedding_net, shared_state
 from fedemb.run_dir import save_checkpoint, write_json
+from fedemb.training.logits import class_logits
 
 
-def train_central(net: EmbeddingNet, pop: Population, pt, seed: int) -> float:
-    """SGD with momentum over the pooled examples for pt.epochs; the mean loss of the last epoch."""
+def train_central(net: EmbeddingNet, pop: Population, pt, seed: int, head_logits: str = "dot",
+                  head_scale: float = 1.0) -> float:
+    """SGD with momentum over the pooled examples for pt.epochs, with the federated clients' kind of
+    logits (client.head_logits); the mean loss of the last epoch."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     head = nn.Linear(net.embedding.out_features, pop.num_classes, bias=False)
@@ -41,7 +44,7 @@ def train_central(net: EmbeddingNet, pop: Population, pt, seed: int) -> float:
         losses = []
         for start in range(0, len(order), pt.batch_size):
             batch = order[start:start + pt.batch_size]
-            loss = loss_fn(head(net(pop.tensor(batch))), labels[batch])
+            loss = loss_fn(class_logits(net(pop.tensor(batch)), head.weight, head_logits, head_scale), labels[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -58,7 +61,7 @@ def pretrain_public(cfg, out: Path) -> dict:
     torch.manual_seed(seed)
     net = build_embedding_net(cfg.model, public.image_shape, dp_enabled=False)
     before = embedding_metrics(embed(net, splits.eval), splits.eval.labels)
-    train_central(net, public, cfg.pretrain, seed)
+    train_central(net, public, cfg.pretrain, seed, cfg.client.head_logits, cfg.client.head_scale)
     after = embedding_metrics(embed(net, splits.eval), splits.eval.labels)
     save_checkpoint(Path(out), shared_state(net))
     return {"public_users": public.num_users, "examples": len(public), "before": before, "after": after}
@@ -72,7 +75,7 @@ def train_centralized(cfg, run_dir: Path) -> dict:
     torch.manual_seed(seed)
     net = build_embedding_net(cfg.model, splits.train.image_shape, dp_enabled=False)
     initial = embedding_metrics(embed(net, splits.eval), splits.eval.labels)
-    loss = train_central(net, splits.train, cfg.pretrain, seed)
+    loss = train_central(net, splits.train, cfg.pretrain, seed, cfg.client.head_logits, cfg.client.head_scale)
     final = embedding_metrics(embed(net, splits.eval), splits.eval.labels)
     save_checkpoint(run_dir / "checkpoints" / "final.pt", shared_state(net))
     results = {

@@ -173,7 +173,7 @@ def compile_check(net, pop, group: int) -> dict:
     def loss(body, head, x, y, mask, classes):
         with stacked(net, n):
             emb = functional_call(net, (body, {}), (x,))
-        return _client_losses(emb.view(-1, n, emb.shape[-1]), head, y, mask, classes).sum()
+        return _client_losses(emb.view(-1, n, emb.shape[-1]), head, y, mask, classes, "dot", 1.0).sum()
 
     def step(f):
         torch.autograd.grad(f(body, head, x, y, mask, classes), [*body.values(), head])

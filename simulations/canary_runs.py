@@ -37,7 +37,7 @@ from fedemb.audit.plan import MAX_TRIALS, plan_audit
 from fedemb.audit.verdict import AuditResult
 from fedemb.config import Config
 from fedemb.errors import FedembError
-from fedemb.models.embedding_net import shared_state
+from fedemb.models.embedding_net import shared_state, update_state
 from fedemb.monitoring.callback import RoundCallback
 from fedemb.privacy.keyed_random import keyed_seed
 from fedemb.privacy.ledger import PrivacyLedger
@@ -50,7 +50,7 @@ from fedemb.run_setup import prepare_run
 from fedemb.training.client_task import make_task, run_train_assignment
 from simulations.inprocess import InProcessGrid
 from strategies.dp_fedemb import DPFedEmb
-from strategies.server_optimizer import ServerOptimizer
+from strategies.server_optimizer import make_server_optimizer
 
 OTHERS = ("trained", "silent")
 
@@ -89,7 +89,7 @@ def run_audit(cfg: Config, trials: int | str = 200, rounds: int = 1, confidence:
     canary = canary_user(users)
     initial = shared_state(setup.net)
     start = ArrayRecord(initial)  # read-only for the strategy: one copy serves every run
-    direction = canary_direction({k: v.shape for k, v in initial.items()}, keyed_seed(seed, STREAM_AUDIT))
+    direction = canary_direction({k: v.shape for k, v in update_state(setup.net).items()}, keyed_seed(seed, STREAM_AUDIT))
 
     def client(msg, context):
         state, assignment = read_train_message(msg)
@@ -115,7 +115,7 @@ def run_audit(cfg: Config, trials: int | str = 200, rounds: int = 1, confidence:
         task = base_task.model_copy(update={"training_key": keyed_seed(sampling_key, STREAM_TRAINING_KEY)})
         strategy = DPFedEmb(sampler=make_sampler(sampling_key, cfg.sampling, slots), user_ids=population, task=task,
                             mechanism=mechanism, ledger=PrivacyLedger(None, privacy.delta, privacy.accountant),
-                            server_optimizer=ServerOptimizer(initial, cfg.server.lr, cfg.server.momentum),
+                            server_optimizer=make_server_optimizer(cfg, initial, mechanism, slots),
                             eval_every=0, callbacks=[score])
         strategy.start(grid, start, num_rounds=rounds)
         return score.total

@@ -39,10 +39,10 @@ from fedemb.training.client_task import make_task
 from simulations.evaluator import Evaluator
 from simulations.round_records import Checkpointer, History
 from strategies.dp_fedemb import DPFedEmb
-from strategies.server_optimizer import ServerOptimizer
+from strategies.server_optimizer import make_server_optimizer
 
 
-def published_constants(cfg: Config, setup: RunSetup, mechanism) -> dict[str, object]:
+def published_constants(cfg: Config, setup: RunSetup, mechanism, server_lr: float) -> dict[str, object]:
     """What a run fixes before it starts and may publish: shown once as text, and in its HParams entry."""
     p = setup.privacy
     fixed = cfg.privacy.enabled and cfg.privacy.clipping == "fixed"
@@ -59,6 +59,7 @@ def published_constants(cfg: Config, setup: RunSetup, mechanism) -> dict[str, ob
         "privacy.target_epsilon": p.target_epsilon,
         "sampling.users_per_client (k)": cfg.sampling.users_per_client,
         "virtual clients per round (M)": setup.virtual_clients,
+        "server lr in effect": server_lr,  # server.lr, or lower under server.noise_step_limit
         "population": setup.population,
         "noise predictable from run.seed": cfg.run.seed >= 0,
     }
@@ -129,7 +130,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         callbacks.append(ProgressReporter())
     train = setup.splits.train  # a stored or a procedural population: the strategy only indexes its ids
     strategy = DPFedEmb(sampler=sampler, user_ids=train.user_ids, task=task, mechanism=mechanism,
-                        server_optimizer=ServerOptimizer(initial_state, cfg.server.lr, cfg.server.momentum),
+                        server_optimizer=make_server_optimizer(cfg, initial_state, mechanism, setup.virtual_clients),
                         ledger=ledger, target_epsilon=privacy.target_epsilon, attempt=attempt,
                         eval_every=cfg.run.eval_every,
                         callbacks=callbacks, placement=_placement(cfg), user_examples=train.examples_count,
@@ -141,7 +142,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         log(WARNING, "resuming %s after round %s (attempt %s)", run_dir, done_round, attempt)
     else:
         start_arrays = ArrayRecord(initial_state)
-        constants = published_constants(cfg, setup, mechanism)
+        constants = published_constants(cfg, setup, mechanism, strategy.server_optimizer.lr)
         tensorboard.log_run_start(to_toml(cfg), hparams_entry(to_dict(cfg), to_dict(Config()), constants), constants,
                                   evaluator.inputs())
         telemetry.log_training_inputs(train.preview())
@@ -177,6 +178,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: Path, show_progress: bool = 
         "fault_injection": faults,  # None, or the injected rates and what to expect of them (data-independent)
         "initial": initial_eval,
         "final": final_eval,
+        "server_lr": strategy.server_optimizer.lr,  # in effect: server.lr, or lower (server.noise_step_limit)
         "privacy": {
             "enabled": cfg.privacy.enabled,
             "mechanism": mechanism.name,

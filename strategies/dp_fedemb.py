@@ -77,7 +77,8 @@ class DPFedEmb(Strategy):
         self.budget_spent = False  # stopped because the next round would pass the target ε
         self.eval_every = eval_every
         self.callbacks = list(callbacks)
-        self.shapes = {k: tuple(v.shape) for k, v in server_optimizer.state().items()}
+        state = server_optimizer.state()
+        self.shapes = {k: tuple(state[k].shape) for k in server_optimizer.update_keys}  # what replies carry
         self.assignments: dict[int, TrainAssignment] = {}
         self.last_release: dict[str, torch.Tensor] | None = None  # the round's noisy mean update
         self.last_clipped_sum: dict[str, torch.Tensor] | None = None
@@ -179,7 +180,9 @@ class DPFedEmb(Strategy):
         noisy = self.mechanism.privatize(total, RoundCounts(accepted, stats["clipped"], stats["bounded_loss_sum"]))
         mean_delta = {k: v / self.denominator for k, v in noisy.items()}
         self.last_release = mean_delta
-        new_state = self.server_optimizer.step(mean_delta)
+        scale = self.mechanism.step_scale
+        new_state = self.server_optimizer.step(mean_delta if scale == 1.0 else
+                                               {k: v * scale for k, v in mean_delta.items()})
 
         planned = sum(len(a.virtual_clients) for a in self.assignments.values())
         metrics = {

@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 
 from fedemb.models.embedding_net import shared_state
 from fedemb.privacy.clipping import global_norm
+from fedemb.privacy.mechanisms import RoundMechanism
 from fedemb.protocol import METRICS, UPDATE, TrainAssignment, train_message
 from fedemb.run_setup import prepare_run
 from fedemb.training.client_task import make_task, run_train_assignment
@@ -200,7 +201,7 @@ def test_the_dp_fedavg_baseline_sends_its_shared_classifier_clipped_with_everyth
         tiny_config("client.head=shared", "client.head_init=anchors")
 
 
-class ClipOnly:
+class ClipOnly(RoundMechanism):
     """A mechanism that clips to C and adds no noise, so the aggregate shows exactly what was accepted."""
     name = "clip only"
     clip_norm = 0.01

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Error, Message
 
 from fedemb.privacy.accountant import PrivacyPlan
 from fedemb.privacy.ledger import PrivacyLedger
-from fedemb.privacy.mechanisms import NoPrivacy, RoundCounts, SampledGaussian
+from fedemb.privacy.mechanisms import NoPrivacy, RoundCounts, RoundMechanism, SampledGaussian
 from fedemb.privacy.noise import GaussianNoise
 from fedemb.privacy.sampling import UserSampler
 from fedemb.protocol import TrainAssignment, train_message, train_reply
@@ -166,7 +166,7 @@ def test_train_loss_is_the_mean_over_virtual_clients_that_trained_normally(flowe
 
 
 
-class Recording:
+class Recording(RoundMechanism):
     """A mechanism that adds nothing and keeps what the strategy handed it."""
     name, clip_norm = "recording", 1.0
 
@@ -274,3 +274,31 @@ def test_a_mechanism_told_another_m_than_the_sampler_fills_is_refused():
         DPFedEmb(sampler=UserSampler(0, 0.5, 2, 4), user_ids=np.arange(8), task=ANY_TASK,
                  mechanism=gaussian(1.0, 1.0, 5), server_optimizer=ServerOptimizer(STATE, 1.0, 0.0),
                  ledger=PrivacyLedger(None, 1e-5))
+
+
+@pytest.mark.parametrize("scale_server_step", [True, False])
+def test_adaptive_clipping_scales_the_server_step_by_the_initial_over_the_rounds_clip_norm(
+        flower_identity, scale_server_step):
+    """The round clips to C = 0.4·e^{0.2·½} (C moved once); the step is lr·(C₀/C)·mean with the scaling,
+    lr·mean as published; the released mean itself is the same either way."""
+    from fedemb.privacy.adaptive_clipping import AdaptiveClipping
+    c0 = 0.4
+    plan = PrivacyPlan("rdp", 0.5, 0.0, 0.0, 1.0, 1e-5, 0.0)  # z = 0: the arithmetic without noise
+    adaptive = AdaptiveClipping(c0, 0.5, 0.2, 1.0, scale_server_step)
+    mech = SampledGaussian(plan, c0, GaussianNoise(0.0, seed=0), 1, adaptive)
+    s = DPFedEmb(sampler=UserSampler(0, 0.5, 1, 1), user_ids=np.arange(8), task=ANY_TASK, mechanism=mech,
+                 server_optimizer=ServerOptimizer(STATE, 1.0, 0.0), ledger=PrivacyLedger(None, 1e-5))
+    adaptive.clip_norm = c = c0 * math.exp(0.1)
+    msgs = assign(s, [1])
+    arrays, metrics = s.aggregate_train(1, [reply(msgs[0], 0.1, 0.0, 1)])
+    assert metrics["clip-norm"] == pytest.approx(c)
+    assert torch.allclose(s.last_release["a"], torch.full((2, 2), 0.1))
+    factor = c0 / c if scale_server_step else 1.0
+    assert torch.allclose(new_state(arrays)["a"], torch.full((2, 2), -0.1 * factor))
+
+
+def test_fixed_clipping_and_no_privacy_leave_the_server_step_alone(flower_identity):
+    for s in (make_strategy(clip=0.4, slots=1), make_strategy(clip=0.0, slots=1)):
+        msgs = assign(s, [1])
+        arrays, _ = s.aggregate_train(1, [reply(msgs[0], 0.1, 0.0, 1)])
+        assert torch.allclose(new_state(arrays)["a"], torch.full((2, 2), -0.1))

@@ -26,6 +26,7 @@ class EmbeddingNet(nn.Module):
         self.backbone = backbone
         self.embedding = nn.Linear(feature_dim, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, shared_classes, bias=False) if shared_classes else None
+        self.update_keys: tuple[str, ...] = tuple(shared_state(self))  # what a client's update covers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.backbone(x).flatten(1))
@@ -142,7 +143,42 @@ def build_embedding_net(model_cfg, image_shape: tuple[int, int, int], dp_enabled
     net = EmbeddingNet(backbone, feature_dim, model_cfg.embedding_dim, shared_classes)
     if model_cfg.init_checkpoint:
         load_checkpoint(net, model_cfg.init_checkpoint)
+    freeze_all_but(net, model_cfg.train_only)
     return net
+
+
+def update_keys(keys, train_only) -> list[str]:
+    """The model-state keys a virtual client's update covers: all of `keys`, or those under the module
+    paths or parameter names of model.train_only (and a shared classifier's, which has no other way to
+    train)."""
+    keys = list(keys)
+    if not train_only:
+        return keys
+    for prefix in train_only:
+        if not any(_under(k, prefix) for k in keys):
+            tops = sorted({k.rsplit(".", 2)[0] for k in keys})
+            raise ConfigError(f"model.train_only: {prefix!r} names no parameter of this model "
+                              f"(module paths look like: {', '.join(tops[-4:])})")
+    return [k for k in keys if k.startswith(SHARED_CLASSIFIER) or any(_under(k, p) for p in train_only)]
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def freeze_all_but(net: EmbeddingNet, train_only) -> None:
+    """Parameters outside model.train_only keep their initial (pretrained) values: no gradient, and
+    no part of any update, clipping, noise or server step."""
+    net.update_keys = tuple(update_keys(shared_state(net), train_only))
+    kept = set(net.update_keys)
+    for name, param in net.named_parameters():
+        param.requires_grad_(name in kept)
+
+
+def update_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The part of shared_state that clients train and send back (model.train_only; all by default)."""
+    keys = set(getattr(net, "update_keys", ()) or shared_state(net))
+    return {k: v for k, v in shared_state(net).items() if k in keys}
 
 
 SHARED_CLASSIFIER = "classifier."  # a checkpoint without it (public pretraining) starts it fresh

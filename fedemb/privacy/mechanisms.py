@@ -91,6 +91,9 @@ class RoundMechanism:
     name = ""
     clip_norm = 0.0  # what clients clip to in the coming round; 0: no clipping
     virtual_clients = 0  # M, by which released counts are divided; 0: the mechanism divides nothing
+    # what the server step multiplies the last noisy mean update by (post-processing of released values)
+    step_scale = 1.0
+    sum_noise_std = 0.0  # the noise std on the clipped sum at the initial C (what sets the server step)
 
     def ledger_entry(self, server_round: int, attempt: int) -> LedgerEntry:
         raise NotImplementedError
@@ -171,6 +174,10 @@ class SampledGaussian(RoundMechanism):
     def update_std(self) -> float:
         return self.update_z * self.plan.sensitivity * self.clip_norm
 
+    @property
+    def sum_noise_std(self) -> float:
+        return self.update_z * self.plan.sensitivity * self.fixed_clip_norm
+
     def ledger_entry(self, server_round, attempt):
         details = {"clip_norm": self.clip_norm, "noise_std": self.update_std}
         if self.queries:
@@ -196,6 +203,7 @@ class SampledGaussian(RoundMechanism):
         released = {q.name: exact[q.name] + self.noise.draw_scalar(q.std) for q in self.queries}
         m = self.virtual_clients
         if self.adaptive:
+            self.step_scale = self.adaptive.step_scale(self.fixed_clip_norm)
             self._last[UNCLIPPED_FRACTION_ESTIMATE] = self.adaptive.update(released[CENTRED_UNCLIPPED], m)
         if self.metrics:
             self._last |= training_metrics(released[CENTRED_UNCLIPPED], released[CENTRED_LOSS], m,
@@ -222,6 +230,7 @@ class TreeAggregation(RoundMechanism):
         self.clip_norm = clip_norm
         self.tree = TreeNoise(plan.noise_multiplier * clip_norm, noise, plan.restart_every)
         self.noise = noise
+        self.sum_noise_std = self.tree.std
 
     def ledger_entry(self, server_round, attempt):
         z_eq = equivalent_noise_multiplier(self.plan.accounting_noise_multiplier, server_round, self.plan.limits,
@@ -267,5 +276,5 @@ def make_mechanism(cfg, plan: PrivacyPlan, noise: GaussianNoise, virtual_clients
     if p.clipping == "adaptive":
         a = p.adaptive
         adaptive = AdaptiveClipping(p.clip_norm, a.target_quantile, a.learning_rate,
-                                    a.count_noise_std or virtual_clients / 20)
+                                    a.count_noise_std or virtual_clients / 20, a.scale_server_step)
     return SampledGaussian(plan, p.clip_norm, noise, virtual_clients, adaptive, p.metrics)

@@ -126,7 +126,7 @@ def run_train_assignment(state: dict[str, torch.Tensor], assignment: TrainAssign
     net.load_state_dict(state, strict=False)
     trained = iter(train_virtual_clients(net, pop, [u for u, _ in to_train], local_cfg, [s for _, s in to_train],
                                          anchors, local_cfg.vectorize, model_key))
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
+    total = {k: torch.zeros_like(state[k], dtype=torch.float32) for k in net.update_keys}
     norms, examples, loss_sum, nonfinite, clipped = [], 0, 0.0, 0, 0
     lost = {count: 0 for count in _LOST.values()}
     loss_bound, bounded_loss_sum = task.loss_bound, 0.0

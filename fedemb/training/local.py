@@ -22,7 +22,8 @@ from pydantic import Field
 
 from fedemb.config import ClientConfig
 from fedemb.data.population import Population
-from fedemb.models.embedding_net import EmbeddingNet, shared_state
+from fedemb.models.embedding_net import EmbeddingNet, update_state
+from fedemb.training.logits import class_logits
 
 
 class LocalTrainingConfig(ClientConfig):
@@ -76,7 +77,7 @@ def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: Loca
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     schedule = example_schedule(pop, user_ids, cfg.epochs, cfg.max_examples, rng)
-    initial = {k: v.detach().clone() for k, v in shared_state(net).items()}
+    initial = {k: v.detach().clone() for k, v in update_state(net).items()}
     if len(schedule) == 0:
         return LocalResult({k: torch.zeros_like(v).cpu() for k, v in initial.items()}, 0, 0.0)
     if cfg.head == "shared":  # DP-FedAvg baseline: the server's classifier, trained and sent back
@@ -85,7 +86,7 @@ def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: Loca
         head, targets = make_head(net.embedding.out_features, pop.labels[schedule], cfg, anchors)
         head = head.to(device)
     targets = torch.from_numpy(targets).to(device)
-    body = [p for name, p in net.named_parameters() if not name.startswith("classifier.")]
+    body = [p for name, p in net.named_parameters() if p.requires_grad and not name.startswith("classifier.")]
     body_opt = torch.optim.SGD(body, lr=cfg.lr, momentum=cfg.momentum)
     head_opt = torch.optim.SGD(head.parameters(), lr=cfg.lr * cfg.head_lr_scale, momentum=cfg.momentum)
     loss_fn = nn.CrossEntropyLoss()
@@ -94,7 +95,7 @@ def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: Loca
     for step, start in enumerate(range(0, len(schedule), cfg.batch_size)):
         x = pop.tensor(schedule[start:start + cfg.batch_size]).to(device)
         y = targets[start:start + cfg.batch_size]
-        loss = loss_fn(head(net(x)), y)
+        loss = loss_fn(class_logits(net(x), head.weight, cfg.head_logits, cfg.head_scale), y)
         body_opt.zero_grad(set_to_none=True)
         head_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,6 +108,6 @@ def train_virtual_client(net: EmbeddingNet, pop: Population, user_ids, cfg: Loca
             body_opt.step()
         loss_sum += loss.detach()  # read once at the end: a read per step would wait for the GPU each step
         steps += 1
-    trained = shared_state(net)
+    trained = update_state(net)
     delta = {k: (initial[k] - trained[k].detach()).cpu() for k in initial}
     return LocalResult(delta, len(schedule), float(loss_sum) / steps)

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedemb.data.population import Population
-from fedemb.models.embedding_net import EmbeddingNet, shared_state
+from fedemb.models.embedding_net import EmbeddingNet, update_state
 from fedemb.training.local import LocalResult, LocalTrainingConfig, example_schedule, make_head, train_virtual_client
+from fedemb.training.logits import class_logits
 from fedemb.training.stacked import stacked, unsupported
 
 log = logging.getLogger("fedemb")
@@ -107,6 +108,9 @@ def _usable(net, model_key: str, formulations: tuple[str, ...]) -> list[str]:
     for how in formulations:
         if (how, model_key) in _refused:
             continue
+        if not all(p.requires_grad for p in net.parameters()):
+            _refuse(how, model_key, "model.train_only freezes part of the model")
+            continue
         if how == "stacked" and (why := unsupported(net)):
             _refuse(how, model_key, why)
             continue
@@ -158,7 +162,7 @@ def _train_group(net, pop, clients: list[dict], cfg: LocalTrainingConfig, initia
     results = {}
     if trainable:
         results = _train_trainable(net, pop, trainable, cfg, initial, how, model_key)
-    zero = {k: torch.zeros_like(v, device="cpu") for k, v in shared_state(net).items()}
+    zero = {k: torch.zeros_like(v, device="cpu") for k, v in update_state(net).items()}
     return [results.get(id(c), LocalResult({k: v.clone() for k, v in zero.items()}, 0, 0.0)) for c in clients]
 
 
@@ -198,7 +202,7 @@ def _train_trainable(net, pop, clients, cfg, initial, how: str, model_key: str) 
     body_buf = {name: torch.zeros_like(p) for name, p in body.items()}
     head_buf = torch.zeros_like(head)
     step_counts = torch.tensor(steps, device=device)
-    step = (_stacked_step if how == "stacked" else _vmap_step)(net, buffers, n)
+    step = (_stacked_step if how == "stacked" else _vmap_step)(net, buffers, n, cfg.head_logits, cfg.head_scale)
     loss_sums = torch.zeros(n, dtype=torch.float64, device=device)
     net.train()
     for t in range(len(rows)):
@@ -218,7 +222,7 @@ def _train_trainable(net, pop, clients, cfg, initial, how: str, model_key: str) 
             body_buf = dict(zip(names, new_bufs))
         if train_head:
             [head_buf] = _sgd([head], [head_buf], [g_head], cfg.lr * cfg.head_lr_scale, cfg.momentum, active)
-    shared = list(shared_state(net))
+    shared = list(update_state(net))
     out = {}
     for i, c in enumerate(clients):
         trained = {**initial, **{name: body[name][i].detach() for name in names}}
@@ -228,33 +232,33 @@ def _train_trainable(net, pop, clients, cfg, initial, how: str, model_key: str) 
 
 
 def _client_losses(emb: torch.Tensor, head: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                   classes: torch.Tensor) -> torch.Tensor:
+                   classes: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
     """Each client's mean cross-entropy over its real examples, (N,); emb is (B, N, E), y and mask (B, N)."""
-    logits = torch.bmm(emb.transpose(0, 1), head.transpose(1, 2)).masked_fill(~classes.unsqueeze(1), MASKED_LOGIT)
+    logits = class_logits(emb.transpose(0, 1), head, kind, scale).masked_fill(~classes.unsqueeze(1), MASKED_LOGIT)
     ce = F.cross_entropy(logits.flatten(0, 1), y.t().reshape(-1), reduction="none").view(y.shape[1], -1)
     weights = mask.t()
     return (ce * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def _stacked_step(net, buffers, n: int) -> Step:
+def _stacked_step(net, buffers, n: int, kind: str, scale: float) -> Step:
     """One autograd pass for the group: the clients' losses are independent, so the gradient of their
     sum with respect to the stacked weights is each client's own gradient."""
     def step(body, head, x, y, mask, classes, want_body, want_head):
         inputs = ([p.requires_grad_() for p in body.values()] if want_body else []) + ([head.requires_grad_()] if want_head else [])
         with stacked(net, n):
             emb = functional_call(net, (body, buffers), (x,))
-        losses = _client_losses(emb.view(-1, n, emb.shape[-1]), head, y, mask, classes)
+        losses = _client_losses(emb.view(-1, n, emb.shape[-1]), head, y, mask, classes, kind, scale)
         grads = list(torch.autograd.grad(losses.sum(), inputs))
         g_head = grads.pop() if want_head else None
         return (dict(zip(body, grads)) if want_body else None), g_head, losses.detach()
     return step
 
 
-def _vmap_step(net, buffers, n: int) -> Step:
+def _vmap_step(net, buffers, n: int, kind: str, scale: float) -> Step:
     def loss_fn(params, head_w, x, y, mask, classes):
         emb = functional_call(net, (params, buffers), (x,))
         return _client_losses(emb.unsqueeze(1), head_w.unsqueeze(0), y.unsqueeze(1), mask.unsqueeze(1),
-                              classes.unsqueeze(0))[0]
+                              classes.unsqueeze(0), kind, scale)[0]
 
     grads_fn = vmap(grad_and_value(loss_fn, argnums=(0, 1)), in_dims=(0, 0, 1, 1, 1, 0))
 
