@@ -1,5 +1,5 @@
 """A real Flower simulation on Ray, started the way users start it (the console script), with no
-mocks: it must improve recall@1 over at least 3 rounds, survive failing and NaN clients, count them,
+mocks: it must improve recall@1 within 8 rounds, survive failing and NaN clients, count them,
 write the run directory, and leave no process behind."""
 
 import json
@@ -22,7 +22,7 @@ def test_fedemb_simulate_on_ray_learns_survives_faults_and_cleans_up(tmp_path):
     run_dir = tmp_path / "run"
     exe = Path(sys.executable).with_name("fedemb")
     overrides = [
-        'simulation.engine="ray"', "run.rounds=6", "run.eval_every=3", "run.seed=0", "privacy.noise_multiplier=0", "privacy.metrics.enabled=true",
+        'simulation.engine="ray"', "run.rounds=8", "run.eval_every=4", "run.seed=0", "privacy.noise_multiplier=0", "privacy.metrics.enabled=true",
         "simulation.faults.raise_rate=0.05", "simulation.faults.nan_rate=0.05",
         # an injected fault takes its node's whole reply; with 8 nodes (about 14 virtual clients each)
         # some nodes survive every round
@@ -36,7 +36,7 @@ def test_fedemb_simulate_on_ray_learns_survives_faults_and_cleans_up(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["rounds_completed"] == 6 and results["stop_reason"] == "completed"
+    assert results["rounds_completed"] == 8 and results["stop_reason"] == "completed"
     # seeded, so reproducible: training must move both metrics up despite the injected faults
     assert results["final"]["recall_at_1"] > results["initial"]["recall_at_1"]
     assert results["final"]["tar_at_far_1e-1"] > results["initial"]["tar_at_far_1e-1"] + 0.03
