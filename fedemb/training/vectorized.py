@@ -104,12 +104,12 @@ def train_virtual_clients(net: EmbeddingNet, pop: Population, clients: list[tupl
 
 def _usable(net, model_key: str, formulations: tuple[str, ...]) -> list[str]:
     """Those of `formulations` not refused for this model, in order (none: train one by one)."""
+    if not all(p.requires_grad for p in net.parameters()):  # neither formulation leaves weights out
+        _refuse("vmap", model_key, "model.train_only freezes part of the model")  # one warning: one by one
+        return []
     usable = []
     for how in formulations:
         if (how, model_key) in _refused:
-            continue
-        if not all(p.requires_grad for p in net.parameters()):
-            _refuse(how, model_key, "model.train_only freezes part of the model")
             continue
         if how == "stacked" and (why := unsupported(net)):
             _refuse(how, model_key, why)
