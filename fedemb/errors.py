@@ -11,3 +11,8 @@ class ConfigError(FedembError):
 
 class DataError(FedembError):
     """A data file is missing, unreadable, or inconsistent."""
+
+
+class ConcurrentReleaseError(FedembError):
+    """Another process recorded a release under the same name in the same privacy ledger meanwhile;
+    nothing was released."""

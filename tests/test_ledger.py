@@ -12,6 +12,7 @@ from scipy.stats import norm
 from typer.testing import CliRunner
 
 from fedemb.cli import app
+from fedemb.errors import ConcurrentReleaseError
 from fedemb.privacy.ledger import ADD_REMOVE, ZERO_OUT, LedgerEntry, PrivacyLedger, release_digest
 
 
@@ -66,6 +67,34 @@ def test_each_entry_is_on_disk_when_record_returns(tmp_path):
     again = PrivacyLedger.load(path)
     assert [e.key for e in again.entries] == [e.key for e in ledger.entries]
     assert again.epsilon == pytest.approx(ledger.epsilon)
+
+
+def synthesis_entry(stage, z=2.0):
+    return LedgerEntry(stage, "prototype sums", "gaussian", {"kind": "sampled_gaussian", "z": z, "q": 1.0, "steps": 1},
+                       sampling_rate=1.0, noise_multiplier=z, sensitivity=1.0)
+
+
+def test_two_processes_releasing_into_one_ledger_keep_both_releases(tmp_path):
+    """Two `fedemb synth` commands on one run each hold the ledger in memory: what one records is read
+    back by the other before it writes, so the file counts both; a key the other already took is refused
+    before anything is released (its noise would be drawn twice for one entry)."""
+    path = tmp_path / "privacy.json"
+    first = PrivacyLedger(path, delta=1e-5)
+    first.record(gaussian_entry(1))
+    second = PrivacyLedger.load(path)
+    first.record(synthesis_entry("synthesis/invert 1"))
+    second.record(synthesis_entry("synthesis/gmm 1"))
+    on_disk = PrivacyLedger.load(path)
+    assert {e.stage for e in on_disk.entries} == {"training", "synthesis/invert 1", "synthesis/gmm 1"}
+    both = PrivacyLedger(None, 1e-5)
+    for e in (gaussian_entry(1), synthesis_entry("a"), synthesis_entry("b")):
+        both.record(e)
+    assert on_disk.epsilon == pytest.approx(both.epsilon) and second.epsilon == pytest.approx(both.epsilon)
+    late = PrivacyLedger.load(tmp_path / "privacy.json")
+    late.entries = late.entries[:1]  # as if it had loaded before the two synthesis releases
+    with pytest.raises(ConcurrentReleaseError, match="another process recorded"):
+        late.record(synthesis_entry("synthesis/gmm 1"))
+    assert len(PrivacyLedger.load(path).entries) == 3
 
 
 def test_a_replayed_release_is_not_counted_twice_but_a_new_attempt_is(tmp_path):

@@ -24,16 +24,19 @@ attempt number instead, so a re-run round counts again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fedemb.errors import ConcurrentReleaseError
 from fedemb.privacy.accountant import composed_epsilon
 from fedemb.run_dir import write_json
 
@@ -167,15 +170,44 @@ class PrivacyLedger:
 
     def record(self, entry: LedgerEntry) -> LedgerEntry:
         """Add the entry (unless it is a replay of one already there) and write the ledger to disk
-        before returning: call this before the release is computed. Returns the entry held."""
-        existing = self._existing(entry)
-        if existing is not None:
-            return existing
-        entry.epsilon = self.epsilon_of([e for e in self.entries if e.neighbouring == entry.neighbouring] + [entry])
-        entry.delta = self.delta
-        self.entries.append(entry)
-        self.save()
+        before returning: call this before the release is computed. Returns the entry held.
+
+        Another process may release into the same ledger file meanwhile (two `fedemb synth` commands on
+        one run): under an exclusive lock, the entries it wrote are read back first and kept, so neither
+        process's releases are lost; an entry it already recorded under this key is refused."""
+        with self._locked():
+            self._merge_written_by_others(entry)
+            existing = self._existing(entry)
+            if existing is not None:
+                return existing
+            entry.epsilon = self.epsilon_of([e for e in self.entries if e.neighbouring == entry.neighbouring]
+                                            + [entry])
+            entry.delta = self.delta
+            self.entries.append(entry)
+            self.save()
         return entry
+
+    @contextmanager
+    def _locked(self):
+        if self.path is None or not self.path.parent.is_dir():
+            yield
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _merge_written_by_others(self, entry: LedgerEntry) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        own = {e.key for e in self.entries}
+        others = [e for e in PrivacyLedger.load(self.path).entries if e.key not in own]
+        if any(e.key == entry.key for e in others):
+            raise ConcurrentReleaseError(f"another process recorded the release {entry.key} in {self.path} meanwhile; "
+                               "nothing was released: run this command again")
+        self.entries.extend(others)
 
     def confirm_release(self, entry: LedgerEntry, digest: str) -> bool:
         """Store the digest of the release `entry` (an entry of this ledger) accounts for, on disk
