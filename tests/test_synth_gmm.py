@@ -129,7 +129,7 @@ def test_synthesis_on_a_run_publishes_only_ledger_releases_and_composes_them_wit
     for e in ledger.entries:
         releases.setdefault(e.stage, []).append(e.release)
     assert len(releases.pop("training")) == 2
-    assert releases == {"synthesis/gmm 1": list(release_shares(SynthConfig(clusters=1))),
+    assert releases == {"synthesis/gmm 1": ["class counts", "prototype sums"],  # adaptive, at most 1 cluster
                         "synthesis/gmm 1 baselines": ["prototype sums", "dp-sgd linear probe"]}
     assert results["ledger_epsilon_before"] == pytest.approx(trained_epsilon)
     assert results["ledger_epsilon_total"] == pytest.approx(ledger.epsilon)

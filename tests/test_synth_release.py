@@ -16,6 +16,7 @@ from fedemb.data.population import Population
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource, gaussian_entry, release
 from fedemb.synth.activation_stats import release_activation_statistics
+from fedemb.synth.adaptive_gmm import fit_adaptive_gmm
 from fedemb.synth.baselines import dp_prototypes, dpsgd_linear_probe
 from fedemb.synth.contribution import cell_statistics, user_weights
 from fedemb.synth.embedded import Embedded, to_sphere
@@ -121,7 +122,8 @@ def test_a_ledger_that_cannot_be_written_stops_the_release_before_any_noise(tmp_
     assert noise.drawn == [] and drawn == []
 
 
-@pytest.mark.parametrize("helper", ["gmm", "prototypes", "probe", "activation statistics"])
+@pytest.mark.parametrize("helper", ["gmm", "adaptive gmm", "prototypes", "probe", "activation statistics",
+                                    "pixel statistics"])
 def test_no_synthesis_release_draws_noise_when_its_entry_cannot_be_written(tmp_path, helper):
     rng = np.random.default_rng(0)
     emb = users_embeddings(rng)
@@ -130,6 +132,8 @@ def test_no_synthesis_release_draws_noise_when_its_entry_cannot_be_written(tmp_p
     with pytest.raises(OSError):
         if helper == "gmm":
             fit_dp_gmm(emb, 3, SynthConfig(clusters=2), 1.0, stage, rng)
+        elif helper == "adaptive gmm":
+            fit_adaptive_gmm(emb, 3, SynthConfig(clusters=2), 1.0, stage, rng)
         elif helper == "prototypes":
             dp_prototypes(emb, 3, 1.0, 1.0, stage)
         elif helper == "probe":
@@ -138,8 +142,8 @@ def test_no_synthesis_release_draws_noise_when_its_entry_cannot_be_written(tmp_p
             images = rng.integers(0, 17, (12, 1, 8, 8)).astype(np.uint8)
             pop = Population(images, np.arange(12) % 3, np.arange(12) // 3, 1 / 16, 3)
             net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
-            release_activation_statistics(net, "conv", pop, 3.0, 1.0, 1.0, {"count": 1, "means": 1, "squares": 1},
-                                          stage)
+            release_activation_statistics(net, "conv" if helper == "activation statistics" else "input", pop, 3.0,
+                                          1.0, 1.0, {"count": 1, "means": 1, "squares": 1}, stage)
     assert noise.drawn == []
 
 
@@ -170,7 +174,7 @@ def sweep_points(epsilons):
     rng = np.random.default_rng(2)
     private = users_embeddings(rng, users=400, per_user=2, classes=40, dim=4)
     test = users_embeddings(rng, users=40, classes=40, dim=4)
-    cfg = SynthConfig(clusters=1, seed=0, mlp_epochs=1, samples_per_class=2)
+    cfg = SynthConfig(mixture="fixed", clusters=1, seed=0, mlp_epochs=1, samples_per_class=2)
     ledger = PrivacyLedger(None, 1e-5)
     main = LedgerStage.new(ledger, "synthesis/gmm", NoiseSource(0))
     stages = [main] + [main.sub(f"sweep {i}") for i in range(1, len(epsilons))]

@@ -23,7 +23,7 @@ class Synthesis:
     """One synthesis output (RUN/synth/<folder>/), described by what its results say was released, so that
     repeated releases of one condition (several folders, several runs) aggregate into one row."""
 
-    kind: str  # gmm | invert | custom
+    kind: str  # gmm | invert | custom | dataset
     condition: str  # what was released: "ε = 2" (gmm, invert); custom: levels, DP embedding, artifacts, model
     accuracy: dict[str, float]  # method -> accuracy on real held-out data
     epsilon: float  # the release's ε (gmm, invert: its target, per method); custom: per reference image
@@ -123,12 +123,15 @@ def _stages(path: Path, privacy: dict) -> tuple[list[tuple[str, float, float]], 
 
 def _synthesis(path: Path) -> list[Synthesis]:
     out = []
-    for file in sorted((path / "synth").glob("*/*_results.json")) if (path / "synth").is_dir() else []:
+    folder = path / "synth"
+    files = sorted([*folder.glob("*/*_results.json"), *folder.glob("*/datasheet.json")]) if folder.is_dir() else []
+    for file in files:
         reader = SYNTHESIS_READERS.get(file.name)
         if reader is not None:
-            synthesis = reader(_json(file))
-            synthesis.folder = file.parent.name
-            out.append(synthesis)
+            found = reader(_json(file))
+            for synthesis in found if isinstance(found, list) else [found]:
+                synthesis.folder = file.parent.name
+                out.append(synthesis)
     return out
 
 
@@ -138,9 +141,34 @@ def _released(data: dict) -> str:
     return f"ε = {data['released']['target_epsilon']:g}{seeded}"
 
 
-def _gmm(data: dict) -> Synthesis:
-    return Synthesis("gmm", _released(data), _gmm_accuracies(data), float(data["released"]["target_epsilon"]),
-                     float(data["ledger_epsilon_total"]))
+def _gmm(data: dict) -> list[Synthesis]:
+    """The released mixture, and every other point of its sweep (each a release of its own)."""
+    released = Synthesis("gmm", _released(data), _gmm_accuracies(data), float(data["released"]["target_epsilon"]),
+                         float(data["ledger_epsilon_total"]))
+    seeded = ", seeded noise (predictable: not a DP release)" if data["released"].get("noise_predictable_from_seed") else ""
+    others = [Synthesis("gmm", f"ε = {p['epsilon']:g}{seeded}", _point_accuracies(data, p), float(p["epsilon"]),
+                        float(data["ledger_epsilon_total"]))
+              for p in data.get("sweep", []) if p["epsilon"] != data["released"]["target_epsilon"]]
+    return [released, *others]
+
+
+def _mixture_label(data: dict) -> str:
+    s = data.get("settings", {})
+    if s.get("mixture", "fixed") == "adaptive":
+        return "DP-GMM (adaptive) + MLP"
+    return f"DP-GMM ({s.get('clusters', '?')} clusters, {s.get('covariance', '?')}) + MLP"
+
+
+def _dataset(data: dict) -> Synthesis:
+    asked = data["privacy"].get("requested", {})
+    within = (f"end-to-end ε within {asked['total_epsilon']:g}" if asked.get("total_epsilon") is not None
+              else f"ε = {data['privacy']['stage_epsilon']:.3g}")
+    seeded = ", seeded noise (predictable: not a DP release)" if data["privacy"].get("noise_predictable_from_seed") else ""
+    condition = f"{data['provenance']['method']}, {data['composition']['images']} images, {within}{seeded}"
+    e = data.get("evaluation") or {}
+    acc = {"distilled": float(e["distilled_accuracy"]), "hard labels": float(e["hard_label_accuracy"])} if e else {}
+    return Synthesis("dataset", condition, acc, float(data["privacy"]["stage_epsilon"]),
+                     float(data["privacy"]["end_to_end_epsilon"]))
 
 
 def _invert(data: dict) -> Synthesis:
@@ -174,18 +202,25 @@ def _custom(data: dict) -> Synthesis:
     return Synthesis("custom", condition, acc, epsilon, epsilon, "reference image", measures)
 
 
-SYNTHESIS_READERS = {"synth_results.json": _gmm, "invert_results.json": _invert, "custom_results.json": _custom}
+SYNTHESIS_READERS = {"synth_results.json": _gmm, "invert_results.json": _invert, "custom_results.json": _custom,
+                     "datasheet.json": _dataset}
 
 
 def _gmm_accuracies(data: dict) -> dict[str, float]:
     """The released mixture's and, when they were ledger releases (a `stage` names them), its baselines'
     accuracies at synth.epsilon. Non-private figures live in the synthesis's private/ and are not read."""
-    acc = {"DP-GMM + MLP": float(data["released"]["gmm_mlp_accuracy"])}
     point = next((p for p in data.get("sweep", []) if p["epsilon"] == data["released"]["target_epsilon"]), {})
-    for method, label in (("dpsgd_linear_probe", "DP-SGD linear probe"), ("dp_prototypes", "DP prototypes")):
-        if "stage" in point.get(method, {}):
-            acc[label] = float(point[method]["accuracy"])
-    return acc
+    return {_mixture_label(data): float(data["released"]["gmm_mlp_accuracy"])} | _baselines(point)
+
+
+def _point_accuracies(data: dict, point: dict) -> dict[str, float]:
+    return {_mixture_label(data): float(point["gmm_mlp"]["accuracy"])} | _baselines(point)
+
+
+def _baselines(point: dict) -> dict[str, float]:
+    return {label: float(point[method]["accuracy"])
+            for method, label in (("dpsgd_linear_probe", "DP-SGD linear probe"), ("dp_prototypes", "DP prototypes"))
+            if "stage" in point.get(method, {})}
 
 
 def _json(path: Path) -> dict:

@@ -38,7 +38,8 @@ def utility_table(points: list[Point]) -> str:
 
 SYNTHESIS_KINDS = {"gmm": "DP Gaussian mixture and its baselines (`fedemb synth gmm`)",
                    "invert": "statistics inversion (`fedemb synth invert`)",
-                   "custom": "customized synthesis (`fedemb synth custom`)"}
+                   "custom": "customized synthesis (`fedemb synth custom`)",
+                   "dataset": "synthetic image datasets (`fedemb synth dataset`): fresh classifiers trained on them alone"}
 
 
 MEASURE_ORDER = ("pixel MI", "cos", "")  # custom synthesis: what was shared, how close, how many bytes

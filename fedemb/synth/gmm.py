@@ -49,28 +49,41 @@ class ReleasedGMM:
         return self.means.shape[0]
 
     def sample(self, per_class: int, rng: np.random.Generator, project: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        C, K, d = self.means.shape
-        xs, ys = [], []
-        for c in range(C):
-            ks = rng.choice(K, size=per_class, p=self.weights[c])
-            x = self.means[c, ks].copy()
-            if self.diag_std is not None:
-                x += self.diag_std[c, ks] * rng.standard_normal((per_class, d))
-            if self.iso_std is not None:
-                g = rng.standard_normal((per_class, d))
-                if self.eigvecs is not None:  # isotropic only off the kept eigenvectors
-                    u = self.eigvecs[c, ks]
-                    g -= np.einsum("ndr,nr->nd", u, np.einsum("ndr,nd->nr", u, g))
-                x += self.iso_std[c, ks][:, None] * g
-            if self.eigvecs is not None:
-                g = rng.standard_normal((per_class, self.eig_std.shape[-1]))
-                x += np.einsum("ndr,nr->nd", self.eigvecs[c, ks], self.eig_std[c, ks] * g)
-            xs.append(x)
-            ys.append(np.full(per_class, c, dtype=np.int64))
-        x = np.concatenate(xs).astype(np.float32)
+        labels = np.repeat(np.arange(self.num_classes), per_class)
+        return self.sample_for(labels, rng, project), labels
+
+    def sample_for(self, labels: np.ndarray, rng: np.random.Generator, project: bool = True) -> np.ndarray:
+        """One sample of its class's mixture per label, (n, d) float32, on the sphere with `project`."""
+        x = np.zeros((len(labels), self.means.shape[2]), dtype=np.float64)
+        for c in np.unique(labels):
+            rows = np.flatnonzero(labels == c)
+            x[rows] = self._class_samples(int(c), len(rows), rng)
+        x = x.astype(np.float32)
         if project:
             x = RADIUS * x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return x, np.concatenate(ys)
+        return x
+
+    def _class_samples(self, c: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        K, d = self.means.shape[1:]
+        ks = rng.choice(K, size=n, p=self.weights[c])
+        x = self.means[c, ks].copy()
+        if self.diag_std is not None:
+            x += self.diag_std[c, ks] * rng.standard_normal((n, d))
+        if self.iso_std is not None:
+            g = rng.standard_normal((n, d))
+            if self.eigvecs is not None:  # isotropic only off the kept eigenvectors
+                u = self.eigvecs[c, ks]
+                g -= np.einsum("ndr,nr->nd", u, np.einsum("ndr,nd->nr", u, g))
+            x += self.iso_std[c, ks][:, None] * g
+        if self.eigvecs is not None:
+            g = rng.standard_normal((n, self.eig_std.shape[-1]))
+            x += np.einsum("ndr,nr->nd", self.eigvecs[c, ks], self.eig_std[c, ks] * g)
+        return x
+
+    def class_means(self) -> np.ndarray:
+        """(C, d) unit rows: each class's mixture mean, a class prototype."""
+        means = np.einsum("ck,ckd->cd", self.weights, self.means)
+        return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
 
     def save(self, path: Path) -> None:
         arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}

@@ -32,7 +32,8 @@ from fedemb.synth.baselines import (PROBE_RELEASE, dp_prototypes, dpsgd_linear_p
 from fedemb.synth.budget import stage_noise_multiplier
 from fedemb.synth.classifier import accuracy, train_mlp
 from fedemb.synth.embedded import Embedded
-from fedemb.synth.gmm import ReleasedGMM, fit_dp_gmm
+from fedemb.synth.adaptive_gmm import fit_mixture
+from fedemb.synth.gmm import ReleasedGMM
 
 METHODS = ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes")
 PRIVATE_FILE = "synth_private.json"
@@ -51,7 +52,7 @@ class Fitted:
 def gmm_mlp(private: Embedded, test: Embedded, num_classes: int, cfg, z: float, seed: int, stage: LedgerStage,
             public: Embedded | None) -> tuple[Fitted, float]:
     """The mixture released into `stage`; the rest (samples, MLP, its test accuracy) is post-processing."""
-    gmm = fit_dp_gmm(private, num_classes, cfg, z, stage, np.random.default_rng(keyed_seed(seed, STREAM_GMM_START)),
+    gmm = fit_mixture(private, num_classes, cfg, z, stage, np.random.default_rng(keyed_seed(seed, STREAM_GMM_START)),
                      public)
     x, y = gmm.sample(cfg.samples_per_class, np.random.default_rng(keyed_seed(seed, STREAM_GMM_SAMPLES)),
                       cfg.project_samples)
