@@ -517,8 +517,16 @@ class SynthConfig(Settings):
     """the synthesis stage's own ε (at the run's δ); the ledger composes it with the training"""
     centre: Literal["none", "public"] = "none"
     """none, or public: subtract the public users' mean embedding before normalising"""
+    mixture: Literal["adaptive", "fixed"] = "adaptive"
+    """adaptive: the detail follows the budget, chosen from released class counts (prototypes at low ε,
+    up to `clusters` clusters with `covariance` at high ε); fixed: always `clusters` and `covariance`"""
     clusters: int = Field(4, ge=1)
-    """mixture components per class"""
+    """mixture components per class (adaptive: the most)"""
+    budget_decision: float = Field(0.05, gt=0, lt=1)
+    """adaptive: share of the stage's budget for the class counts the detail is chosen from"""
+    mean_noise_tolerance: float = Field(0.1, gt=0)
+    """adaptive: the most expected noise norm on one cluster's mean (embeddings on the unit sphere) for
+    a mixture with that many clusters to be chosen"""
     iterations: int = Field(2, ge=0)
     """DP-Lloyd iterations"""
     init: Literal["mean", "random", "public"] = "mean"
@@ -582,8 +590,8 @@ class InvertConfig(Settings):
     statistics: Literal["dp", "batchnorm"] = "dp"
     """dp: release activation statistics; batchnorm: use BatchNorm buffers that travelled inside the
     clipped update (needs `model.batchnorm_in_update`)"""
-    layers: str = "conv"
-    """conv: every Conv2d's output; or comma-separated module names"""
+    layers: str = "input,conv"
+    """comma-separated: input (the pixels, per channel), conv (every Conv2d's output), or module names"""
     activation_clip: float = Field(3.0, gt=0)
     """per layer, a = this × the layer's RMS on noise images; channel means clamped to [−a, a], mean
     squares to [0, a²]"""
@@ -596,9 +604,20 @@ class InvertConfig(Settings):
     budget_squares: float = Field(0.3, ge=0)
     """share for the channel mean squares"""
     budget_prototypes: float = Field(0.3, gt=0)
-    """share for the class prototypes (the class term needs them)"""
-    images_per_class: int = Field(32, ge=1)
+    """share for the class anchors: DP class prototypes, or the DP mixture with `anchors = "mixture"`"""
+    anchors: Literal["prototypes", "mixture"] = "prototypes"
+    """prototypes: the class term pulls toward DP class prototypes; mixture: a DP Gaussian mixture per
+    class (the `[synth]` mixture settings) is released instead, its class means are the anchors and every
+    image also gets its own target embedding sampled from it (embedding-guided inversion)"""
+    weight_embedding: float = Field(1.0, ge=0)
+    """loss weight of the embedding term (anchors = "mixture")"""
+    init: Literal["auto", "pixels", "noise"] = "auto"
+    """pixels: start from uniform noise around the released mean pixel (needs `input` in `layers`);
+    noise: Gaussian noise around mid-grey; auto: pixels when `layers` has `input`, else noise"""
+    images_per_class: int = Field(128, ge=1)
     """inverted images per class"""
+    batch_per_class: int = Field(32, ge=1)
+    """images per class in one optimisation batch (the statistics are matched per batch)"""
     steps: int = Field(500, ge=0)
     """Adam steps"""
     lr: float = Field(0.1, gt=0)
@@ -623,6 +642,9 @@ class InvertConfig(Settings):
     """epochs of the fresh classifiers trained on the images"""
     train_lr: float = Field(0.003, gt=0)
     """their learning rate"""
+    train_affine: float = Field(1.0, ge=0)
+    """their augmentation besides 1-pixel shifts: random rotations up to ±15° and scalings up to ±15%,
+    times this (0: shifts only)"""
     distill_temperature: float = Field(0.1, gt=0)
     """the teacher's (private model's) prototype softmax"""
     seed: int = Field(-1, ge=-1)

@@ -36,15 +36,18 @@ def population(rng, users=40, per_user=3):
     return Population(images, rng.integers(0, 3, n), np.repeat(np.arange(users), per_user), 1 / 16, 3)
 
 
-def test_removing_any_user_moves_the_bounded_sums_by_at_most_the_sensitivities():
-    """A user with many extreme examples is the worst case: the bound must hold for it too."""
+@pytest.mark.parametrize("layers", ["conv", "input,conv", "input"])
+def test_removing_any_user_moves_the_bounded_sums_by_at_most_the_sensitivities(layers):
+    """A user with many extreme examples is the worst case: the bound must hold for it too, with the
+    input pixels watched as well (their clip, 0.5 x the RMS of noise in [-1, 1], binds on saturated
+    pixels)."""
     rng = np.random.default_rng(0)
     pop = population(rng)
     loud = Population(np.full((30, 1, 8, 8), 16, np.uint8), np.zeros(30, np.int64), np.full(30, 999), 1 / 16, 3)
     pop = Population(np.concatenate([pop.images, loud.images]), np.concatenate([pop.labels, loud.labels]),
                      np.concatenate([pop.users, loud.users]), 1 / 16, 3)
     net = small_net()
-    layers = watched_layers(net, "conv")
+    layers = watched_layers(net, layers)
     clips = 0.5 * reference_scales(net, layers, pop.image_shape)
     m, s, channels = per_example_moments(net, layers, pop)
     per_channel = np.repeat(clips, channels)

@@ -37,8 +37,9 @@ Overrides = Sequence[str] | Mapping[str, Any]
 # progress(phase, step, total, loss): total is None for a phase that only says it has started; loss may be nan
 Progress = Callable[[str, int, int | None, float], None]
 
-__all__ = ["Accounting", "ReportResult", "RunPlan", "RunResult", "SynthesisResult", "account",
-           "account_parameters", "load_config", "override", "report", "resume", "simulate", "synthesize"]
+__all__ = ["Accounting", "DatasetResult", "ReportResult", "RunPlan", "RunResult", "SynthesisResult", "account",
+           "account_parameters", "load_config", "override", "report", "resume", "simulate", "synthesize",
+           "synthetic_dataset"]
 
 
 # ------------------------------------------------------------------ config
@@ -355,7 +356,8 @@ def _synthesize_invert(run: Path | None, cfg: Config, o: _SynthOptions, progress
     model = load_private_model(cfg, _checkpoint(run, o.checkpoint))
     out = o.out or _default_out(run, "invert")
     ledger = _open_ledger(run, out, o.delta, cfg, model.private.num_users)
-    steps = cfg.invert.steps
+    steps = cfg.invert.steps * -(-cfg.invert.images_per_class // min(cfg.invert.batch_per_class,
+                                                                      cfg.invert.images_per_class))
     results = run_inversion(cfg, model, ledger, out, (lambda phase, step, loss: progress(phase, step, steps, loss))
                             if progress else None)
     return SynthesisResult("invert", out, results["released"]["epsilon"], results["delta"], results["unit"],
@@ -381,6 +383,65 @@ def _synthesize_custom(run: Path | None, cfg: Config, o: _SynthOptions, progress
     privacy = results["privacy"]
     return SynthesisResult("custom", out, privacy["epsilon_per_reference_image"], privacy["delta"], privacy["unit"],
                            None, results["customized"]["accuracy"], results | {"out": str(out)})
+
+
+@dataclass(frozen=True)
+class DatasetResult:
+    """`fedemb synth dataset`: a labelled synthetic image dataset and its datasheet."""
+
+    out: Path  # images/ (ImageFolder), synthetic.npz, datasheet.md, datasheet.json
+    images: int
+    stage_epsilon: float  # the dataset's own releases
+    end_to_end_epsilon: float  # the ledger's ε after them: training and every release
+    delta: float
+    unit: str
+    accuracy: float | None  # a fresh classifier distilled on the images alone, on held-out users' real images
+    datasheet: Mapping[str, Any]
+
+
+def synthetic_dataset(run_dir: PathLike | None = None, *, epsilon: float | None = None,
+                      total_epsilon: float | None = None, out: PathLike | None = None,
+                      config: Config | PathLike | None = None, overrides: Overrides = (),
+                      checkpoint: PathLike | None = None, delta: float | None = None, evaluate: bool = True,
+                      progress: Progress | None = None) -> DatasetResult:
+    """A synthetic labelled image dataset from a run, with the best inversion method (the `[invert]`
+    settings), its releases recorded in the run's ledger before their noise. The stage spends
+    `epsilon`, or the most that keeps the ledger's end-to-end ε within `total_epsilon` (default: the
+    config's `invert.epsilon`)."""
+    from fedemb.synth.dataset import stage_epsilon_within, write_synthetic_dataset
+    from fedemb.synth.invert_run import load_private_model
+
+    if epsilon is not None and total_epsilon is not None:
+        raise FedembError("give --epsilon (this dataset's own) or --total-epsilon (the end-to-end budget), not both")
+    for name, value in (("epsilon", epsilon), ("total-epsilon", total_epsilon)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise FedembError(f"--{name} must be finite and > 0, got {value}")
+    run = Path(run_dir) if run_dir is not None else None
+    if run is not None and not run.is_dir():
+        raise FedembError(f"run directory not found: {run}")
+    if config is None and run is not None:
+        config = run / "config.toml"
+    cfg = override(_config(config), overrides) if config is not None else load_config(None, overrides)
+    target = Path(out) if out is not None else _default_out(run, "dataset")
+    if target.exists() and any(target.iterdir()):
+        raise FedembError(f"{target} is not empty: a dataset goes into a new folder")
+    ckpt = _checkpoint(run, _path(checkpoint))
+    model = load_private_model(cfg, ckpt)
+    ledger = _open_ledger(run, target, delta, cfg, model.private.num_users)
+    if total_epsilon is not None:
+        epsilon = stage_epsilon_within(ledger, total_epsilon)
+    if epsilon is not None:
+        cfg = override(cfg, {"invert.epsilon": epsilon})
+    steps = cfg.invert.steps * -(-cfg.invert.images_per_class // min(cfg.invert.batch_per_class,
+                                                                      cfg.invert.images_per_class))
+    sheet = write_synthetic_dataset(cfg, model, ledger, target, run, ckpt, evaluate,
+                                    (lambda phase, step, loss: progress(phase, step, steps, loss)) if progress else None,
+                                    {"epsilon": cfg.invert.epsilon if total_epsilon is None else None,
+                                     "total_epsilon": total_epsilon})
+    p = sheet["privacy"]
+    return DatasetResult(target, sheet["composition"]["images"], p["stage_epsilon"], p["end_to_end_epsilon"],
+                         p["delta"], p["unit"], sheet["evaluation"]["distilled_accuracy"] if sheet["evaluation"] else None,
+                         sheet)
 
 
 _SYNTHESIS = {"gmm": _synthesize_gmm, "invert": _synthesize_invert, "custom": _synthesize_custom}

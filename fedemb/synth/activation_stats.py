@@ -41,34 +41,46 @@ from fedemb.synth.contribution import user_weights
 VARIANCE_FLOOR = 1e-4
 
 
+INPUT = "input"  # the model's input image as a watched layer: per-channel pixel statistics
+
+
 def watched_layers(net: nn.Module, spec: str) -> dict[str, nn.Module]:
-    """`conv`: every Conv2d (the input of the normalisation BatchNorm would have); otherwise a
-    comma-separated list of module names of `net`."""
+    """A comma-separated list of: `input` (the model's input pixels), `conv` (every Conv2d: the input
+    of the normalisation BatchNorm would have), or module names of `net`."""
     modules = dict(net.named_modules())
-    if spec == "conv":
-        chosen = {name: m for name, m in modules.items() if isinstance(m, nn.Conv2d)}
-        if not chosen:
-            raise ConfigError("invert.layers = 'conv' but the model has no Conv2d layer; name its layers instead")
-        return chosen
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in modules]
-    if unknown or not names:
-        raise ConfigError(f"invert.layers: no module named {unknown[0] if unknown else spec!r} in the model "
-                          f"(for example {', '.join(list(modules)[1:4])})")
-    return {n: modules[n] for n in names}
+    if not names:
+        raise ConfigError("invert.layers is empty: name 'input', 'conv' or module names")
+    chosen: dict[str, nn.Module] = {}
+    for name in names:
+        if name == INPUT:
+            chosen[INPUT] = net
+        elif name == "conv":
+            convs = {n: m for n, m in modules.items() if isinstance(m, nn.Conv2d)}
+            if not convs:
+                raise ConfigError("invert.layers names 'conv' but the model has no Conv2d layer; name its layers "
+                                  "instead")
+            chosen.update(convs)
+        elif name in modules and name:
+            chosen[name] = modules[name]
+        else:
+            raise ConfigError(f"invert.layers: no module named {name!r} in the model "
+                              f"(for example {', '.join(list(modules)[1:4])})")
+    return chosen
 
 
 @contextmanager
 def recorded_outputs(layers: dict[str, nn.Module], inputs: bool = False):
-    """Collects each layer's output (or input) of the forward passes run inside the block."""
+    """Collects each layer's output (or input) of the forward passes run inside the block; the `input`
+    layer is always the model's input."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        if inputs:
+        if inputs or name == INPUT:
             return lambda module, args: seen.__setitem__(name, args[0])
         return lambda module, args, output: seen.__setitem__(name, output)
 
-    handles = [(m.register_forward_pre_hook if inputs else m.register_forward_hook)(hook(n))
+    handles = [(m.register_forward_pre_hook if inputs or n == INPUT else m.register_forward_hook)(hook(n))
                for n, m in layers.items()]
     try:
         yield seen

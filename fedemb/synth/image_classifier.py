@@ -11,6 +11,7 @@ class probabilities on the same augmented batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -60,12 +61,28 @@ def shifted(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tens
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
+def affine(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image rotated by up to ±15° × strength and scaled by up to ±15% × strength, padding with
+    background (-1)."""
+    if strength <= 0:
+        return x
+    n = len(x)
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(15) * strength
+    scale = 1 + (torch.rand(n, generator=gen) * 2 - 1) * 0.15 * strength
+    cos, sin, zero = torch.cos(angle) / scale, torch.sin(angle) / scale, torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
 def train_classifier(model: nn.Module, images: np.ndarray, epochs: int, lr: float, seed: int,
                      labels: np.ndarray | None = None,
                      teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     batch_size: int = 64, max_shift: int = 1) -> nn.Module:
+                     batch_size: int = 64, max_shift: int = 1, affine_strength: float = 0.0) -> nn.Module:
     """images (n, C, H, W) in [0, 1]. Exactly one of `labels` (hard) and `teacher` (soft: model-scale
-    batch -> class probabilities) gives the targets."""
+    batch -> class probabilities) gives the targets. Every batch is augmented: random shifts of up to
+    `max_shift` pixels, then random rotations and scalings (`affine_strength`; 0: none); a teacher
+    labels the augmented batch."""
     if (labels is None) == (teacher is None):
         raise ValueError("give hard labels or a teacher, not both")
     gen = torch.Generator().manual_seed(seed)
@@ -77,7 +94,7 @@ def train_classifier(model: nn.Module, images: np.ndarray, epochs: int, lr: floa
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), batch_size):
             idx = order[start:start + batch_size]
-            xb = shifted(x[idx], max_shift, gen)
+            xb = affine(shifted(x[idx], max_shift, gen), affine_strength, gen)
             logits = model(xb)
             if teacher is not None:
                 with torch.no_grad():

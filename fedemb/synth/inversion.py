@@ -7,6 +7,8 @@ The loss, on the batch x (model input scale, [-1, 1]):
   mean and variance against the released ones (the whole batch, all classes, like the private data);
 - class: cross-entropy of softmax(cos(e(x), p_c) / T) over class anchors p_c (DP class prototypes, or
   a user's shared references), so every image moves toward its own class;
+- embedding: 1 − cos(e(x_i), t_i) toward each image's own target embedding t_i (samples of a DP
+  mixture: embedding-guided inversion), so the images of a class spread as the class's embeddings do;
 - priors: total variation and the squared L2 norm of the image;
 - `extra_terms`: callables on the un-jittered batch, for pixel-aligned targets (customized synthesis);
   `project` puts back, after every step, pixels that are known exactly (shared segments).
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedemb.config import InvertConfig
-from fedemb.synth.activation_stats import ActivationStatistics, channel_moments, recorded_outputs
+from fedemb.synth.activation_stats import INPUT, ActivationStatistics, channel_moments, recorded_outputs
 
 _INVERT = InvertConfig()  # the one home of the defaults: `fedemb synth invert`'s settings
 
@@ -44,6 +46,7 @@ class InversionSettings:
     weight_tv: float = _INVERT.weight_tv
     weight_l2: float = _INVERT.weight_l2
     temperature: float = _INVERT.temperature
+    weight_embedding: float = _INVERT.weight_embedding
     jitter: int = _INVERT.jitter
     flip: bool = _INVERT.flip
     init_scale: float = 0.5  # std of the starting noise (model scale, [-1, 1]); custom synthesis sets its own
@@ -55,7 +58,7 @@ class StatisticsTarget:
     """The released statistics, and the watched layers' batch statistics of the last forward pass."""
 
     def __init__(self, net: nn.Module, stats: ActivationStatistics):
-        modules = dict(net.named_modules())
+        modules = dict(net.named_modules()) | {INPUT: net}
         missing = [n for n in stats.layers if n not in modules]
         if missing:
             raise ValueError(f"the statistics name layer {missing[0]!r}, which the model does not have")
@@ -85,6 +88,11 @@ def class_loss(embeddings: torch.Tensor, anchors: torch.Tensor, labels: torch.Te
     return F.cross_entropy(logits, labels)
 
 
+def embedding_loss(embeddings: torch.Tensor, targets: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+    e = embeddings - centre if centre is not None else embeddings
+    return (1 - (F.normalize(e, dim=1) * targets).sum(1)).mean()
+
+
 def jittered(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
     if jitter > 0:
         dx, dy = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
@@ -97,11 +105,13 @@ def jittered(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> 
 def invert(net: nn.Module, labels: np.ndarray, image_shape: tuple[int, int, int], settings: InversionSettings,
            seed: int, stats: ActivationStatistics | None = None, anchors: np.ndarray | None = None,
            centre: np.ndarray | None = None, init: np.ndarray | None = None,
+           targets: np.ndarray | None = None,
            progress: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, dict]:
     """Images (n, C, H, W) in [0, 1] for `labels`, and a summary of the optimisation.
 
     `init` (n, C, H, W) in [0, 1] replaces the noise start; `anchors` (classes, d) unit rows enable the
-    class term; `stats` the statistics term."""
+    class term; `stats` the statistics term; `targets` (n, d) unit rows the embedding term, which pulls
+    each image's (centred, normalised) embedding toward its own target by cosine."""
     gen = torch.Generator().manual_seed(seed)
     net.eval()
     for p in net.parameters():
@@ -110,6 +120,7 @@ def invert(net: nn.Module, labels: np.ndarray, image_shape: tuple[int, int, int]
     y = torch.as_tensor(labels, dtype=torch.int64)
     anchor_t = torch.as_tensor(anchors, dtype=torch.float32) if anchors is not None else None
     centre_t = torch.as_tensor(centre, dtype=torch.float32) if centre is not None else None
+    target_t = torch.as_tensor(targets, dtype=torch.float32) if targets is not None else None
     if init is not None:
         start = torch.as_tensor(init, dtype=torch.float32) * 2 - 1
     else:
@@ -132,6 +143,8 @@ def invert(net: nn.Module, labels: np.ndarray, image_shape: tuple[int, int, int]
             parts["statistics"] = settings.weight_statistics * target.loss(seen)
         if anchor_t is not None and settings.weight_class > 0:
             parts["class"] = settings.weight_class * class_loss(emb, anchor_t, y, centre_t, settings.temperature)
+        if target_t is not None and settings.weight_embedding > 0:
+            parts["embedding"] = settings.weight_embedding * embedding_loss(emb, target_t, centre_t)
         parts["tv"] = settings.weight_tv * total_variation(batch)
         parts["l2"] = settings.weight_l2 * (batch**2).mean()
         return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
