@@ -306,12 +306,7 @@ def synthesize(run_dir: PathLike | None = None, kind: str = "gmm", *, config: Co
     for name, kinds in _ONLY_FOR.items():
         if given[name] and kind not in kinds:
             raise FedembError(f"{name} is an option of synthesis kind {' and '.join(kinds)}, not {kind}")
-    run = Path(run_dir) if run_dir is not None else None
-    if run is not None and not run.is_dir():
-        raise FedembError(f"run directory not found: {run}")
-    if config is None and run is not None:
-        config = run / "config.toml"
-    cfg = override(_config(config), overrides) if config is not None else load_config(None, overrides)
+    run, cfg = _run_and_config(run_dir, config, overrides)
     options = _SynthOptions(_path(checkpoint), _path(out), delta, tuple(epsilons), baselines, _path(embeddings),
                             _path(test_embeddings), _path(task), _path(statistics))
     return _SYNTHESIS[kind](run, cfg, options, progress)
@@ -416,12 +411,7 @@ def synthetic_dataset(run_dir: PathLike | None = None, *, epsilon: float | None 
     for name, value in (("epsilon", epsilon), ("total-epsilon", total_epsilon)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise FedembError(f"--{name} must be finite and > 0, got {value}")
-    run = Path(run_dir) if run_dir is not None else None
-    if run is not None and not run.is_dir():
-        raise FedembError(f"run directory not found: {run}")
-    if config is None and run is not None:
-        config = run / "config.toml"
-    cfg = override(_config(config), overrides) if config is not None else load_config(None, overrides)
+    run, cfg = _run_and_config(run_dir, config, overrides)
     target = Path(out) if out is not None else _default_out(run, "dataset")
     if target.exists() and any(target.iterdir()):
         raise FedembError(f"{target} is not empty: a dataset goes into a new folder")
@@ -447,6 +437,17 @@ def synthetic_dataset(run_dir: PathLike | None = None, *, epsilon: float | None 
 _SYNTHESIS = {"gmm": _synthesize_gmm, "invert": _synthesize_invert, "custom": _synthesize_custom}
 _ONLY_FOR = {"epsilons": ("gmm",), "embeddings": ("gmm",), "test_embeddings": ("gmm",), "task": ("custom",),
              "statistics": ("custom",), "delta": ("gmm", "invert")}
+
+
+def _run_and_config(run_dir: PathLike | None, config: Config | PathLike | None, overrides: Overrides
+                    ) -> tuple[Path | None, Config]:
+    """The run directory (checked) and its config (or `config`) with `overrides` applied."""
+    run = Path(run_dir) if run_dir is not None else None
+    if run is not None and not run.is_dir():
+        raise FedembError(f"run directory not found: {run}")
+    if config is None and run is not None:
+        config = run / "config.toml"
+    return run, override(_config(config), overrides) if config is not None else load_config(None, overrides)
 
 
 def _path(p: PathLike | None) -> Path | None:
