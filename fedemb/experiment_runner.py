@@ -138,7 +138,7 @@ def step_done(target: Path | None, log: TextIO) -> bool:
     """Whether a step's output is finished. An unfinished folder is moved aside so that the step can run again."""
     if target is None or not target.exists():
         return False
-    if target.is_file() or any(target.glob("*results.json")):
+    if target.is_file() or any(target.glob("*results.json")) or (target / "datasheet.json").is_file():
         return True
     aside = next(target.with_name(f"{target.name}.unfinished-{i}") for i in range(1, 10_000)
                  if not target.with_name(f"{target.name}.unfinished-{i}").exists())
