@@ -44,18 +44,26 @@ VARIANCE_FLOOR = 1e-4
 INPUT = "input"  # the model's input image as a watched layer: per-channel pixel statistics
 
 
+def layer_names(spec: str) -> list[str]:
+    """The names in an `invert.layers` spec (comma-separated)."""
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def named_layers(net: nn.Module) -> dict[str, nn.Module]:
+    """Every module of `net` by name, and `input`: the layers statistics can name."""
+    return dict(net.named_modules()) | {INPUT: net}
+
+
 def watched_layers(net: nn.Module, spec: str) -> dict[str, nn.Module]:
     """A comma-separated list of: `input` (the model's input pixels), `conv` (every Conv2d: the input
     of the normalisation BatchNorm would have), or module names of `net`."""
-    modules = dict(net.named_modules())
-    names = [n.strip() for n in spec.split(",") if n.strip()]
+    modules = named_layers(net)
+    names = layer_names(spec)
     if not names:
         raise ConfigError("invert.layers is empty: name 'input', 'conv' or module names")
     chosen: dict[str, nn.Module] = {}
     for name in names:
-        if name == INPUT:
-            chosen[INPUT] = net
-        elif name == "conv":
+        if name == "conv":
             convs = {n: m for n, m in modules.items() if isinstance(m, nn.Conv2d)}
             if not convs:
                 raise ConfigError("invert.layers names 'conv' but the model has no Conv2d layer; name its layers "

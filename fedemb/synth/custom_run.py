@@ -23,7 +23,7 @@ from fedemb.errors import DataError
 from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.run_dir import write_json
-from fedemb.synth.activation_stats import INPUT, ActivationStatistics
+from fedemb.synth.activation_stats import ActivationStatistics, named_layers
 from fedemb.synth.custom import CustomSettings, custom_settings, synthesize
 from fedemb.synth.image_classifier import classifier_accuracy, train_classifier
 from fedemb.synth.object_privacy import object_privacy_report
@@ -54,7 +54,7 @@ def released_artifacts(directory: Path | None, net: torch.nn.Module, dim: int
         if not file.is_file():
             raise DataError(f"--statistics {directory}: {file.name} not found (give a `fedemb synth invert` output)")
     stats = ActivationStatistics.load(stats_file)
-    layers = dict(net.named_modules()) | {INPUT: net}
+    layers = named_layers(net)
     missing = [n for n in stats.layers if n not in layers]
     protos = np.load(protos_file)
     if missing or protos.ndim != 2 or protos.shape[1] != dim:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedemb.config import InvertConfig
-from fedemb.synth.activation_stats import INPUT, ActivationStatistics, channel_moments, recorded_outputs
+from fedemb.synth.activation_stats import ActivationStatistics, channel_moments, named_layers, recorded_outputs
 
 _INVERT = InvertConfig()  # the one home of the defaults: `fedemb synth invert`'s settings
 
@@ -58,7 +58,7 @@ class StatisticsTarget:
     """The released statistics, and the watched layers' batch statistics of the last forward pass."""
 
     def __init__(self, net: nn.Module, stats: ActivationStatistics):
-        modules = dict(net.named_modules()) | {INPUT: net}
+        modules = named_layers(net)
         missing = [n for n in stats.layers if n not in modules]
         if missing:
             raise ValueError(f"the statistics name layer {missing[0]!r}, which the model does not have")

@@ -33,7 +33,7 @@ from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.privacy.streams import STREAM_INVERT, STREAM_INVERT_REAL, STREAM_INVERT_TRAIN
 from fedemb.run_dir import write_json, write_private_json
-from fedemb.synth.activation_stats import (INPUT, ActivationStatistics, batchnorm_statistics,
+from fedemb.synth.activation_stats import (INPUT, ActivationStatistics, batchnorm_statistics, layer_names,
                                            release_activation_statistics)
 from fedemb.synth.adaptive_gmm import fit_mixture
 from fedemb.synth.baselines import dp_prototypes, prototype_accuracy
@@ -44,6 +44,8 @@ from fedemb.synth.inversion import InversionSettings, invert
 from fedemb.synth.pipeline import HELD_OUT
 
 PRIVATE_FILE = "invert_private.json"
+PIXEL_START_NEEDS_PIXELS = ("invert.init = 'pixels' needs the pixel statistics: add 'input' to invert.layers "
+                            "(or set invert.init = 'noise')")
 
 
 @dataclass
@@ -113,17 +115,15 @@ def check_settings(cfg, model: PrivateModel) -> None:
     iv, data = cfg.invert, model.embedded
     if iv.anchors == "mixture":
         check_fit_inputs(data.private, data.num_classes, cfg.synth, data.public)
-    if iv.init == "pixels" and (iv.statistics != "dp" or INPUT not in [n.strip() for n in iv.layers.split(",")]):
-        raise ConfigError("invert.init = 'pixels' needs the pixel statistics: add 'input' to invert.layers "
-                          "(or set invert.init = 'noise')")
+    if iv.init == "pixels" and (iv.statistics != "dp" or INPUT not in layer_names(iv.layers)):
+        raise ConfigError(PIXEL_START_NEEDS_PIXELS)
 
 
 def pixel_start(stats: ActivationStatistics, n: int, image_shape: tuple[int, int, int],
                 rng: np.random.Generator) -> np.ndarray:
     """(n, C, H, W) in [0, 1]: uniform noise whose mean is the released mean pixel of each channel."""
     if INPUT not in stats.layers:
-        raise ConfigError("invert.init = 'pixels' needs the pixel statistics: add 'input' to invert.layers "
-                          "(or set invert.init = 'noise')")
+        raise ConfigError(PIXEL_START_NEEDS_PIXELS)
     mean = (np.asarray(stats.means[stats.layers.index(INPUT)], dtype=np.float64) + 1) / 2  # model scale -> [0, 1]
     if len(mean) != image_shape[0]:
         raise ConfigError(f"the pixel statistics have {len(mean)} channels, the model takes {image_shape[0]}")
