@@ -346,13 +346,12 @@ def _synthesize_gmm(run: Path | None, cfg: Config, o: _SynthOptions, progress: P
 
 
 def _synthesize_invert(run: Path | None, cfg: Config, o: _SynthOptions, progress: Progress | None) -> SynthesisResult:
-    from fedemb.synth.invert_run import load_private_model, run_inversion
+    from fedemb.synth.invert_run import inversion_batches, load_private_model, run_inversion
 
     model = load_private_model(cfg, _checkpoint(run, o.checkpoint))
     out = o.out or _default_out(run, "invert")
     ledger = _open_ledger(run, out, o.delta, cfg, model.private.num_users)
-    steps = cfg.invert.steps * -(-cfg.invert.images_per_class // min(cfg.invert.batch_per_class,
-                                                                      cfg.invert.images_per_class))
+    steps = cfg.invert.steps * inversion_batches(cfg.invert)[1]
     results = run_inversion(cfg, model, ledger, out, (lambda phase, step, loss: progress(phase, step, steps, loss))
                             if progress else None)
     return SynthesisResult("invert", out, results["released"]["epsilon"], results["delta"], results["unit"],
@@ -404,7 +403,7 @@ def synthetic_dataset(run_dir: PathLike | None = None, *, epsilon: float | None 
     `epsilon`, or the most that keeps the ledger's end-to-end ε within `total_epsilon` (default: the
     config's `invert.epsilon`)."""
     from fedemb.synth.dataset import stage_epsilon_within, write_synthetic_dataset
-    from fedemb.synth.invert_run import load_private_model
+    from fedemb.synth.invert_run import inversion_batches, load_private_model
 
     if epsilon is not None and total_epsilon is not None:
         raise FedembError("give --epsilon (this dataset's own) or --total-epsilon (the end-to-end budget), not both")
@@ -422,8 +421,7 @@ def synthetic_dataset(run_dir: PathLike | None = None, *, epsilon: float | None 
         epsilon = stage_epsilon_within(ledger, total_epsilon)
     if epsilon is not None:
         cfg = override(cfg, {"invert.epsilon": epsilon})
-    steps = cfg.invert.steps * -(-cfg.invert.images_per_class // min(cfg.invert.batch_per_class,
-                                                                      cfg.invert.images_per_class))
+    steps = cfg.invert.steps * inversion_batches(cfg.invert)[1]
     sheet = write_synthetic_dataset(cfg, model, ledger, target, run, ckpt, evaluate,
                                     (lambda phase, step, loss: progress(phase, step, steps, loss)) if progress else None,
                                     {"epsilon": cfg.invert.epsilon if total_epsilon is None else None,

@@ -209,14 +209,19 @@ def run_inversion(cfg, model: PrivateModel, ledger: PrivacyLedger, out: Path, pr
     return results
 
 
+def inversion_batches(iv) -> tuple[int, int]:
+    """Images per class in one optimisation batch, and how many batches make `iv.images_per_class`."""
+    per_batch = min(iv.batch_per_class, iv.images_per_class)
+    return per_batch, -(-iv.images_per_class // per_batch)
+
+
 def invert_in_batches(model: PrivateModel, iv, released: Released, num_classes: int, seed: int,
                       centre: np.ndarray | None, overrides: dict | None = None, progress=None
                       ) -> tuple[np.ndarray, np.ndarray, dict]:
     """`iv.images_per_class` images of every class, optimised in batches of `iv.batch_per_class` per
     class (every batch holds all classes, like the data the statistics describe). Returns the images,
     their labels and the last batch's optimisation summary with the batch count."""
-    per_batch = min(iv.batch_per_class, iv.images_per_class)
-    batches = -(-iv.images_per_class // per_batch)
+    per_batch, batches = inversion_batches(iv)
     settings = inversion_settings(iv, **(overrides or {}))
     from_pixels = iv.init == "pixels" or (iv.init == "auto" and INPUT in released.stats.layers)
     images, labels, summary = [], [], {}
