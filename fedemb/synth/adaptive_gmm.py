@@ -25,6 +25,7 @@ import numpy as np
 
 from fedemb.config import SynthConfig
 from fedemb.privacy.release import LedgerStage
+from fedemb.synth.baselines import dp_prototypes
 from fedemb.synth.budget import split_noise_multiplier
 from fedemb.synth.contribution import cell_statistics, count_sensitivity, sum_sensitivity, user_weights
 from fedemb.synth.embedded import RADIUS, Embedded
@@ -65,18 +66,15 @@ def fit_adaptive_gmm(emb: Embedded, num_classes: int, s: SynthConfig, z_stage: f
         z = split_noise_multiplier(z_stage, {"counts": s.budget_decision, "rest": 1 - s.budget_decision})
     else:
         z = {"counts": 0.0, "rest": 0.0}
-    weights = user_weights(emb.users, emb.labels, C, B)
-    exact = cell_statistics(emb.x, emb.labels, weights, C, "none")
-    counts = stage.gaussian("class counts", exact.counts, z["counts"], count_sensitivity(B),
+    exact_counts = cell_statistics(emb.x, emb.labels, user_weights(emb.users, emb.labels, C, B), C).counts
+    counts = stage.gaussian("class counts", exact_counts, z["counts"], count_sensitivity(B),
                             "Gaussian noise on the per-class counts (the mixture's detail is chosen from them)",
                             {"cells": C, "contribution_bound": B, "share": s.budget_decision})
     clusters = choose_clusters(counts, z["rest"], s, d)
     decision = {"release": "class counts", "noisy_counts": np.asarray(counts).tolist(), "clusters": clusters,
                 "form": "prototypes" if clusters == 1 else "detailed"}
     if clusters == 1:
-        sums = stage.gaussian("prototype sums", exact.sums, z["rest"], sum_sensitivity(B, RADIUS),
-                              "Gaussian noise on the per-class sums", {"cells": C, "dim": d})
-        directions = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        directions = dp_prototypes(emb, C, z["rest"], B, stage)  # the release of DP prototypes
         gmm = ReleasedGMM(np.ones((C, 1)), np.asarray(counts, dtype=np.float64).reshape(C, 1),
                           PROTOTYPE_NORM * directions[:, None, :], "isotropic",
                           iso_std=np.full((C, 1), math.sqrt((RADIUS**2 - PROTOTYPE_NORM**2) / d)))

@@ -27,12 +27,12 @@ from fedemb.privacy.ledger import PrivacyLedger
 from fedemb.privacy.release import LedgerStage, NoiseSource
 from fedemb.privacy.streams import STREAM_GMM_MLP, STREAM_GMM_SAMPLES, STREAM_GMM_START
 from fedemb.run_dir import write_json, write_private_json
+from fedemb.synth.adaptive_gmm import fit_mixture
 from fedemb.synth.baselines import (PROBE_RELEASE, dp_prototypes, dpsgd_linear_probe, linear_accuracy,
                                     prototype_accuracy)
 from fedemb.synth.budget import stage_noise_multiplier
 from fedemb.synth.classifier import accuracy, train_mlp
 from fedemb.synth.embedded import Embedded
-from fedemb.synth.adaptive_gmm import fit_mixture
 from fedemb.synth.gmm import ReleasedGMM
 
 METHODS = ("gmm_mlp", "dpsgd_linear_probe", "dp_prototypes")
