@@ -137,16 +137,18 @@ def _synthesis(path: Path) -> list[Synthesis]:
 
 def _released(data: dict) -> str:
     """A DP release's condition: its target ε, and whether its noise can be predicted from a seed."""
-    seeded = ", seeded noise (predictable: not a DP release)" if data["released"].get("noise_predictable_from_seed") else ""
-    return f"ε = {data['released']['target_epsilon']:g}{seeded}"
+    return f"ε = {data['released']['target_epsilon']:g}{_seeded(data['released'])}"
+
+
+def _seeded(privacy: dict) -> str:
+    return ", seeded noise (predictable: not a DP release)" if privacy.get("noise_predictable_from_seed") else ""
 
 
 def _gmm(data: dict) -> list[Synthesis]:
     """The released mixture, and every other point of its sweep (each a release of its own)."""
     released = Synthesis("gmm", _released(data), _gmm_accuracies(data), float(data["released"]["target_epsilon"]),
                          float(data["ledger_epsilon_total"]))
-    seeded = ", seeded noise (predictable: not a DP release)" if data["released"].get("noise_predictable_from_seed") else ""
-    others = [Synthesis("gmm", f"ε = {p['epsilon']:g}{seeded}", _point_accuracies(data, p), float(p["epsilon"]),
+    others = [Synthesis("gmm", f"ε = {p['epsilon']:g}{_seeded(data['released'])}", _point_accuracies(data, p), float(p["epsilon"]),
                         float(data["ledger_epsilon_total"]))
               for p in data.get("sweep", []) if p["epsilon"] != data["released"]["target_epsilon"]]
     return [released, *others]
@@ -163,8 +165,7 @@ def _dataset(data: dict) -> Synthesis:
     asked = data["privacy"].get("requested", {})
     within = (f"end-to-end ε within {asked['total_epsilon']:g}" if asked.get("total_epsilon") is not None
               else f"ε = {data['privacy']['stage_epsilon']:.3g}")
-    seeded = ", seeded noise (predictable: not a DP release)" if data["privacy"].get("noise_predictable_from_seed") else ""
-    condition = f"{data['provenance']['method']}, {data['composition']['images']} images, {within}{seeded}"
+    condition = f"{data['provenance']['method']}, {data['composition']['images']} images, {within}{_seeded(data['privacy'])}"
     e = data.get("evaluation") or {}
     acc = {"distilled": float(e["distilled_accuracy"]), "hard labels": float(e["hard_label_accuracy"])} if e else {}
     return Synthesis("dataset", condition, acc, float(data["privacy"]["stage_epsilon"]),
