@@ -148,7 +148,8 @@ def _gmm(data: dict) -> list[Synthesis]:
     """The released mixture, and every other point of its sweep (each a release of its own)."""
     released = Synthesis("gmm", _released(data), _gmm_accuracies(data), float(data["released"]["target_epsilon"]),
                          float(data["ledger_epsilon_total"]))
-    others = [Synthesis("gmm", f"ε = {p['epsilon']:g}{_seeded(data['released'])}", _point_accuracies(data, p), float(p["epsilon"]),
+    seeded = _seeded(data["released"])
+    others = [Synthesis("gmm", f"ε = {p['epsilon']:g}{seeded}", _point_accuracies(data, p), float(p["epsilon"]),
                         float(data["ledger_epsilon_total"]))
               for p in data.get("sweep", []) if p["epsilon"] != data["released"]["target_epsilon"]]
     return [released, *others]
@@ -165,7 +166,8 @@ def _dataset(data: dict) -> Synthesis:
     asked = data["privacy"].get("requested", {})
     within = (f"end-to-end ε within {asked['total_epsilon']:g}" if asked.get("total_epsilon") is not None
               else f"ε = {data['privacy']['stage_epsilon']:.3g}")
-    condition = f"{data['provenance']['method']}, {data['composition']['images']} images, {within}{_seeded(data['privacy'])}"
+    seeded = _seeded(data["privacy"])
+    condition = f"{data['provenance']['method']}, {data['composition']['images']} images, {within}{seeded}"
     e = data.get("evaluation") or {}
     acc = {"distilled": float(e["distilled_accuracy"]), "hard labels": float(e["hard_label_accuracy"])} if e else {}
     return Synthesis("dataset", condition, acc, float(data["privacy"]["stage_epsilon"]),
