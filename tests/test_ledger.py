@@ -82,6 +82,7 @@ def test_two_processes_releasing_into_one_ledger_keep_both_releases(tmp_path):
     first = PrivacyLedger(path, delta=1e-5)
     first.record(gaussian_entry(1))
     second = PrivacyLedger.load(path)
+    late = PrivacyLedger.load(path)  # loaded before the two synthesis releases, records after them
     first.record(synthesis_entry("synthesis/invert 1"))
     second.record(synthesis_entry("synthesis/gmm 1"))
     on_disk = PrivacyLedger.load(path)
@@ -90,11 +91,20 @@ def test_two_processes_releasing_into_one_ledger_keep_both_releases(tmp_path):
     for e in (gaussian_entry(1), synthesis_entry("a"), synthesis_entry("b")):
         both.record(e)
     assert on_disk.epsilon == pytest.approx(both.epsilon) and second.epsilon == pytest.approx(both.epsilon)
-    late = PrivacyLedger.load(tmp_path / "privacy.json")
-    late.entries = late.entries[:1]  # as if it had loaded before the two synthesis releases
     with pytest.raises(ConcurrentReleaseError, match="another process recorded"):
         late.record(synthesis_entry("synthesis/gmm 1"))
     assert len(PrivacyLedger.load(path).entries) == 3
+
+
+def test_confirming_a_release_keeps_what_another_process_recorded_meanwhile(tmp_path):
+    path = tmp_path / "privacy.json"
+    training = PrivacyLedger(path, delta=1e-5)
+    round_one = training.record(gaussian_entry(1))
+    PrivacyLedger.load(path).record(synthesis_entry("synthesis/invert 1"))  # a synthesis on the same run
+    assert training.confirm_release(round_one, "ab" * 32)
+    on_disk = PrivacyLedger.load(path)
+    assert {e.stage for e in on_disk.entries} == {"training", "synthesis/invert 1"}
+    assert on_disk.entries[0].release_sha256 == "ab" * 32
 
 
 def test_a_replayed_release_is_not_counted_twice_but_a_new_attempt_is(tmp_path):

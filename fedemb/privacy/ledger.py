@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ import numpy as np
 from fedemb.errors import ConcurrentReleaseError
 from fedemb.privacy.accountant import composed_epsilon
 from fedemb.run_dir import write_json
+
+T = TypeVar("T")
 
 SAMPLED_GAUSSIAN = "sampled_gaussian"
 TREE = "tree"
@@ -104,6 +107,7 @@ class PrivacyLedger:
         self.accountant = accountant
         self.unit = unit
         self.entries: list[LedgerEntry] = []
+        self._seen: str | None = None  # the file as this object last read or wrote it (_identity)
 
     # ------------------------------------------------------------------ composition
     def history(self, entries: list[LedgerEntry]) -> list[tuple[float, float, int]] | None:
@@ -173,10 +177,10 @@ class PrivacyLedger:
         before returning: call this before the release is computed. Returns the entry held.
 
         Another process may release into the same ledger file meanwhile (two `fedemb synth` commands on
-        one run): under an exclusive lock, the entries it wrote are read back first and kept, so neither
-        process's releases are lost; an entry it already recorded under this key is refused."""
-        with self._locked():
-            self._merge_written_by_others(entry)
+        one run): every write happens under an exclusive lock after reading back what others wrote
+        (`_write`), so neither process's releases are lost; an entry another process already recorded
+        under this key is refused."""
+        def add() -> LedgerEntry:
             existing = self._existing(entry)
             if existing is not None:
                 return existing
@@ -184,8 +188,33 @@ class PrivacyLedger:
                                             + [entry])
             entry.delta = self.delta
             self.entries.append(entry)
-            self.save()
-        return entry
+            return entry
+        return self._write(add, entry)
+
+    def confirm_release(self, entry: LedgerEntry, digest: str) -> bool:
+        """Store the digest of the release `entry` (an entry of this ledger) accounts for, on disk
+        before returning: call this after the release is computed and before any of it leaves the
+        server. False, and nothing stored, when the entry holds another digest: the release is not the
+        one accounted for, so it must be recorded as a new release before it is used."""
+        if entry.release_sha256 == digest:
+            return True
+        if entry.release_sha256:
+            return False
+        entry.release_sha256 = digest
+        self._write(lambda: None)
+        return True
+
+    def _write(self, change: Callable[[], T], adding: LedgerEntry | None = None) -> T:
+        """Under the file's lock: read back what other processes wrote since this one last read or wrote
+        the file, apply `change`, write the ledger (unless `change` added nothing new to an entry that
+        was already there)."""
+        with self._locked():
+            self._merge_written_by_others(adding)
+            before = len(self.entries)
+            result = change()
+            if adding is None or len(self.entries) > before:
+                self.save()
+        return result
 
     @contextmanager
     def _locked(self):
@@ -199,28 +228,15 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _merge_written_by_others(self, entry: LedgerEntry) -> None:
-        if self.path is None or not self.path.is_file():
-            return
+    def _merge_written_by_others(self, adding: LedgerEntry | None) -> None:
+        if self.path is None or not self.path.is_file() or _identity(self.path) == self._seen:
+            return  # nobody else wrote since this process last read or wrote the file
         own = {e.key for e in self.entries}
         others = [e for e in PrivacyLedger.load(self.path).entries if e.key not in own]
-        if any(e.key == entry.key for e in others):
-            raise ConcurrentReleaseError(f"another process recorded the release {entry.key} in {self.path} meanwhile; "
-                               "nothing was released: run this command again")
+        if adding is not None and any(e.key == adding.key for e in others):
+            raise ConcurrentReleaseError(f"another process recorded the release {adding.key} in {self.path} "
+                                         "meanwhile; nothing was released: run this command again")
         self.entries.extend(others)
-
-    def confirm_release(self, entry: LedgerEntry, digest: str) -> bool:
-        """Store the digest of the release `entry` (an entry of this ledger) accounts for, on disk
-        before returning: call this after the release is computed and before any of it leaves the
-        server. False, and nothing stored, when the entry holds another digest: the release is not the
-        one accounted for, so it must be recorded as a new release before it is used."""
-        if entry.release_sha256 == digest:
-            return True
-        if entry.release_sha256:
-            return False
-        entry.release_sha256 = digest
-        self.save()
-        return True
 
     # ------------------------------------------------------------------ resuming
     def continuation_problem(self, *, delta: float, accountant: str, stage: str, completed_round: int,
@@ -265,13 +281,28 @@ class PrivacyLedger:
     def save(self) -> None:
         if self.path is not None:
             write_json(self.path, self.to_json())
+            self._seen = _identity(self.path)
 
     @classmethod
     def load(cls, path: Path) -> "PrivacyLedger":
-        data = json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
+        data = json.loads(raw)
         ledger = cls(path, float(data["delta"]), data["accountant"], data.get("unit", "user"))
+        ledger._seen = _digest(raw)
         for raw in data["entries"]:
             raw = dict(raw)
             raw["epsilon"], raw["delta"] = float(raw["epsilon"]), float(raw["delta"])  # "inf" is a string in JSON
             ledger.entries.append(LedgerEntry(**raw))
         return ledger
+
+
+def _identity(path: Path) -> str | None:
+    """Which version of the file is on disk: the digest of its bytes (reading is cheap next to parsing)."""
+    try:
+        return _digest(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
